@@ -1,0 +1,139 @@
+"""The causal-training losses, in plain PyTorch on the attention op's small statistics.
+
+The kernels never know which loss is used: they return the CAT mass `m` and the XG statistic, and
+autograd brings `dL/dm`, `dL/dxg` back into their backward pass (SPEC §2-§4).
+
+Shapes
+------
+cat_loss     mass: (B, Hq, N) of one layer, or a sequence of them / (L, B, Hq, N) for L layers
+xg_variance  xg:   (B, Hq, d) pooled or (B, Hq, N, d) per position, one per layer (or a sequence)
+             o_proj_weight: (C, Hq * d), one for all layers or one per layer
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from causalattn.masks import CausalMask
+
+CAT_LOSS_KINDS = ("div", "div2", "nll", "hinge")
+XG_SPACES = ("output", "head")
+
+TensorOrLayers = Union[Tensor, Sequence[Tensor]]
+
+
+def _stack_layers(value: TensorOrLayers, per_layer_dims: int, name: str) -> Tensor:
+    """(L, ...) from one layer's tensor, a list of them, or an already stacked tensor."""
+    if isinstance(value, Tensor):
+        if value.dim() == per_layer_dims:
+            return value.unsqueeze(0)
+        if value.dim() == per_layer_dims + 1:
+            return value
+        raise ValueError(f"{name}: expected {per_layer_dims} dims (one layer) or {per_layer_dims + 1} (stacked layers), "
+                         f"got shape {tuple(value.shape)}")
+    layers = list(value)
+    if not layers:
+        raise ValueError(f"{name}: expected at least one layer, got an empty sequence")
+    shapes = {tuple(t.shape) for t in layers}
+    if len(shapes) != 1 or layers[0].dim() != per_layer_dims:
+        raise ValueError(f"{name}: expected layers of one {per_layer_dims}-dim shape, got shapes {sorted(shapes)}")
+    return torch.stack(layers)
+
+
+def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> tuple[Tensor, Tensor]:
+    """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (SPEC §2).
+
+    a1 = m / n1 is the mean attention on a cause, a0 = (1 - m) / n0 on a visible non-cause. Rows where
+    a1 / a0 >= alpha already attend enough and cost 0.
+    """
+    if kind not in CAT_LOSS_KINDS:
+        raise ValueError(f"kind: expected one of {CAT_LOSS_KINDS}, got {kind!r}")
+    if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha: expected a positive finite number, got {alpha!r}")
+    n1 = mask.cause_count.to(mean_mass.dtype)
+    n0 = mask.non_cause_count.to(mean_mass.dtype)
+    valid = mask.valid_rows()
+    a1 = mean_mass / n1.clamp_min(1)
+    a0 = (1 - mean_mass) / n0.clamp_min(1)
+    active = valid & (a1 < alpha * a0)
+    # Inactive rows must not put inf/NaN into the graph: evaluate the loss on harmless stand-ins.
+    a1 = torch.where(active, a1, torch.ones_like(a1))
+    a0 = torch.where(active, a0, torch.ones_like(a0))
+    if kind == "div":
+        row = -torch.log1p(a1) / torch.log1p(a0)
+    elif kind == "div2":
+        row = -torch.log1p(a1 / (1 + a0))
+    elif kind == "nll":
+        row = -a1 / (a1 + a0)
+    else:
+        row = alpha - a1 / a0
+    return torch.where(active, row, torch.zeros_like(row)), valid
+
+
+def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
+    """CAT Re-Attention loss: mean over valid rows of the micro-batch of the per-row loss of the mass
+    averaged over all layers and query heads (SPEC §2). A scalar; 0 (still differentiable) when no row
+    is valid."""
+    stacked = _stack_layers(mass, 3, "mass")
+    if stacked.shape[1] != mask.batch_size or stacked.shape[3] != mask.seq_len:
+        raise ValueError(f"mass: expected (B={mask.batch_size}, Hq, N={mask.seq_len}) per layer to match the mask, "
+                         f"got {tuple(stacked.shape[1:])}")
+    if stacked.device != mask.device:
+        raise ValueError(f"mask: expected device {stacked.device} (where mass is), got {mask.device}")
+    mean_mass = stacked.to(torch.promote_types(stacked.dtype, torch.float32)).mean(dim=(0, 2))
+    rows, valid = cat_row_losses(mean_mass, mask, alpha=alpha, kind=kind)
+    return rows.sum() / valid.sum().clamp_min(1)
+
+
+def xg_variance(
+    xg: TensorOrLayers,
+    o_proj_weight: Optional[TensorOrLayers] = None,
+    *,
+    space: str = "output",
+) -> Tensor:
+    """DCA's XG variance R: the unbiased variance over the micro-batch of what each sample reads from
+    the XG adapter tokens, averaged over features (and positions) and layers (SPEC §3).
+
+    `space="output"` maps concat_h(xg) through each layer's `o_proj` weight (C, Hq*d) first (the
+    official choice); `space="head"` uses the head-space vectors as they are. With one sample the
+    variance is undefined: R = 0 (differentiable) and a warning.
+    """
+    if space not in XG_SPACES:
+        raise ValueError(f"space: expected one of {XG_SPACES}, got {space!r}")
+    layers = [xg] if isinstance(xg, Tensor) and xg.dim() in (3, 4) else list(xg)
+    if not layers:
+        raise ValueError("xg: expected at least one layer, got an empty sequence")
+    if any(t.dim() not in (3, 4) for t in layers):
+        raise ValueError(f"xg: expected (B, Hq, d) or (B, Hq, N, d) per layer, got shapes {[tuple(t.shape) for t in layers]}")
+    if space == "output":
+        if o_proj_weight is None:
+            raise ValueError("o_proj_weight: space='output' needs each layer's o_proj weight (C, Hq*d); got None")
+        weights = [o_proj_weight] * len(layers) if isinstance(o_proj_weight, Tensor) else list(o_proj_weight)
+        if len(weights) != len(layers):
+            raise ValueError(f"o_proj_weight: expected one weight or one per layer ({len(layers)}), got {len(weights)}")
+    batch = layers[0].shape[0]
+    if batch < 2:
+        warnings.warn("xg_variance: a micro-batch of one sample has no variance; returning 0", stacklevel=2)
+        return sum(t.sum() for t in layers) * 0.0
+    per_layer = []
+    for index, stat in enumerate(layers):
+        heads_last = stat.movedim(1, -2) if stat.dim() == 4 else stat  # (B, N, Hq, d) or (B, Hq, d)
+        features = heads_last.flatten(-2)  # concat over heads: (B, [N,] Hq*d)
+        if space == "output":
+            weight = weights[index]
+            if weight.dim() != 2 or weight.shape[1] != features.shape[-1]:
+                raise ValueError(f"o_proj_weight[{index}]: expected (C, {features.shape[-1]}), got {tuple(weight.shape)}")
+            features = features @ weight.to(features.dtype).t()
+        per_layer.append(features.var(dim=0, unbiased=True).mean())
+    return torch.stack(per_layer).mean()
+
+
+def cat_amp(epoch: float, rate: float = 1.0) -> float:
+    """Weight of the CAT loss at `epoch`: exp(-rate * epoch) (the official loss_decay_rate = 1)."""
+    if rate < 0:
+        raise ValueError(f"rate: expected a non-negative decay rate, got {rate}")
+    return math.exp(-rate * epoch)

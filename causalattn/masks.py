@@ -1,0 +1,269 @@
+"""`CausalMask`: the token-level causal adjacency supervision of CAT (SPEC §2), bit-packed.
+
+`A[b, i, j] = 1` says: the prediction made at query row `i` (the token before an effect token) should
+attend to key `j` (a cause token). Rows are lower-triangular and never point at padding.
+
+Shapes
+------
+bits        (B, N, W) int32, W = ceil(N / 32); bit t of word w of row i is A[b, i, 32 w + t]
+cause_count (B, N) int32   n1: number of cause keys in the row
+visible     (B, N) int32   number of keys a causal row sees (padding excluded); n0 = visible - n1
+
+Builders never allocate a dense B x N x N tensor: spans are written straight into words, dense input
+is packed a block of rows at a time, and readers unpack a block of rows at a time.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+Span = tuple[int, int]  # half-open token interval [start, end)
+EffectCauses = tuple[Span, Sequence[Span]]
+
+BITS_PER_WORD = 32
+# Rows packed or unpacked at once: 256 rows x 16k keys is 4 M bools / 32 MB of int64 scratch.
+_ROW_BLOCK = 256
+_BIT_WEIGHTS = torch.tensor([1 << t for t in range(BITS_PER_WORD)], dtype=torch.int64)
+
+
+def _words(n: int) -> int:
+    return (n + BITS_PER_WORD - 1) // BITS_PER_WORD
+
+
+def pack_bits(dense: Tensor) -> Tensor:
+    """Pack a bool (..., N) tensor into (..., ceil(N/32)) int32 words (bit t of word w = column 32w+t)."""
+    n = dense.shape[-1]
+    padded = torch.nn.functional.pad(dense.to(torch.int64), (0, _words(n) * BITS_PER_WORD - n))
+    words = (padded.unflatten(-1, (-1, BITS_PER_WORD)) * _BIT_WEIGHTS.to(dense.device)).sum(-1)
+    # Values >= 2**31 (bit 31 set) are stored as the int32 with the same bit pattern.
+    words = torch.where(words >= 2**31, words - 2**32, words)
+    return words.to(torch.int32)
+
+
+def unpack_bits(words: Tensor, n: int) -> Tensor:
+    """Inverse of `pack_bits`: (..., W) int32 -> (..., n) bool."""
+    shifts = torch.arange(BITS_PER_WORD, device=words.device, dtype=torch.int32)
+    bits = (words.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :n].bool()
+
+
+def popcount(words: Tensor) -> Tensor:
+    """Number of set bits of each int32 word, summed over the last dim -> int32."""
+    x = words.to(torch.int64) & 0xFFFFFFFF
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    x = (x * 0x01010101 & 0xFFFFFFFF) >> 24
+    return x.sum(-1).to(torch.int32)
+
+
+def _key_valid(batch: int, n: int, key_mask: Optional[Tensor], device: torch.device) -> Tensor:
+    if key_mask is None:
+        return torch.ones(batch, n, dtype=torch.bool, device=device)
+    if key_mask.dtype != torch.bool or key_mask.shape != (batch, n):
+        raise ValueError(f"key_mask: expected a bool tensor of shape ({batch}, {n}), got {key_mask.dtype} {tuple(key_mask.shape)}")
+    return key_mask.to(device)
+
+
+class CausalMask:
+    """Bit-packed causal adjacency mask for a batch; see the module docstring for the layout."""
+
+    def __init__(self, bits: Tensor, seq_len: int, key_mask: Optional[Tensor] = None):
+        if not isinstance(bits, Tensor) or bits.dtype != torch.int32 or bits.dim() != 3:
+            got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, Tensor) else type(bits).__name__
+            raise ValueError(f"bits: expected an int32 tensor (B, N, ceil(N/32)), got {got}")
+        if bits.shape[1] != seq_len or bits.shape[2] != _words(seq_len):
+            raise ValueError(f"bits: expected shape (B, {seq_len}, {_words(seq_len)}) for seq_len={seq_len}, got {tuple(bits.shape)}")
+        self.bits = bits
+        self.seq_len = seq_len
+        valid = _key_valid(bits.shape[0], seq_len, key_mask, bits.device)
+        self.key_mask = key_mask.to(bits.device) if key_mask is not None else None
+        self.cause_count = popcount(bits)
+        self.visible = valid.to(torch.int32).cumsum(-1, dtype=torch.int32)
+
+    # ------------------------------------------------------------------ builders
+    @classmethod
+    def from_dense(cls, dense: Tensor, key_mask: Optional[Tensor] = None) -> "CausalMask":
+        """From a bool (B, N, N) tensor; entries above the diagonal or on padding keys are dropped."""
+        if not isinstance(dense, Tensor) or dense.dim() != 3 or dense.shape[1] != dense.shape[2]:
+            got = tuple(dense.shape) if isinstance(dense, Tensor) else type(dense).__name__
+            raise ValueError(f"dense: expected a (B, N, N) tensor, got {got}")
+        batch, n, _ = dense.shape
+        valid = _key_valid(batch, n, key_mask, dense.device)
+        bits = torch.empty(batch, n, _words(n), dtype=torch.int32, device=dense.device)
+        cols = torch.arange(n, device=dense.device)
+        for start in range(0, n, _ROW_BLOCK):
+            rows = torch.arange(start, min(n, start + _ROW_BLOCK), device=dense.device)
+            block = dense[:, start : start + _ROW_BLOCK].bool() & (cols <= rows[:, None]) & valid[:, None, :]
+            bits[:, start : start + _ROW_BLOCK] = pack_bits(block)
+        return cls(bits, n, key_mask)
+
+    @classmethod
+    def from_spans(
+        cls,
+        spans: Sequence[Sequence[EffectCauses]],
+        seq_len: int,
+        key_mask: Optional[Tensor] = None,
+        device: Optional[torch.device | str] = None,
+    ) -> "CausalMask":
+        """From token spans: `spans[b]` lists `((e0, e1), [(c0, c1), ...])` for sample `b` (SPEC §2).
+
+        Each effect span `[e0, e1)` makes rows `e0-1 .. e1-2` (the positions that predict the effect
+        tokens) attend to every cause span, which must end before the effect starts with at least one
+        token between (`c1 < e0`).
+        """
+        batch = len(spans)
+        if key_mask is not None and key_mask.shape[0] != batch:
+            raise ValueError(f"key_mask: expected batch {batch} (len(spans)), got {tuple(key_mask.shape)}")
+        valid = _key_valid(batch, seq_len, key_mask, torch.device("cpu"))
+        bits = torch.zeros(batch, seq_len, _words(seq_len), dtype=torch.int32)
+        for b, pairs in enumerate(spans):
+            for effect, causes in pairs:
+                e0, e1 = _check_span(effect, seq_len, f"spans[{b}] effect")
+                if e0 < 1:
+                    raise ValueError(f"spans[{b}] effect {effect}: an effect at position 0 has no predicting row")
+                columns = torch.zeros(seq_len, dtype=torch.bool)
+                for cause in causes:
+                    c0, c1 = _check_span(cause, seq_len, f"spans[{b}] cause")
+                    if c1 >= e0:
+                        raise ValueError(f"spans[{b}]: cause {cause} must end before effect {effect} starts "
+                                         f"(with at least one token between, SPEC §2)")
+                    columns[c0:c1] = True
+                if bool((columns & ~valid[b]).any()):
+                    raise ValueError(f"spans[{b}]: a cause of effect {effect} covers padding tokens")
+                bits[b, e0 - 1 : e1 - 1] |= pack_bits(columns)
+        mask = cls(bits, seq_len, key_mask.cpu() if key_mask is not None else None)
+        return mask.to(device) if device is not None else mask
+
+    # ------------------------------------------------------------------ readers
+    @property
+    def batch_size(self) -> int:
+        return self.bits.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.bits.device
+
+    @property
+    def non_cause_count(self) -> Tensor:
+        """n0 (B, N): visible keys that are not causes."""
+        return self.visible - self.cause_count
+
+    def valid_rows(self) -> Tensor:
+        """(B, N) bool: rows with at least one cause and one non-cause key (SPEC §2)."""
+        return (self.cause_count > 0) & (self.non_cause_count > 0)
+
+    def unpack_rows(self, start: int, end: int) -> Tensor:
+        """Dense bool (B, end - start, N) block of rows."""
+        return unpack_bits(self.bits[:, start:end], self.seq_len)
+
+    def to_dense(self) -> Tensor:
+        """Dense bool (B, N, N); for small N (tests, plots)."""
+        return self.unpack_rows(0, self.seq_len)
+
+    def to(self, device: torch.device | str) -> "CausalMask":
+        if torch.device(device) == self.device:
+            return self
+        moved = object.__new__(CausalMask)
+        moved.bits = self.bits.to(device)
+        moved.seq_len = self.seq_len
+        moved.key_mask = self.key_mask.to(device) if self.key_mask is not None else None
+        moved.cause_count = self.cause_count.to(device)
+        moved.visible = self.visible.to(device)
+        return moved
+
+    def __repr__(self) -> str:
+        rows = int(self.valid_rows().sum())
+        return f"CausalMask(batch={self.batch_size}, seq_len={self.seq_len}, supervised_rows={rows}, device={self.device})"
+
+
+def _check_span(span: Iterable[int], seq_len: int, what: str) -> Span:
+    try:
+        start, end = (int(x) for x in span)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected a (start, end) pair of ints, got {span!r}") from None
+    if not 0 <= start < end <= seq_len:
+        raise ValueError(f"{what} {tuple(span)}: expected 0 <= start < end <= seq_len={seq_len}")
+    return start, end
+
+
+# ---------------------------------------------------------------------- annotations -> spans
+def find_token_spans(phrase: str, text: str, offsets: Sequence[tuple[int, int]]) -> list[Span]:
+    """Token spans covering every occurrence of `phrase` in `text`, from a tokenizer's char offsets.
+
+    A token belongs to the span if its character range overlaps the occurrence; special and padding
+    tokens (empty offsets) never do. A leading space folded into a token is therefore harmless.
+    """
+    spans = []
+    start = text.find(phrase)
+    while start >= 0 and phrase:
+        end = start + len(phrase)
+        tokens = [t for t, (a, b) in enumerate(offsets) if b > a and a < end and b > start]
+        if tokens:
+            spans.append((tokens[0], tokens[-1] + 1))
+        start = text.find(phrase, start + 1)
+    return spans
+
+
+def _find_id_spans(phrase: str, ids: Sequence[int], tokenizer) -> list[Span]:
+    """Fallback without offsets: search the phrase's token ids, with and without a leading space."""
+    spans = []
+    for variant in (phrase, " " + phrase):
+        pattern = tokenizer(variant, add_special_tokens=False)["input_ids"]
+        width = len(pattern)
+        spans += [(i, i + width) for i in range(len(ids) - width + 1) if width and list(ids[i : i + width]) == pattern]
+    return sorted(set(spans))
+
+
+def encode_with_causes(
+    tokenizer,
+    texts: Sequence[str],
+    annotations: Sequence[Mapping[str, Sequence[str]]],
+    **tokenizer_kwargs,
+):
+    """Tokenize `texts` and build the CausalMask of CAT-style annotations `{effect: [cause, ...]}`.
+
+    Every occurrence of an effect is paired with every occurrence of each of its causes that ends
+    before it (SPEC §2). Returns `(encoding, mask)`; `encoding` is the tokenizer's BatchEncoding
+    (tensors, padded as the tokenizer is configured). A phrase that cannot be found, or an effect with
+    no cause before it, raises a ValueError naming the example.
+    """
+    if len(texts) != len(annotations):
+        raise ValueError(f"annotations: expected one mapping per text ({len(texts)}), got {len(annotations)}")
+    kwargs = dict(padding=True, return_tensors="pt")
+    kwargs.update(tokenizer_kwargs)
+    use_offsets = getattr(tokenizer, "is_fast", False)
+    encoding = tokenizer(list(texts), return_offsets_mapping=use_offsets, **kwargs)
+    offsets = encoding.pop("offset_mapping", None)
+    ids = encoding["input_ids"]
+    seq_len = ids.shape[1]
+
+    def spans_of(phrase: str, b: int) -> list[Span]:
+        if offsets is not None:
+            return find_token_spans(phrase, texts[b], offsets[b].tolist())
+        return _find_id_spans(phrase, ids[b].tolist(), tokenizer)
+
+    all_pairs = []
+    for b, annotation in enumerate(annotations):
+        pairs = []
+        for effect, causes in annotation.items():
+            effect_spans = spans_of(effect, b)
+            if not effect_spans:
+                raise ValueError(f"annotations[{b}]: effect {effect!r} not found in the tokenized text")
+            cause_spans = []
+            for cause in causes:
+                found = spans_of(cause, b)
+                if not found:
+                    raise ValueError(f"annotations[{b}]: cause {cause!r} of {effect!r} not found in the tokenized text")
+                cause_spans.append(found)
+            for e in effect_spans:
+                before = [c for spans in cause_spans for c in spans if c[1] < e[0]]
+                if before and e[0] >= 1:
+                    pairs.append((e, before))
+            if not any(p[0] in effect_spans for p in pairs):
+                raise ValueError(f"annotations[{b}]: no cause of effect {effect!r} occurs before it")
+        all_pairs.append(pairs)
+    key_mask = encoding["attention_mask"].bool() if "attention_mask" in encoding else None
+    return encoding, CausalMask.from_spans(all_pairs, seq_len, key_mask)

@@ -1,0 +1,15 @@
+"""Packaging glue that pyproject.toml cannot express.
+
+`kernels/` lives at the top level of the repository (Triton sources only) but is imported as
+`causalattn.kernels`; a top-level `kernels` package would shadow Hugging Face's hub-kernels
+package that transformers probes.
+"""
+from setuptools import find_packages, setup
+
+packages = [p for p in find_packages(include=["causalattn", "causalattn.*"])]
+packages.append("causalattn.kernels")
+
+setup(
+    packages=packages,
+    package_dir={"causalattn": "causalattn", "causalattn.kernels": "kernels"},
+)
