@@ -24,6 +24,7 @@ if "causalattn.kernels" not in _sys.modules and not (_pathlib.Path(__file__).par
 from causalattn.inputs import Adapter, AttentionOutput  # noqa: E402
 from causalattn.losses import cat_amp, cat_loss, cat_row_losses, xg_variance  # noqa: E402
 from causalattn.masks import CausalMask, encode_with_causes  # noqa: E402
+from causalattn.ops import attention  # noqa: E402
 from causalattn.reference import attention_chunked, attention_dense  # noqa: E402
 
 __version__ = "0.1.0"
@@ -32,6 +33,7 @@ __all__ = [
     "Adapter",
     "AttentionOutput",
     "CausalMask",
+    "attention",
     "attention_chunked",
     "attention_dense",
     "cat_amp",

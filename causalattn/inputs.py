@@ -198,3 +198,28 @@ def _check_adapter(adapter: Adapter, q: Tensor, heads_kv: int) -> None:
         raise ValueError(f"adapter.gate: expected shape ({heads_q},) or a scalar, got {_shape(adapter.gate)}")
     if adapter.gate_mode not in GATE_MODES:
         raise ValueError(f"adapter.gate_mode: expected one of {GATE_MODES}, got {adapter.gate_mode!r}")
+
+
+def key_validity(n_k: int, key_lengths: Optional[Tensor], key_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """(B, Nk) bool of real keys from either form of key padding, or None when nothing is masked."""
+    if key_lengths is not None:
+        return torch.arange(n_k, device=key_lengths.device) < key_lengths[:, None]
+    return key_mask
+
+
+def sequence_ids(cu_seqlens: Tensor) -> Tensor:
+    """(T,) index of the packed sequence each token belongs to."""
+    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=cu_seqlens.device), lengths)
+
+
+def xg_row_weights(batch: int, n_q: int, key_valid: Optional[Tensor], cu_seqlens: Optional[Tensor],
+                   dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(B, Nq) weight of each query row in its sample's XG mean: 1/|V_s| on the sample's valid rows
+    (real tokens; every token of a packed sequence), 0 elsewhere."""
+    if cu_seqlens is not None:
+        segment = sequence_ids(cu_seqlens.to(device))
+        counts = torch.bincount(segment, minlength=cu_seqlens.numel() - 1).clamp_min(1)
+        return (1.0 / counts[segment].to(dtype))[None]
+    valid = key_valid if key_valid is not None else torch.ones(batch, n_q, dtype=torch.bool, device=device)
+    return valid.to(dtype) / valid.sum(-1, keepdim=True).clamp_min(1)

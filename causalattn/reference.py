@@ -40,19 +40,24 @@ _SCORES_PER_BLOCK = 1 << 24
 class _Problem:
     """Per-call constants derived once from the arguments (visibility, row weights, compute dtype)."""
 
-    def __init__(self, q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool):
+    def __init__(self, q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool,
+                 upcast=True):
         self.batch, self.heads_q, self.n_q, self.head_dim = q.shape
         self.heads_kv, self.n_k = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
         self.causal = causal
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.compute_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        self.compute_dtype = q.dtype if q.dtype == torch.float64 or not upcast else torch.float32
         device = q.device
         if key_lengths is not None:
             key_mask = torch.arange(self.n_k, device=device) < key_lengths[:, None]
         self.key_valid = key_mask  # (B, Nk) bool or None
         self.segment = None  # (Nk,) sequence id of each packed token
+        self.num_sequences = self.batch
         if cu_seqlens is not None:
+            # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the
+            # end) still get their (zero) row in the pooled XG output.
+            self.num_sequences = cu_seqlens.numel() - 1
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
             self.segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
         self.adapter = adapter
@@ -68,10 +73,6 @@ class _Problem:
             return (1.0 / counts[self.segment].to(self.compute_dtype))[None]
         valid = self.key_valid if self.key_valid is not None else torch.ones(self.batch, self.n_q, dtype=torch.bool, device=device)
         return valid.to(self.compute_dtype) / valid.sum(-1, keepdim=True).clamp_min(1)
-
-    @property
-    def num_samples(self) -> int:
-        return int(self.segment.max()) + 1 if self.segment is not None else self.batch
 
     def key_end(self, row_end: int) -> int:
         """Keys past this index are invisible to rows < row_end (causal, bottom-right aligned)."""
@@ -145,15 +146,15 @@ def _pool_rows(p: _Problem, z: Tensor, row_start: int, row_end: int) -> Tensor:
     weighted = z * p.xg_weight[:, None, row_start:row_end, None]
     if p.segment is None:
         return weighted.sum(2)
-    pooled = torch.zeros(p.num_samples, p.heads_q, p.head_dim, dtype=z.dtype, device=z.device)
+    pooled = torch.zeros(p.num_sequences, p.heads_q, p.head_dim, dtype=z.dtype, device=z.device)
     return pooled.index_add(0, p.segment[row_start:row_end], weighted[0].transpose(0, 1))
 
 
 def _run(q, k, v, *, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool,
-         rows_per_block: Optional[int]) -> AttentionOutput:
+         rows_per_block: Optional[int], upcast: bool) -> AttentionOutput:
     check_inputs(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                  cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
-    p = _Problem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool)
+    p = _Problem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool, upcast)
     adapter_tensors = (adapter.keys, adapter.values, adapter.gate) if adapter is not None else (None, None, None)
     block = p.n_q if rows_per_block is None else rows_per_block
     needs_grad = torch.is_grad_enabled() and any(
@@ -181,18 +182,23 @@ def attention_dense(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
     key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
     adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
-    xg_tokens: int = 0, xg_pool: str = "sample",
+    xg_tokens: int = 0, xg_pool: str = "sample", upcast: bool = True,
 ) -> AttentionOutput:
-    """SPEC §1-§3 over all rows at once (holds B x Hq x Nq x Nk scores). See the module docstring."""
+    """SPEC §1-§3 over all rows at once (holds B x Hq x Nq x Nk scores). See the module docstring.
+
+    `upcast=False` computes in the input dtype instead of fp32 (fp16/bf16): the "plain PyTorch in
+    the kernel's dtype" baseline of FlashAttention's tolerance rule (SPEC §5).
+    """
     return _run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
-                adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool, rows_per_block=None)
+                adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool, rows_per_block=None,
+                upcast=upcast)
 
 
 def attention_chunked(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
     key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
     adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
-    xg_tokens: int = 0, xg_pool: str = "sample", rows_per_block: Optional[int] = None,
+    xg_tokens: int = 0, xg_pool: str = "sample", rows_per_block: Optional[int] = None, upcast: bool = True,
 ) -> AttentionOutput:
     """Same result as `attention_dense`, a block of query rows at a time with checkpointed blocks.
 
@@ -206,4 +212,4 @@ def attention_chunked(
         raise ValueError(f"rows_per_block: expected a positive int or None, got {rows_per_block!r}")
     return _run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
                 adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool,
-                rows_per_block=rows_per_block)
+                rows_per_block=rows_per_block, upcast=upcast)

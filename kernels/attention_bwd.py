@@ -1,0 +1,413 @@
+"""Fused attention backward: FlashAttention-2 sweeps with the adapter, CAT and XG fold-ins (SPEC §1-§4).
+
+Three launches, no N x N tensor and no atomics (deterministic):
+
+1. `_bwd_rows_kernel`, one program per (chunk of query tiles, sample x KV head), looping over the
+   G query heads of the KV head: the row term
+       D_i = dO_i.O_i - gamma dO_i.O^a_i + c_i m_i - dlse_i
+   (c = dL/dm, the CAT fold-in; dlse makes the LSE output differentiable), and the adapter
+   gradients dKa, dVa, dgamma summed over its rows in fp32 registers, written as per-chunk partials
+   that one torch.sum reduces (over chunks, and over samples for shared adapters).
+2. `_bwd_dkdv_kernel`, one program per (key tile, sample x KV head): dK, dV over the G query heads
+   and all query tiles that see the key tile, recomputing P = exp2(S - lse) with dP += c_i A_ij.
+3. `_bwd_dq_kernel`, one program per (query tile, sample x query head): dQ over the key tiles, plus
+   the adapter part tau * dT Ka recomputed here (O(BLOCK_M x M x d), cheaper than storing it).
+
+Adapter terms per row (XG fold-in: dz_i from dxg, pooled rows get dxg_s / |V_s|):
+    e_im = (dO_i + [m < H_g] dz_i) . va_m,  dPa = gamma e,  Da_i = sum_m Pa_im dPa_im,
+    dT_im = Pa_im (dPa_im - Da_i),  dQ_i += tau sum_m dT_im ka_m,  dKa_m = tau sum_i dT_im q_i,
+    dVa_m = gamma sum_i Pa_im (dO_i + [m < H_g] dz_i),  dgamma = sum_i dO_i.O^a_i + dz_i.O^{aG}_i
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from causalattn.kernels.common import LOG2E, adapter_probs, cause_bits, sequence_bounds, tile_config, tile_summary
+
+# Programs the row kernel aims for: a few waves of 132 SMs, while keeping the fp32 partials
+# (chunks x samples x Hkv x M x d) at a few MB.
+_ROW_PROGRAMS_TARGET = 528
+
+
+@triton.jit
+def _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
+                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(Pa, Pa restricted to the XG slots, dT) of one query tile; see the module docstring."""
+    pa = adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A, DOT_PRECISION)
+    dpa = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
+    pa_general = pa
+    if XG_TOKENS > 0:
+        slots = tl.arange(0, BLOCK_A)
+        pa_general = tl.where(slots[None, :] < XG_TOKENS, pa, 0.0)
+        dz_dot_va = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
+        dpa += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
+    dpa = gamma * dpa
+    row_term = tl.sum(pa * dpa, 1)
+    return pa, pa_general, pa * (dpa - row_term[:, None])
+
+
+@triton.jit
+def _load_dz(dXg, XgWeight, xg_row, weight_row, stat, rows, row_ok, dims, dim_ok,
+             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+             XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr):
+    """dL/dz for the rows of a tile: dxg_s * weight_i when pooled, the per-row gradient otherwise."""
+    dz = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if XG_TOKENS > 0:
+        if XG_POOLED:
+            weight = tl.load(XgWeight + weight_row + rows, mask=row_ok, other=0.0)
+            dz = weight[:, None] * tl.load(dXg + xg_row + dims, mask=dim_ok, other=0.0)[None, :]
+        else:
+            dz = tl.load(dXg + stat[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+    return dz
+
+
+@triton.jit
+def _bwd_rows_kernel(
+    Q, Out, dOut, Lse, dLse, AdapterLse2, Mass, dMass, dXg, XgWeight, CuSeqlens, KeyLengths,
+    AdapterKeys, AdapterValues, Gamma, Delta, dKaPartial, dVaPartial, dGammaPartial,
+    stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
+    n_q, n_k, heads_q, heads_kv, group, scale, scale_log2, adapter_len, adapter_batch_stride,
+    tiles_per_chunk, num_samples,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
+    VARLEN: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    s = tl.program_id(1) // heads_kv
+    kv_head = tl.program_id(1) % heads_kv
+    b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, False)
+    b64 = b.to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    slots = tl.arange(0, BLOCK_A)
+    slot_ok = slots < adapter_len
+    first_tile = chunk * tiles_per_chunk
+    last_tile = tl.minimum(first_tile + tiles_per_chunk, tl.cdiv(len_q, BLOCK_M))
+    if ADAPTER:
+        adapter_ptrs = b64 * adapter_batch_stride + kv_head * adapter_len * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
+        ka = tl.load(AdapterKeys + adapter_ptrs, mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
+        va = tl.load(AdapterValues + adapter_ptrs, mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
+        dka = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+        dva = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+    for g in range(group):
+        h = kv_head * group + g
+        dgamma = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-row sums, reduced once per head
+        if ADAPTER:
+            gamma = tl.load(Gamma + h)
+        for tile in range(first_tile, last_tile):
+            rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+            row_ok = rows < len_q
+            tile_mask = row_ok[:, None] & dim_ok[None, :]
+            stat = (b64 * heads_q + h) * n_q + row0 + rows
+            out = tl.load(Out + b64 * stride_ob + h * stride_oh + (row0 + rows)[:, None] * stride_on + dims[None, :],
+                          mask=tile_mask, other=0.0).to(tl.float32)
+            do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
+                         mask=tile_mask, other=0.0)
+            delta = tl.sum(do.to(tl.float32) * out, 1)
+            if SUPERVISION:
+                delta += tl.load(dMass + stat, mask=row_ok, other=0.0) * tl.load(Mass + stat, mask=row_ok, other=0.0)
+            if HAS_DLSE:
+                lse = tl.load(Lse + stat, mask=row_ok, other=0.0)
+                delta -= tl.where(lse == float("inf"), 0.0, tl.load(dLse + stat, mask=row_ok, other=0.0))
+            if ADAPTER:
+                q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
+                            mask=tile_mask, other=0.0)
+                La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
+                dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
+                              dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
+                pa, pa_general, dt = _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
+                                                        BLOCK_A, XG_TOKENS, DOT_PRECISION)
+                adapter_out = tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
+                do_dot_oa = tl.sum(do.to(tl.float32) * adapter_out, 1)
+                delta -= gamma * do_dot_oa
+                dgamma += do_dot_oa
+                dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
+                dva += gamma * tl.dot(tl.trans(pa).to(do.dtype), do, input_precision=DOT_PRECISION)
+                if XG_TOKENS > 0:
+                    general_out = tl.dot(pa_general.to(va.dtype), va, input_precision=DOT_PRECISION)
+                    dgamma += tl.sum(dz * general_out, 1)
+                    dva += gamma * tl.dot(tl.trans(pa_general), dz, input_precision="ieee")
+            tl.store(Delta + stat, delta, mask=row_ok)
+        if ADAPTER:
+            tl.store(dGammaPartial + (chunk * num_samples + s) * heads_q + h, tl.sum(dgamma, 0))
+    if ADAPTER:
+        partial = ((chunk * num_samples + s) * heads_kv + kv_head) * BLOCK_A * BLOCK_D
+        tile_ptrs = partial + slots[:, None] * BLOCK_D + dims[None, :]
+        tl.store(dKaPartial + tile_ptrs, dka * scale)
+        tl.store(dVaPartial + tile_ptrs, dva)
+
+
+@triton.jit
+def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
+                           tile_flag, KeyMask, key_mask_row, row0, mask_words, scale_log2,
+                           CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr,
+                           TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile)."""
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+    visible = row_ok[:, None] & col_ok[None, :]
+    if CAUSAL:
+        visible = visible & (cols[None, :] <= rows[:, None] + offset)
+    if HAS_KEY_MASK:
+        real = tl.load(KeyMask + key_mask_row + cols, mask=col_ok, other=0)
+        visible = visible & (real[None, :] != 0)
+    p = tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if SUPERVISION:
+        has_bits = tl.max(tl.abs(c), 0) > 0.0  # rows whose mass has no gradient skip the mask
+        if TILE_SKIP:
+            has_bits = has_bits & (tl.load(MaskTiles + tile_flag) != 0)
+        if has_bits:
+            dp += c[:, None] * cause_bits(MaskBits, row0 + rows, row0 + cols, row_ok, col_ok, mask_words)
+    return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, dOut, Lse, Delta, dMass, dK, dV, CuSeqlens, KeyLengths, KeyMask, MaskBits, MaskTiles,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    n_q, n_k, heads_q, heads_kv, group, scale, scale_log2, mask_words, n_row_tiles, n_col_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    key_tile = tl.program_id(0)
+    s = tl.program_id(1) // heads_kv
+    kv_head = tl.program_id(1) % heads_kv
+    b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
+    n0 = key_tile * BLOCK_N
+    # Padding keys past this sample's length get zero gradients; with packing the rows past a
+    # sequence's end belong to the next sequence and must not be written.
+    key_limit = n_k
+    if VARLEN:
+        key_limit = len_k
+    if n0 >= len_k:
+        if n0 < key_limit:
+            cols = n0 + tl.arange(0, BLOCK_N)
+            dims = tl.arange(0, BLOCK_D)
+            zero_mask = (cols < key_limit)[:, None] & (dims < HEAD_DIM)[None, :]
+            b64 = b.to(tl.int64)
+            zeros = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+            tl.store(dK + b64 * stride_dkb + kv_head * stride_dkh + (row0 + cols)[:, None] * stride_dkn + dims[None, :],
+                     zeros.to(dK.dtype.element_ty), mask=zero_mask)
+            tl.store(dV + b64 * stride_dvb + kv_head * stride_dvh + (row0 + cols)[:, None] * stride_dvn + dims[None, :],
+                     zeros.to(dV.dtype.element_ty), mask=zero_mask)
+        return
+    b64 = b.to(tl.int64)
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < len_k
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    key_ptrs = (row0 + cols)[:, None] * stride_kn + dims[None, :]
+    k = tl.load(K + b64 * stride_kb + kv_head * stride_kh + key_ptrs, mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    v = tl.load(V + b64 * stride_vb + kv_head * stride_vh + (row0 + cols)[:, None] * stride_vn + dims[None, :],
+                mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    MaskBits += b64 * n_q * mask_words
+    first_row = 0
+    if CAUSAL:
+        first_row = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for g in range(group):
+        h = kv_head * group + g
+        for m0 in range(first_row, len_q, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < len_q
+            tile_mask = row_ok[:, None] & dim_ok[None, :]
+            stat = (b64 * heads_q + h) * n_q + row0 + rows
+            q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
+                        mask=tile_mask, other=0.0)
+            do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
+                         mask=tile_mask, other=0.0)
+            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
+            delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+            if SUPERVISION:
+                c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+            p, ds = _seq_probs_and_dscores(
+                q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
+                (b * n_row_tiles + m0 // BLOCK_M) * n_col_tiles + key_tile, KeyMask, b64 * n_k, row0, mask_words,
+                scale_log2, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+    store_mask = (cols < key_limit)[:, None] & dim_ok[None, :]
+    tl.store(dK + b64 * stride_dkb + kv_head * stride_dkh + (row0 + cols)[:, None] * stride_dkn + dims[None, :],
+             (dk * scale).to(dK.dtype.element_ty), mask=store_mask)
+    tl.store(dV + b64 * stride_dvb + kv_head * stride_dvh + (row0 + cols)[:, None] * stride_dvn + dims[None, :],
+             dv.to(dV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, dOut, Lse, Delta, dMass, dQ, CuSeqlens, KeyLengths, KeyMask, MaskBits, MaskTiles,
+    AdapterKeys, AdapterValues, AdapterLse2, Gamma, dXg, XgWeight,
+    stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
+    n_q, n_k, heads_q, group, scale, scale_log2, adapter_len, adapter_batch_stride, mask_words,
+    n_row_tiles, n_col_tiles,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_A: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
+    XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    s = tl.program_id(1) // heads_q
+    h = tl.program_id(1) % heads_q
+    kv_head = h // group
+    b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
+    m0 = tile * BLOCK_M
+    if m0 >= len_q:
+        return
+    b64 = b.to(tl.int64)
+    rows = m0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < len_q
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    tile_mask = row_ok[:, None] & dim_ok[None, :]
+    stat = (b64 * heads_q + h) * n_q + row0 + rows
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
+                 mask=tile_mask, other=0.0)
+    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SUPERVISION:
+        c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if ADAPTER:
+        slots = tl.arange(0, BLOCK_A)
+        adapter_ptrs = b64 * adapter_batch_stride + kv_head * adapter_len * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
+        slot_mask = (slots < adapter_len)[:, None] & dim_ok[None, :]
+        ka = tl.load(AdapterKeys + adapter_ptrs, mask=slot_mask, other=0.0)
+        va = tl.load(AdapterValues + adapter_ptrs, mask=slot_mask, other=0.0)
+        La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
+        dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
+                      dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
+        _, _, dt = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + h), scale_log2, adapter_len,
+                                      BLOCK_A, XG_TOKENS, DOT_PRECISION)
+        dq = tl.dot(dt.to(ka.dtype), ka, input_precision=DOT_PRECISION)
+    K += b64 * stride_kb + kv_head * stride_kh + row0 * stride_kn
+    V += b64 * stride_vb + kv_head * stride_vh + row0 * stride_vn
+    MaskBits += b64 * n_q * mask_words
+    hi = len_k
+    if CAUSAL:
+        hi = tl.minimum(len_k, m0 + BLOCK_M + offset)
+    for n0 in range(0, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < len_k
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        _, ds = _seq_probs_and_dscores(
+            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
+            (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N, KeyMask, b64 * n_k, row0, mask_words,
+            scale_log2, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    tl.store(dQ + b64 * stride_dqb + h * stride_dqh + (row0 + rows)[:, None] * stride_dqn + dims[None, :],
+             (dq * scale).to(dQ.dtype.element_ty), mask=tile_mask)
+
+
+def attention_backward(
+    grad_out: torch.Tensor, grad_lse: Optional[torch.Tensor], grad_mass: Optional[torch.Tensor],
+    grad_xg: Optional[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    lse: torch.Tensor, adapter_lse2: Optional[torch.Tensor], mass: Optional[torch.Tensor], *,
+    causal: bool, scale: float, key_lengths: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+    cu_seqlens: Optional[torch.Tensor], max_seqlen: int, adapter_keys: Optional[torch.Tensor],
+    adapter_values: Optional[torch.Tensor], gamma: Optional[torch.Tensor], mask_bits: Optional[torch.Tensor],
+    xg_tokens: int, xg_weight: Optional[torch.Tensor], xg_pooled: bool, num_samples: int,
+):
+    """Launch the three backward kernels. `grad_mass`/`grad_xg`/`grad_lse` may be None (no fold-in).
+    Returns (dq, dk, dv, d_adapter_keys | None, d_adapter_values | None, d_gamma | None)."""
+    batch, heads_q, n_q, head_dim = q.shape
+    heads_kv, n_k = k.shape[1], k.shape[2]
+    config = tile_config(head_dim, "bwd")
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    device = q.device
+    has_adapter = adapter_keys is not None
+    supervision = mask_bits is not None and grad_mass is not None
+    xg_tokens = xg_tokens if has_adapter and grad_xg is not None else 0
+    varlen = cu_seqlens is not None
+    tile_skip = supervision and not varlen
+    tiles = tile_summary(mask_bits, config.block_m, config.block_n) if tile_skip else None
+    adapter_len = adapter_keys.shape[-2] if has_adapter else 0
+    block_a = max(16, triton.next_power_of_2(adapter_len))
+    adapter_batch_stride = heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0
+    dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+    grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+    grad_mass = grad_mass.contiguous() if supervision else None
+    grad_xg = grad_xg.float().contiguous() if xg_tokens else None
+    grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
+    delta = torch.empty(batch, heads_q, n_q, device=device, dtype=torch.float32)
+    dummy = delta  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
+    n_row_tiles = triton.cdiv(max_seqlen, config.block_m)
+
+    tiles_per_chunk = max(1, triton.cdiv(n_row_tiles * num_samples * heads_kv, _ROW_PROGRAMS_TARGET))
+    chunks = triton.cdiv(n_row_tiles, tiles_per_chunk)
+    partial_shape = (chunks, num_samples, heads_kv, block_a, block_d)
+    dka_partial = torch.empty(partial_shape, device=device, dtype=torch.float32) if has_adapter else None
+    dva_partial = torch.empty_like(dka_partial) if has_adapter else None
+    dgamma_partial = torch.empty(chunks, num_samples, heads_q, device=device, dtype=torch.float32) if has_adapter else None
+    _bwd_rows_kernel[(chunks, num_samples * heads_kv)](
+        q, out, grad_out, lse, grad_lse if grad_lse is not None else dummy,
+        adapter_lse2 if has_adapter else dummy, mass if supervision else dummy,
+        grad_mass if supervision else dummy, grad_xg if xg_tokens else dummy,
+        xg_weight if xg_tokens and xg_pooled else dummy, cu_seqlens if varlen else dummy, dummy,
+        adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
+        gamma if has_adapter else dummy, delta, dka_partial if has_adapter else dummy,
+        dva_partial if has_adapter else dummy, dgamma_partial if has_adapter else dummy,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E, adapter_len, adapter_batch_stride,
+        tiles_per_chunk, num_samples,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_A=block_a, VARLEN=varlen,
+        ADAPTER=has_adapter, SUPERVISION=supervision, HAS_DLSE=grad_lse is not None, XG_TOKENS=xg_tokens,
+        XG_POOLED=xg_pooled, DOT_PRECISION=dot_precision, num_warps=config.num_warps,
+    )
+
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    shared = dict(
+        key_lengths=key_lengths if key_lengths is not None else dummy, key_mask=key_mask if key_mask is not None else dummy,
+        mask_bits=mask_bits if supervision else dummy, tiles=tiles if tile_skip else dummy,
+    )
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+                 CAUSAL=causal, VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None,
+                 HAS_KEY_MASK=key_mask is not None, SUPERVISION=supervision, TILE_SKIP=tile_skip,
+                 DOT_PRECISION=dot_precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    mask_words = mask_bits.shape[2] if supervision else 0
+    n_col_tiles = tiles.shape[2] if tile_skip else 0
+    max_keys = max_seqlen if varlen else n_k
+    _bwd_dkdv_kernel[(triton.cdiv(max_keys, config.block_n), num_samples * heads_kv)](
+        q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dk, dv,
+        cu_seqlens if varlen else dummy, shared["key_lengths"], shared["key_mask"], shared["mask_bits"], shared["tiles"],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+        dv.stride(0), dv.stride(1), dv.stride(2),
+        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E, mask_words, n_row_tiles, n_col_tiles,
+        **flags,
+    )
+    _bwd_dq_kernel[(n_row_tiles, num_samples * heads_q)](
+        q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dq,
+        cu_seqlens if varlen else dummy, shared["key_lengths"], shared["key_mask"], shared["mask_bits"], shared["tiles"],
+        adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
+        adapter_lse2 if has_adapter else dummy, gamma if has_adapter else dummy,
+        grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+        n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E, adapter_len, adapter_batch_stride, mask_words,
+        n_row_tiles, n_col_tiles,
+        BLOCK_A=block_a, ADAPTER=has_adapter, XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, **flags,
+    )
+    if not has_adapter:
+        return dq, dk, dv, None, None, None
+    adapter_shape = adapter_keys.shape
+    reduce_dims = (0, 1) if adapter_keys.dim() == 3 else (0,)
+    dka = dka_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
+    dva = dva_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
+    dgamma = dgamma_partial.sum((0, 1))
+    return dq, dk, dv, dka.to(adapter_keys.dtype), dva.to(adapter_values.dtype), dgamma
