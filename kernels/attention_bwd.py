@@ -144,17 +144,21 @@ def _bwd_rows_kernel(
 @triton.jit
 def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
                            tile_flag, KeyMask, key_mask_row, row0, mask_words, scale_log2,
-                           CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr,
-                           TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile)."""
-    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
-    visible = row_ok[:, None] & col_ok[None, :]
-    if CAUSAL:
-        visible = visible & (cols[None, :] <= rows[:, None] + offset)
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                           SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile).
+
+    Unmasked tiles are entirely visible; rows past the sequence need no mask either, since their
+    LSE loads as +inf and P = exp2(S - inf) = 0."""
+    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 - lse2[:, None])
+    if MASKED:
+        visible = row_ok[:, None] & col_ok[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        p = tl.where(visible, p, 0.0)
     if HAS_KEY_MASK:
         real = tl.load(KeyMask + key_mask_row + cols, mask=col_ok, other=0)
-        visible = visible & (real[None, :] != 0)
-    p = tl.where(visible, tl.exp2(scores - lse2[:, None]), 0.0)
+        p = tl.where(real[None, :] != 0, p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     if SUPERVISION:
         has_bits = tl.max(tl.abs(c), 0) > 0.0  # rows whose mass has no gradient skip the mask
@@ -163,6 +167,39 @@ def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_
         if has_bits:
             dp += c[:, None] * cause_bits(MaskBits, row0 + rows, row0 + cols, row_ok, col_ok, mask_words)
     return p, p * (dp - delta[:, None])
+
+
+@triton.jit
+def _dkdv_query_tiles(
+    dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+    b, b64, h, row0, lo, hi, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
+    stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+    mask_words, n_row_tiles, n_col_tiles, scale_log2,
+    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of head h."""
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for m0 in range(lo, hi, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < len_q
+        tile_mask = row_ok[:, None] & dim_ok[None, :]
+        stat = (b64 * heads_q + h) * n_q + row0 + rows
+        q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
+                    mask=tile_mask, other=0.0)
+        do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
+                     mask=tile_mask, other=0.0)
+        lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
+        delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+        if SUPERVISION:
+            c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+        p, ds = _seq_probs_and_dscores(
+            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
+            (b * n_row_tiles + m0 // BLOCK_M) * n_col_tiles + key_tile, KeyMask, b64 * n_k, row0, mask_words,
+            scale_log2, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -212,33 +249,50 @@ def _bwd_dkdv_kernel(
     first_row = 0
     if CAUSAL:
         first_row = tl.maximum(n0 - offset, 0) // BLOCK_M * BLOCK_M
-    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # Query tiles [first_row, split) need the causal / length mask for this key tile; the tiles from
+    # split on see all of it. A key tile that crosses the sample's length is masked throughout.
+    diagonal_end = first_row
+    if CAUSAL:
+        diagonal_end = tl.minimum(tl.maximum(tl.cdiv(n0 + BLOCK_N - 1 - offset, BLOCK_M) * BLOCK_M, first_row), len_q)
+    split = tl.where(n0 + BLOCK_N <= len_k, diagonal_end, len_q)
     for g in range(group):
         h = kv_head * group + g
-        for m0 in range(first_row, len_q, BLOCK_M):
-            rows = m0 + tl.arange(0, BLOCK_M)
-            row_ok = rows < len_q
-            tile_mask = row_ok[:, None] & dim_ok[None, :]
-            stat = (b64 * heads_q + h) * n_q + row0 + rows
-            q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
-                        mask=tile_mask, other=0.0)
-            do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
-                         mask=tile_mask, other=0.0)
-            lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
-            delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
-            if SUPERVISION:
-                c = tl.load(dMass + stat, mask=row_ok, other=0.0)
-            p, ds = _seq_probs_and_dscores(
-                q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
-                (b * n_row_tiles + m0 // BLOCK_M) * n_col_tiles + key_tile, KeyMask, b64 * n_k, row0, mask_words,
-                scale_log2, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
-            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+            b, b64, h, row0, first_row, split, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
+            stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
+            scale_log2, BLOCK_M, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        dk, dv = _dkdv_query_tiles(
+            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+            b, b64, h, row0, split, len_q, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
+            stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
+            scale_log2, BLOCK_M, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
     store_mask = (cols < key_limit)[:, None] & dim_ok[None, :]
     tl.store(dK + b64 * stride_dkb + kv_head * stride_dkh + (row0 + cols)[:, None] * stride_dkn + dims[None, :],
              (dk * scale).to(dK.dtype.element_ty), mask=store_mask)
     tl.store(dV + b64 * stride_dvb + kv_head * stride_dvh + (row0 + cols)[:, None] * stride_dvn + dims[None, :],
              dv.to(dV.dtype.element_ty), mask=store_mask)
+
+
+@triton.jit
+def _dq_key_tiles(
+    dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+    lo, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles, n_col_tiles, scale_log2,
+    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < len_k
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        _, ds = _seq_probs_and_dscores(
+            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
+            (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N, KeyMask, b64 * n_k, row0, mask_words,
+            scale_log2, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
 
 
 @triton.jit
@@ -295,18 +349,18 @@ def _bwd_dq_kernel(
     V += b64 * stride_vb + kv_head * stride_vh + row0 * stride_vn
     MaskBits += b64 * n_q * mask_words
     hi = len_k
+    full_end = (len_k // BLOCK_N) * BLOCK_N  # key tiles [0, full_end) are visible to every row
     if CAUSAL:
         hi = tl.minimum(len_k, m0 + BLOCK_M + offset)
-    for n0 in range(0, hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < len_k
-        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        _, ds = _seq_probs_and_dscores(
-            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
-            (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N, KeyMask, b64 * n_k, row0, mask_words,
-            scale_log2, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+        full_end = tl.maximum(tl.minimum(full_end, ((m0 + offset + 1) // BLOCK_N) * BLOCK_N), 0)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+                       0, full_end, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
+                       n_col_tiles, scale_log2, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+                       full_end, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
+                       n_col_tiles, scale_log2, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       DOT_PRECISION)
     tl.store(dQ + b64 * stride_dqb + h * stride_dqh + (row0 + rows)[:, None] * stride_dqn + dims[None, :],
              (dq * scale).to(dQ.dtype.element_ty), mask=tile_mask)
 
