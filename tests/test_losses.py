@@ -1,0 +1,209 @@
+"""CAT loss (SPEC §2), XG variance (SPEC §3) and the CAT amplitude schedule against independent code."""
+import math
+
+import pytest
+import torch
+
+from causalattn import Adapter, CausalMask, attention_dense, cat_amp, cat_loss, xg_variance
+
+DIM = 16
+
+
+def generator(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def supervision_problem(seed, batch=3, n=12):
+    """A raw random adjacency (upper triangle and padding included: the mask must drop them) and its mask."""
+    gen = generator(seed)
+    dense = torch.rand(batch, n, n, generator=gen) < 0.35
+    key_mask = torch.ones(batch, n, dtype=torch.bool)
+    key_mask[1, :3] = False  # left padding
+    key_mask[2, 9:] = False  # right padding
+    return dense, key_mask, CausalMask.from_dense(dense, key_mask)
+
+
+def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind):
+    """SPEC §2 row by row: m̄ = mean over layers and heads, n1/n0 over visible keys, threshold, mean over valid rows."""
+    num_layers, batch, heads, n = mass_layers.shape
+    total, valid = 0.0, 0
+    for b in range(batch):
+        for i in range(n):
+            visible = [j for j in range(i + 1) if key_mask[b, j]]
+            n1 = sum(bool(dense[b, i, j]) for j in visible)
+            n0 = len(visible) - n1
+            if n1 == 0 or n0 == 0:
+                continue
+            valid += 1
+            mean_mass = sum(float(mass_layers[l, b, h, i]) for l in range(num_layers) for h in range(heads)) / (num_layers * heads)
+            a1, a0 = mean_mass / n1, (1 - mean_mass) / n0
+            if a1 / a0 >= alpha:
+                continue
+            if kind == "div":
+                total += -math.log(1 + a1) / math.log(1 + a0)
+            elif kind == "div2":
+                total += -math.log(1 + a1 / (1 + a0))
+            elif kind == "nll":
+                total += -a1 / (a1 + a0)
+            else:
+                total += alpha - a1 / a0
+    return total / max(valid, 1)
+
+
+@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge"])
+@pytest.mark.parametrize("alpha", [2.0, 5.0])
+def test_cat_loss_matches_row_loop(kind, alpha):
+    dense, key_mask, mask = supervision_problem(seed=0)
+    gen = generator(1)
+    mass_layers = torch.rand(3, 3, 2, 12, generator=gen, dtype=torch.float64)  # (L, B, Hq, N)
+    expected = loop_cat_loss(mass_layers, dense, key_mask, alpha, kind)
+    # The threshold must matter in this case: some valid rows cost something, some cost nothing.
+    mean_mass = mass_layers.mean(dim=(0, 2))
+    ratio = (mean_mass / mask.cause_count.clamp_min(1)) / ((1 - mean_mass) / mask.non_cause_count.clamp_min(1))
+    assert (mask.valid_rows() & (ratio < alpha)).any() and (mask.valid_rows() & (ratio >= alpha)).any()
+
+    assert cat_loss(mass_layers, mask, alpha=alpha, kind=kind).item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    as_list = cat_loss(list(mass_layers), mask, alpha=alpha, kind=kind)
+    assert as_list.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    one_layer = cat_loss(mass_layers[0], mask, alpha=alpha, kind=kind)
+    assert one_layer.item() == pytest.approx(loop_cat_loss(mass_layers[:1], dense, key_mask, alpha, kind), rel=1e-12, abs=1e-12)
+
+
+def test_cat_loss_float32_mass_matches_loop():
+    dense, key_mask, mask = supervision_problem(seed=2)
+    mass = torch.rand(2, 3, 4, 12, generator=generator(3))
+    expected = loop_cat_loss(mass.double(), dense, key_mask, 2.0, "div")
+    assert cat_loss(mass, mask).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge"])
+def test_cat_loss_gradient_through_attention_is_finite(kind):
+    # Real masses from attention, with padding rows, rows without causes and inactive rows in the graph.
+    dense, key_mask, mask = supervision_problem(seed=4)
+    gen = generator(5)
+    q = torch.randn(3, 4, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    masses = [attention_dense(q * scale, k, v, key_mask=key_mask, supervision=mask).mass for scale in (1.0, 0.5)]
+    loss = cat_loss(masses, mask, kind=kind, alpha=3.0)
+    assert loss.item() < 0 if kind != "hinge" else loss.item() > 0
+    q_grad, k_grad, v_grad = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
+    assert torch.isfinite(q_grad).all() and torch.isfinite(k_grad).all()
+    assert q_grad.abs().sum() > 0 and k_grad.abs().sum() > 0
+    assert v_grad is None  # the mass does not depend on the values
+
+
+def test_cat_loss_without_valid_rows_is_zero_and_differentiable():
+    mask = CausalMask.from_dense(torch.zeros(2, 6, 6, dtype=torch.bool))
+    mass = torch.rand(2, 3, 6, generator=generator(6), requires_grad=True)
+    loss = cat_loss(mass, mask)
+    assert loss.item() == 0
+    loss.backward()
+    assert torch.equal(mass.grad, torch.zeros_like(mass))
+
+
+@pytest.mark.parametrize("mass, options, message", [
+    (torch.rand(2, 3, 6), {"kind": "kl"}, "kind"),
+    (torch.rand(2, 3, 6), {"alpha": 0.0}, "alpha"),
+    (torch.rand(2, 3, 6), {"alpha": float("inf")}, "alpha"),
+    (torch.rand(2, 3, 7), {}, "mass"),
+    (torch.rand(3, 3, 6), {}, "mass"),
+    (torch.rand(6), {}, "mass"),
+    ([], {}, "mass"),
+    ([torch.rand(2, 3, 6), torch.rand(2, 2, 6)], {}, "mass"),
+], ids=["kind", "alpha-zero", "alpha-inf", "length", "batch", "dims", "no-layers", "mixed-layers"])
+def test_cat_loss_rejects_bad_arguments(mass, options, message):
+    mask = CausalMask.from_dense(torch.ones(2, 6, 6, dtype=torch.bool))
+    with pytest.raises(ValueError, match=message):
+        cat_loss(mass, mask, **options)
+
+
+# ---------------------------------------------------------------------- XG variance
+def loop_xg_variance(layers, weights):
+    """SPEC §3: per sample X_b = W concat_h(xg_b) (or concat_h alone), unbiased variance over b,
+    mean over features (and positions), mean over layers."""
+    per_layer = []
+    for stat, weight in zip(layers, weights):
+        batch, heads = stat.shape[:2]
+        positions = [None] if stat.dim() == 3 else range(stat.shape[2])
+        variances = []
+        for i in positions:
+            samples = []
+            for b in range(batch):
+                concat = torch.cat([stat[b, h] if i is None else stat[b, h, i] for h in range(heads)])
+                samples.append(concat if weight is None else weight @ concat)
+            mean = sum(samples) / batch
+            variances.append(sum((x - mean) ** 2 for x in samples) / (batch - 1))
+        per_layer.append(torch.stack(variances).mean())
+    return sum(per_layer) / len(per_layer)
+
+
+@pytest.mark.parametrize("pool", ["sample", "position"])
+@pytest.mark.parametrize("space", ["output", "head"])
+def test_xg_variance_matches_loop(pool, space):
+    gen = generator(7)
+    batch, heads, n, width = 4, 3, 5, 10
+    shape = (batch, heads, DIM) if pool == "sample" else (batch, heads, n, DIM)
+    layers = [torch.randn(*shape, generator=gen, dtype=torch.float64) for _ in range(3)]
+    per_layer_weights = [torch.randn(width, heads * DIM, generator=gen, dtype=torch.float64) for _ in range(3)]
+    if space == "head":
+        expected = loop_xg_variance(layers, [None] * 3)
+        assert xg_variance(layers, space="head").item() == pytest.approx(expected.item(), rel=1e-12)
+        return
+    expected = loop_xg_variance(layers, per_layer_weights)
+    assert xg_variance(layers, per_layer_weights).item() == pytest.approx(expected.item(), rel=1e-12)
+    shared = loop_xg_variance(layers, [per_layer_weights[0]] * 3)
+    assert xg_variance(layers, per_layer_weights[0]).item() == pytest.approx(shared.item(), rel=1e-12)
+    single = loop_xg_variance(layers[:1], per_layer_weights[:1])
+    assert xg_variance(layers[0], per_layer_weights[0]).item() == pytest.approx(single.item(), rel=1e-12)
+
+
+def test_xg_variance_of_attention_output_is_differentiable():
+    gen = generator(8)
+    q = torch.randn(3, 2, 7, DIM, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(3, 1, 7, DIM, generator=gen, dtype=torch.float64) for _ in range(2))
+    keys, values = (torch.randn(1, 4, DIM, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, generator=gen, dtype=torch.float64, requires_grad=True)
+    xg = attention_dense(q, k, v, adapter=Adapter(keys, values, gate), xg_tokens=2).xg
+    weight = torch.randn(8, 2 * DIM, generator=gen, dtype=torch.float64)
+    penalty = xg_variance(xg, weight)
+    assert penalty.item() == pytest.approx(loop_xg_variance([xg], [weight]).item(), rel=1e-12)
+    keys_grad, values_grad, gate_grad = torch.autograd.grad(penalty, (keys, values, gate))
+    assert values_grad[:, 2:].abs().sum() == 0  # only the first xg_tokens values are read
+    assert values_grad[:, :2].abs().sum() > 0 and keys_grad.abs().sum() > 0 and gate_grad.abs().sum() > 0
+
+
+def test_xg_variance_of_one_sample_is_zero_with_warning():
+    xg = torch.randn(1, 2, DIM, generator=generator(9), requires_grad=True)
+    with pytest.warns(UserWarning, match="one sample"):
+        penalty = xg_variance(xg, torch.randn(4, 2 * DIM))
+    assert penalty.item() == 0
+    penalty.backward()
+    assert torch.equal(xg.grad, torch.zeros_like(xg))
+
+
+@pytest.mark.parametrize("xg, weight, options, message", [
+    (torch.randn(2, 2, DIM), torch.randn(4, 2 * DIM), {"space": "input"}, "space"),
+    (torch.randn(2, 2, DIM), None, {}, "o_proj_weight"),
+    ([torch.randn(2, 2, DIM)] * 2, [torch.randn(4, 2 * DIM)] * 3, {}, "o_proj_weight"),
+    (torch.randn(2, 2, DIM), torch.randn(4, 3 * DIM), {}, r"o_proj_weight\[0\]"),
+    ([], None, {"space": "head"}, "xg"),
+    ([torch.randn(2, DIM)], None, {"space": "head"}, "xg"),
+], ids=["space", "no-weight", "weight-count", "weight-shape", "no-layers", "dims"])
+def test_xg_variance_rejects_bad_arguments(xg, weight, options, message):
+    with pytest.raises(ValueError, match=message):
+        xg_variance(xg, weight, **options)
+
+
+# ---------------------------------------------------------------------- amplitude schedule
+@pytest.mark.parametrize("epoch", [0, 0.5, 1, 3])
+@pytest.mark.parametrize("rate", [1.0, 0.3, 0.0])
+def test_cat_amp(epoch, rate):
+    assert cat_amp(epoch, rate) == pytest.approx(math.exp(-rate * epoch), rel=1e-15)
+
+
+def test_cat_amp_default_rate_and_errors():
+    assert cat_amp(0) == 1.0
+    assert cat_amp(2) == pytest.approx(math.exp(-2), rel=1e-15)
+    with pytest.raises(ValueError, match="rate"):
+        cat_amp(1, rate=-0.5)
