@@ -159,6 +159,11 @@ def check_inputs(
                              f"got batch {supervision.batch_size} and length {supervision.seq_len}")
         if supervision.bits.device != q.device:
             raise ValueError(f"supervision: expected device {q.device}, got {supervision.bits.device} (use mask.to(device))")
+        packed_mask = supervision.cu_seqlens
+        if (packed_mask is None) != (cu_seqlens is None) or (
+                cu_seqlens is not None and not torch.equal(packed_mask.cpu(), cu_seqlens.cpu().to(packed_mask.dtype))):
+            raise ValueError("supervision: the CausalMask must be built with the same cu_seqlens as the attention call "
+                             "(CausalMask.from_dense/from_spans(..., cu_seqlens=...))")
     if not isinstance(xg_tokens, int) or xg_tokens < 0:
         raise ValueError(f"xg_tokens: expected a non-negative int, got {xg_tokens!r}")
     if xg_tokens:

@@ -70,7 +70,8 @@ def _key_valid(batch: int, n: int, key_mask: Optional[Tensor], device: torch.dev
 class CausalMask:
     """Bit-packed causal adjacency mask for a batch; see the module docstring for the layout."""
 
-    def __init__(self, bits: Tensor, seq_len: int, key_mask: Optional[Tensor] = None):
+    def __init__(self, bits: Tensor, seq_len: int, key_mask: Optional[Tensor] = None,
+                 cu_seqlens: Optional[Tensor] = None):
         if not isinstance(bits, Tensor) or bits.dtype != torch.int32 or bits.dim() != 3:
             got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, Tensor) else type(bits).__name__
             raise ValueError(f"bits: expected an int32 tensor (B, N, ceil(N/32)), got {got}")
@@ -80,25 +81,37 @@ class CausalMask:
         self.seq_len = seq_len
         valid = _key_valid(bits.shape[0], seq_len, key_mask, bits.device)
         self.key_mask = key_mask.to(bits.device) if key_mask is not None else None
+        self.cu_seqlens = None
         self.cause_count = popcount(bits)
         self.visible = valid.to(torch.int32).cumsum(-1, dtype=torch.int32)
+        if cu_seqlens is not None:
+            # Packed sequences: a row sees only the keys of its own sequence.
+            self.cu_seqlens = _check_packing(cu_seqlens, bits.shape[0], seq_len, key_mask).to(bits.device)
+            self.visible = torch.arange(1, seq_len + 1, dtype=torch.int32, device=bits.device) - self._sequence_starts()[None]
 
     # ------------------------------------------------------------------ builders
     @classmethod
-    def from_dense(cls, dense: Tensor, key_mask: Optional[Tensor] = None) -> "CausalMask":
-        """From a bool (B, N, N) tensor; entries above the diagonal or on padding keys are dropped."""
+    def from_dense(cls, dense: Tensor, key_mask: Optional[Tensor] = None,
+                   cu_seqlens: Optional[Tensor] = None) -> "CausalMask":
+        """From a bool (B, N, N) tensor; entries above the diagonal, on padding keys or (packed
+        sequences, B = 1) in another sequence are dropped."""
         if not isinstance(dense, Tensor) or dense.dim() != 3 or dense.shape[1] != dense.shape[2]:
             got = tuple(dense.shape) if isinstance(dense, Tensor) else type(dense).__name__
             raise ValueError(f"dense: expected a (B, N, N) tensor, got {got}")
         batch, n, _ = dense.shape
         valid = _key_valid(batch, n, key_mask, dense.device)
+        first_key = torch.zeros(n, dtype=torch.int64, device=dense.device)
+        if cu_seqlens is not None:
+            starts = _check_packing(cu_seqlens, batch, n, key_mask).to(dense.device)
+            first_key = torch.repeat_interleave(starts[:-1], starts[1:] - starts[:-1])
         bits = torch.empty(batch, n, _words(n), dtype=torch.int32, device=dense.device)
         cols = torch.arange(n, device=dense.device)
         for start in range(0, n, _ROW_BLOCK):
             rows = torch.arange(start, min(n, start + _ROW_BLOCK), device=dense.device)
-            block = dense[:, start : start + _ROW_BLOCK].bool() & (cols <= rows[:, None]) & valid[:, None, :]
+            own_keys = (cols <= rows[:, None]) & (cols >= first_key[rows, None])
+            block = dense[:, start : start + _ROW_BLOCK].bool() & own_keys & valid[:, None, :]
             bits[:, start : start + _ROW_BLOCK] = pack_bits(block)
-        return cls(bits, n, key_mask)
+        return cls(bits, n, key_mask, cu_seqlens)
 
     @classmethod
     def from_spans(
@@ -107,6 +120,7 @@ class CausalMask:
         seq_len: int,
         key_mask: Optional[Tensor] = None,
         device: Optional[torch.device | str] = None,
+        cu_seqlens: Optional[Tensor] = None,
     ) -> "CausalMask":
         """From token spans: `spans[b]` lists `((e0, e1), [(c0, c1), ...])` for sample `b` (SPEC §2).
 
@@ -118,6 +132,10 @@ class CausalMask:
         if key_mask is not None and key_mask.shape[0] != batch:
             raise ValueError(f"key_mask: expected batch {batch} (len(spans)), got {tuple(key_mask.shape)}")
         valid = _key_valid(batch, seq_len, key_mask, torch.device("cpu"))
+        sequence = torch.zeros(seq_len, dtype=torch.int64)
+        if cu_seqlens is not None:
+            starts = _check_packing(cu_seqlens, batch, seq_len, key_mask).cpu()
+            sequence = torch.repeat_interleave(torch.arange(starts.numel() - 1), starts[1:] - starts[:-1])
         bits = torch.zeros(batch, seq_len, _words(seq_len), dtype=torch.int32)
         for b, pairs in enumerate(spans):
             for effect, causes in pairs:
@@ -130,11 +148,13 @@ class CausalMask:
                     if c1 >= e0:
                         raise ValueError(f"spans[{b}]: cause {cause} must end before effect {effect} starts "
                                          f"(with at least one token between, SPEC §2)")
+                    if sequence[c0] != sequence[e0] or sequence[c1 - 1] != sequence[e0]:
+                        raise ValueError(f"spans[{b}]: cause {cause} and effect {effect} lie in different packed sequences")
                     columns[c0:c1] = True
                 if bool((columns & ~valid[b]).any()):
                     raise ValueError(f"spans[{b}]: a cause of effect {effect} covers padding tokens")
                 bits[b, e0 - 1 : e1 - 1] |= pack_bits(columns)
-        mask = cls(bits, seq_len, key_mask.cpu() if key_mask is not None else None)
+        mask = cls(bits, seq_len, key_mask.cpu() if key_mask is not None else None, cu_seqlens)
         return mask.to(device) if device is not None else mask
 
     # ------------------------------------------------------------------ readers
@@ -155,6 +175,11 @@ class CausalMask:
         """(B, N) bool: rows with at least one cause and one non-cause key (SPEC §2)."""
         return (self.cause_count > 0) & (self.non_cause_count > 0)
 
+    def _sequence_starts(self) -> Tensor:
+        """(N,) position where each token's packed sequence starts."""
+        starts = self.cu_seqlens.to(torch.int64)
+        return torch.repeat_interleave(starts[:-1], starts[1:] - starts[:-1]).to(torch.int32)
+
     def unpack_rows(self, start: int, end: int) -> Tensor:
         """Dense bool (B, end - start, N) block of rows."""
         return unpack_bits(self.bits[:, start:end], self.seq_len)
@@ -170,6 +195,7 @@ class CausalMask:
         moved.bits = self.bits.to(device)
         moved.seq_len = self.seq_len
         moved.key_mask = self.key_mask.to(device) if self.key_mask is not None else None
+        moved.cu_seqlens = self.cu_seqlens.to(device) if self.cu_seqlens is not None else None
         moved.cause_count = self.cause_count.to(device)
         moved.visible = self.visible.to(device)
         return moved
@@ -177,6 +203,18 @@ class CausalMask:
     def __repr__(self) -> str:
         rows = int(self.valid_rows().sum())
         return f"CausalMask(batch={self.batch_size}, seq_len={self.seq_len}, supervised_rows={rows}, device={self.device})"
+
+
+def _check_packing(cu_seqlens: Tensor, batch: int, seq_len: int, key_mask: Optional[Tensor]) -> Tensor:
+    """Validated packing offsets (S + 1,) int64: B == 1, from 0 to seq_len, non-decreasing."""
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+        raise ValueError(f"cu_seqlens: expected a 1-D integer tensor of offsets, got {cu_seqlens!r}")
+    if batch != 1 or key_mask is not None:
+        raise ValueError(f"cu_seqlens: packed sequences need batch 1 and no key_mask, got batch {batch}")
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != seq_len or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
+        raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {seq_len}, got {bounds}")
+    return cu_seqlens.to(torch.int64)
 
 
 def _check_span(span: Iterable[int], seq_len: int, what: str) -> Span:

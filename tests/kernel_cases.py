@@ -50,7 +50,8 @@ class Case:
                         if getattr(self, f.name) != getattr(default, f.name)) or "default"
 
 
-def make_mask(kind: str, batch: int, n: int, key_mask: Optional[torch.Tensor], gen: torch.Generator):
+def make_mask(kind: str, batch: int, n: int, key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
+              gen: torch.Generator):
     """Supervision masks of several shapes: random densities, empty rows, full rows, a single cause,
     CAT-like rectangles, and rows whose causes straddle 32-bit word boundaries (bits 30-33, 63, 64)."""
     rows = torch.arange(n)
@@ -77,7 +78,7 @@ def make_mask(kind: str, batch: int, n: int, key_mask: Optional[torch.Tensor], g
                 dense[:, col + 1 :, col] = True
     else:
         raise ValueError(kind)
-    return causalattn.CausalMask.from_dense(dense, key_mask=key_mask)
+    return causalattn.CausalMask.from_dense(dense, key_mask=key_mask, cu_seqlens=cu_seqlens)
 
 
 def build_inputs(case: Case, device: str):
@@ -116,7 +117,8 @@ def build_inputs(case: Case, device: str):
         kwargs["xg_tokens"] = case.xg_tokens
         kwargs["xg_pool"] = case.xg_pool
     if case.mask is not None:
-        kwargs["supervision"] = make_mask(case.mask, batch, case.seq_len, key_mask, gen).to(device)
+        packing = torch.tensor(case.cu_seqlens) if case.cu_seqlens is not None else None
+        kwargs["supervision"] = make_mask(case.mask, batch, case.seq_len, key_mask, packing, gen).to(device)
     upstream = {
         "out": randn(batch, case.heads_q, n_q, case.head_dim),
         "lse": randn(batch, case.heads_q, n_q),

@@ -4,7 +4,7 @@ import time
 import pytest
 import torch
 
-from causalattn import CausalMask, encode_with_causes
+from causalattn import CausalMask, attention_dense, encode_with_causes
 from causalattn.masks import pack_bits, popcount, unpack_bits
 
 
@@ -289,3 +289,27 @@ def test_encode_with_causes_on_generated_sentences(tiny_tokenizer, risk_sentence
         for factor in annotations[b][next(iter(annotations[b]))]:
             assert factor.replace(" ", "") in covered.replace(" ", "")
         assert mask.cause_count[b, last_row] == len(cause_tokens)
+
+
+def test_packed_mask_counts_only_own_sequence():
+    """With packing, causes outside a row's sequence are dropped and n0 counts only its own keys."""
+    bounds = torch.tensor([0, 5, 5, 12])
+    mask = CausalMask.from_dense(torch.ones(1, 12, 12, dtype=torch.bool), cu_seqlens=bounds)
+    dense = mask.to_dense()[0]
+    assert dense[4, :5].all() and not dense[5, :5].any() and dense[11, 5:].all()
+    assert mask.visible[0].tolist() == [1, 2, 3, 4, 5, 1, 2, 3, 4, 5, 6, 7]
+    assert mask.non_cause_count.sum() == 0 and mask.cu_seqlens.tolist() == bounds.tolist()
+    spans = [[((9, 11), [(5, 7)])]]
+    packed = CausalMask.from_spans(spans, 12, cu_seqlens=bounds)
+    assert packed.cause_count[0, 8].item() == 2 and packed.visible[0, 8].item() == 4
+    with pytest.raises(ValueError, match="different packed sequences"):
+        CausalMask.from_spans([[((9, 11), [(2, 4)])]], 12, cu_seqlens=bounds)
+    with pytest.raises(ValueError, match="cu_seqlens: packed sequences need batch 1"):
+        CausalMask.from_dense(torch.ones(2, 12, 12, dtype=torch.bool), cu_seqlens=bounds)
+
+
+def test_packed_attention_needs_a_packed_mask():
+    q = torch.randn(1, 2, 12, 16)
+    mask = CausalMask.from_dense(torch.ones(1, 12, 12, dtype=torch.bool))
+    with pytest.raises(ValueError, match="supervision: the CausalMask must be built with the same cu_seqlens"):
+        attention_dense(q, q, q, cu_seqlens=torch.tensor([0, 5, 12]), supervision=mask)

@@ -59,17 +59,10 @@ def weighted_sum(result, seed=1):
     return total
 
 
-def random_supervision(gen, batch, n, key_mask=None, segments=None):
-    """A random causal mask; with packing, causes stay inside each row's own sequence."""
+def random_supervision(gen, batch, n, key_mask=None, cu_seqlens=None):
+    """A random causal mask; with packing, from_dense keeps causes inside each row's own sequence."""
     dense = torch.rand(batch, n, n, generator=gen) < 0.3
-    if segments is not None:
-        dense &= segments[:, None] == segments[None, :]
-    return CausalMask.from_dense(dense, key_mask)
-
-
-def segment_ids(cu_seqlens):
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
-    return torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    return CausalMask.from_dense(dense, key_mask, cu_seqlens=cu_seqlens)
 
 
 # Each scenario: shapes for random_leaves plus the options of the call. "padding" is turned into
@@ -102,7 +95,7 @@ def build_scenario(name, dtype, seed=0):
     padding, packing, supervised = spec.pop("padding", None), spec.pop("packing", None), spec.pop("supervision", False)
     leaves = random_leaves(gen, dtype, **spec)
     batch, n = leaves["q"].shape[0], leaves["k"].shape[2]
-    key_mask, segments = None, None
+    key_mask = None
     if padding == "lengths":
         options["key_lengths"] = torch.tensor([n - 5, n])
         key_mask = torch.arange(n) < options["key_lengths"][:, None]
@@ -112,9 +105,8 @@ def build_scenario(name, dtype, seed=0):
         options["key_mask"] = key_mask
     if packing is not None:
         options["cu_seqlens"] = torch.tensor(packing)
-        segments = segment_ids(options["cu_seqlens"])
     if supervised:
-        options["supervision"] = random_supervision(gen, batch, n, key_mask, segments)
+        options["supervision"] = random_supervision(gen, batch, n, key_mask, options.get("cu_seqlens"))
     return leaves, options, gate_mode
 
 
@@ -328,7 +320,7 @@ def test_packed_equals_separate_sequences(causal, xg_pool):
     bounds = [0, 6, 6, 15, 19, 19]  # an empty sequence in the middle and one at the end
     cu_seqlens = torch.tensor(bounds)
     leaves = random_leaves(gen, torch.float64, batch=1, heads_q=4, heads_kv=2, n_q=19, adapter_tokens=3, adapter_batched=True)
-    mask = random_supervision(gen, 1, 19, segments=segment_ids(cu_seqlens)) if causal else None
+    mask = random_supervision(gen, 1, 19, cu_seqlens=cu_seqlens) if causal else None
     options = dict(causal=causal, xg_tokens=2, xg_pool=xg_pool)
     packed = call(attention_dense, leaves, cu_seqlens=cu_seqlens, supervision=mask, **options)
     assert packed.xg.shape == ((5, 4, DIM) if xg_pool == "sample" else (1, 4, 19, DIM))
