@@ -20,6 +20,10 @@ q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); returns AttentionOutput:
   xg   (S, Hq, d)      mean over each sample's valid rows of z_i            (xg_tokens > 0)
        (B, Hq, Nq, d)  z_i per row with xg_pool="position"
   z_i = gamma * sum_{m < xg_tokens} Pa_im va_m. S = B, or the number of packed sequences.
+
+A row that sees no key (left padding) gets 0 from the sequence branch, lse = +inf and no NaN anywhere;
+the adapter prompt is never masked, so with an adapter such a row still reads gamma * Pa Va (as in
+the official concatenated form [gamma Pa, P] [Va; V]).
 """
 from __future__ import annotations
 
