@@ -265,16 +265,18 @@ def encode_with_causes(
 
     Every occurrence of an effect is paired with every occurrence of each of its causes that ends
     before it (SPEC §2). Returns `(encoding, mask)`; `encoding` is the tokenizer's BatchEncoding
-    (tensors, padded as the tokenizer is configured). A phrase that cannot be found, or an effect with
-    no cause before it, raises a ValueError naming the example.
+    (tensors, padded as the tokenizer is configured; it keeps `offset_mapping` when the caller passes
+    `return_offsets_mapping=True`). A phrase that cannot be found, or an effect with no cause before it,
+    raises a ValueError naming the example.
     """
     if len(texts) != len(annotations):
         raise ValueError(f"annotations: expected one mapping per text ({len(texts)}), got {len(annotations)}")
     kwargs = dict(padding=True, return_tensors="pt")
     kwargs.update(tokenizer_kwargs)
+    keep_offsets = kwargs.pop("return_offsets_mapping", False)
     use_offsets = getattr(tokenizer, "is_fast", False)
     encoding = tokenizer(list(texts), return_offsets_mapping=use_offsets, **kwargs)
-    offsets = encoding.pop("offset_mapping", None)
+    offsets = encoding["offset_mapping"] if keep_offsets else encoding.pop("offset_mapping", None)
     ids = encoding["input_ids"]
     seq_len = ids.shape[1]
 

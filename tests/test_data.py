@@ -92,3 +92,30 @@ def test_empty_jsonl_is_an_error(tmp_path):
     path.write_text("\n")
     with pytest.raises(ValueError, match="no records"):
         read_jsonl(path)
+
+
+def test_collate_labels_only_the_answer_and_masks_the_causes(tiny_tokenizer):
+    from causalattn.data.batches import IGNORE_INDEX, collate
+
+    examples = generate(4, seed=0)
+    for side in ("right", "left"):
+        tiny_tokenizer.padding_side = side
+        batch = collate(examples, tiny_tokenizer)
+        for row, example in enumerate(examples):
+            answer_ids = batch.labels[row][batch.labels[row] != IGNORE_INDEX]
+            assert tiny_tokenizer.decode(answer_ids).strip() == example.target
+            positions = (batch.labels[row] != IGNORE_INDEX).nonzero().flatten()
+            dense = batch.causal_mask.to_dense()[row]
+            # the rows predicting the answer tokens (one before each) attend to the causes
+            supervised = dense.any(-1).nonzero().flatten()
+            assert supervised.tolist() == (positions - 1).tolist()
+            cause_text = tiny_tokenizer.decode(batch.input_ids[row][dense[positions[0] - 1]])
+            for cause in example.important[example.target]:
+                assert cause.replace(" ", "") in cause_text.replace(" ", "")
+
+
+def test_collate_rejects_a_cut_answer(tiny_tokenizer):
+    from causalattn.data.batches import collate
+
+    with pytest.raises(ValueError, match="do not fit in max_length=12"):
+        collate(generate(2, seed=0), tiny_tokenizer, max_length=12)

@@ -1,0 +1,71 @@
+"""Token batches for causal adapter training: ids, padding mask, answer-only labels and the CausalMask.
+
+Shapes
+------
+input_ids, attention_mask, labels   (B, N) int64; labels are -100 except on the answer tokens
+causal_mask                         CausalMask over (B, N, N): rows predicting the answer attend to
+                                    the annotated causes (SPEC §2)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from causalattn.data.stg import Example
+from causalattn.masks import CausalMask, encode_with_causes
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Batch:
+    input_ids: Tensor
+    attention_mask: Tensor
+    labels: Tensor
+    causal_mask: CausalMask
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.causal_mask.to(device))
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def full_text(example: Example) -> str:
+    """The training text: the prompt, a space, then the answer."""
+    return f"{example.input} {example.target}"
+
+
+def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int] = None) -> Batch:
+    """Tokenize a list of examples into a padded Batch (padding side as the tokenizer is configured).
+
+    Labels cover exactly the answer tokens (found by character offsets), so the loss is on the answer
+    only; an example longer than `max_length` raises a ValueError rather than losing its answer.
+    """
+    if not examples:
+        raise ValueError("examples: expected at least one example, got none")
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
+    texts = [full_text(e) for e in examples]
+    extra = {}
+    if max_length:
+        lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
+        too_long = [row for row, n in enumerate(lengths) if n > max_length]
+        if too_long:
+            raise ValueError(f"examples[{too_long[0]}]: {lengths[too_long[0]]} tokens do not fit in max_length={max_length} "
+                             "(the answer would be cut)")
+        extra = dict(truncation=True, max_length=max_length)
+    encoding, mask = encode_with_causes(tokenizer, texts, [e.important for e in examples],
+                                        return_offsets_mapping=True, **extra)
+    offsets = encoding.pop("offset_mapping")
+    starts, ends = offsets[..., 0], offsets[..., 1]
+    # A token is part of the answer when it covers one of the answer's characters; a lone space
+    # token before the answer is not.
+    answer_first_char = torch.tensor([len(e.input) + 1 for e in examples])[:, None]
+    is_answer = (ends > answer_first_char) & (ends > starts)
+    labels = torch.where(is_answer, encoding["input_ids"], torch.full_like(encoding["input_ids"], IGNORE_INDEX))
+    return Batch(encoding["input_ids"], encoding["attention_mask"], labels, mask)
