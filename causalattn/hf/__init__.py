@@ -1,0 +1,58 @@
+"""Hugging Face transformers integration: `attn_implementation="causalattn"`, adapters, CAT + XG losses.
+
+    import causalattn.hf as cah
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="causalattn")
+    cah.add_adapters(model, cah.AdapterConfig(length=10, layers=30))
+    with cah.collect(model) as stats:
+        out = model(**batch, labels=labels, supervision=mask)
+    (out.loss + stats.cat_loss() + 0.1 * stats.xg_loss()).backward()
+
+Importing this package registers the attention and mask functions with transformers.
+`bridge_adaption_prompt` (PEFT) is imported on first use, so PEFT stays optional.
+"""
+from causalattn.hf.adapter import AdapterConfig, AdapterSummary, GatedPrompt, adapted_layers, add_adapters, summarize
+from causalattn.hf.attention import (
+    IMPLEMENTATION,
+    SUPERVISION_KWARG,
+    attention_forward,
+    attention_modules,
+    key_padding_mask,
+    register,
+    set_backend,
+    use_causalattn,
+)
+from causalattn.hf.io import load_adapters, save_adapters
+from causalattn.hf.stats import Statistics, collect
+
+register()
+
+
+def __getattr__(name: str):
+    if name == "bridge_adaption_prompt":
+        from causalattn.hf.peft_bridge import bridge_adaption_prompt
+
+        return bridge_adaption_prompt
+    raise AttributeError(f"module 'causalattn.hf' has no attribute {name!r}")
+
+
+__all__ = [
+    "IMPLEMENTATION",
+    "SUPERVISION_KWARG",
+    "AdapterConfig",
+    "AdapterSummary",
+    "GatedPrompt",
+    "Statistics",
+    "adapted_layers",
+    "add_adapters",
+    "attention_forward",
+    "attention_modules",
+    "bridge_adaption_prompt",
+    "collect",
+    "key_padding_mask",
+    "load_adapters",
+    "register",
+    "save_adapters",
+    "set_backend",
+    "summarize",
+    "use_causalattn",
+]

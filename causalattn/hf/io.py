@@ -1,0 +1,139 @@
+"""Save and load causalattn adapters: safetensors weights plus a JSON config, written atomically.
+
+    save_adapters(model, "run/adapter")      # run/adapter/adapter_model.safetensors + adapter_config.json
+    load_adapters(fresh_model, "run/adapter") # adds the adapters (if absent) and loads the weights
+
+Weights are keyed by layer index (`layers.29.prompt`, `layers.29.gate`), not by module path, so a
+checkpoint loads into the same architecture however it is wrapped. Each file is written to a temporary
+file in the same directory and moved into place with `os.replace`, so a crash leaves either the old
+or the new file, never a torn one. The config is also stored in the safetensors metadata; loading
+checks that both agree, which catches a save interrupted between the two files.
+Inference needs no merge step: the adapters run inside the attention function as in training.
+"""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Callable, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
+from causalattn.hf.attention import attention_modules
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+FORMAT = "causalattn-adapter"
+FORMAT_VERSION = 1
+
+PathLike = Union[str, os.PathLike]
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Run `write(temporary path)` then move the result onto `path` in one step. The temporary file sits in
+    the same directory (os.replace is atomic within one file system) and is created by `write` itself,
+    so it gets the usual permissions rather than mkstemp's owner-only ones."""
+    tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp"))
+    try:
+        write(tmp)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _describe(model: nn.Module, config: AdapterConfig, layer_indices: list[int]) -> dict:
+    first = attention_modules(model)[0]
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "adapter": config.to_dict(),
+        "layer_indices": layer_indices,
+        "hidden_size": first.k_proj.in_features,
+        "num_attention_heads": first.config.num_attention_heads,
+        "model_type": getattr(first.config, "model_type", None),
+    }
+
+
+def _config_of(model: nn.Module) -> tuple[AdapterConfig, dict]:
+    """The AdapterConfig the adapters of `model` were built with, read back from the modules."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise ValueError("model: has no causalattn adapters to save (use causalattn.hf.add_adapters)")
+    prompts = list(layers.values())
+    first = prompts[0]
+    config = AdapterConfig(length=first.prompt.shape[0], layers=len(layers), xg_tokens=first.xg_tokens,
+                           gate=first.gate_mode, gate_per_head=first.gate.numel() > 1,
+                           xg_pool=first.xg_pool, xg_space=first.xg_space)
+    return config, layers
+
+
+def save_adapters(model: nn.Module, directory: PathLike) -> Path:
+    """Write `model`'s adapters to `directory` (created if needed); returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config, layers = _config_of(model)
+    description = json.dumps(_describe(model, config, sorted(layers)), indent=2, sort_keys=True)
+    tensors = {}
+    for index, prompt in layers.items():
+        tensors[f"layers.{index}.prompt"] = prompt.prompt.detach().contiguous().cpu()
+        tensors[f"layers.{index}.gate"] = prompt.gate.detach().contiguous().cpu()
+    _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"config": description}))
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(description + "\n")
+
+    _atomic_write(directory / CONFIG_NAME, write_config)
+    return directory
+
+
+def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
+    """Load adapters saved by `save_adapters` into `model`: adds them first when the model has none
+    (which freezes the base and routes attention through causalattn), then copies the weights."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no causalattn adapter file here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
+    description = json.loads(config_path.read_text(encoding="utf-8"))
+    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
+                         f"(format={description.get('format')!r}, version={description.get('format_version')!r})")
+    with safe_open(str(weights_path), framework="pt") as weights:
+        stored = json.loads((weights.metadata() or {}).get("config", "null"))
+        if stored != description:
+            raise ValueError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (an interrupted save?)")
+        tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+
+    config = AdapterConfig.from_dict(description["adapter"])
+    if not adapted_layers(model):
+        add_adapters(model, config)
+    current = _describe(model, _config_of(model)[0], sorted(adapted_layers(model)))
+    mismatched = sorted(k for k in ("adapter", "layer_indices", "hidden_size", "num_attention_heads", "model_type")
+                        if current[k] != description[k])
+    if mismatched:
+        raise ValueError(f"{directory}: the adapters do not fit this model: "
+                         + "; ".join(f"{k}: saved {description[k]!r}, model {current[k]!r}" for k in mismatched))
+
+    layers = adapted_layers(model)
+    expected = {f"layers.{i}.{name}" for i in layers for name in ("prompt", "gate")}
+    if set(tensors) != expected:
+        raise ValueError(f"{weights_path}: expected tensors {sorted(expected)}, got {sorted(tensors)}")
+    with torch.no_grad():
+        for index, prompt in layers.items():
+            for name in ("prompt", "gate"):
+                target, source = getattr(prompt, name), tensors[f"layers.{index}.{name}"]
+                if target.shape != source.shape:
+                    raise ValueError(f"{weights_path}: layers.{index}.{name} has shape {tuple(source.shape)}, "
+                                     f"the model expects {tuple(target.shape)}")
+                target.copy_(source)
+    return summarize(model)

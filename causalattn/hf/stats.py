@@ -1,0 +1,138 @@
+"""The statistics side channel: per-layer CAT mass and XG read-out of a model's last forward.
+
+    with causalattn.hf.collect(model) as stats:
+        out = model(**batch, labels=labels, supervision=mask)
+    loss = out.loss + stats.cat_loss() + lam * stats.xg_loss()
+    loss.backward()
+
+`collect` hooks the model's `__call__` and adds a `causalattn_stats=<Statistics>` keyword to every
+forward inside the block; transformers hands keywords to every attention call unchanged, so each
+layer records what `causalattn.attention` returned:
+
+    mass  (B, Hq, N)   CAT mass m_i (SPEC §2), every layer, when `supervision=` is given
+    xg    (S, 1, C)    pooled XG read-out through the layer's o_proj (SPEC §3), adapted layers;
+          (S, Hq, d)   with xg_space="head"; per position (B, 1, N, C) / (B, Hq, N, d)
+
+Both are differentiable outputs of the op, so the losses below backpropagate into the fused backward.
+
+Gradient checkpointing: a checkpointed layer runs its forward again during backward with the same
+keywords, so it calls `record` a second time. The collector keeps the first record of each layer per
+forward (keyed by `layer_idx`, cleared when the next forward starts): the first forward's tensors are
+the ones in the loss's graph, and keeping the recomputed ones would hold a second graph alive.
+Only non-reentrant checkpointing (transformers' default) is supported: the reentrant kind runs the
+first forward without autograd, so the statistics could not carry gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+from torch import Tensor, nn
+
+from causalattn.hf.attention import STATS_KWARG
+from causalattn.losses import cat_loss, xg_variance
+from causalattn.masks import CausalMask
+
+XG_LAYER_SETS = ("adapted", "last")
+
+
+class Statistics:
+    """Per-layer statistics of the last forward run inside `collect`; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._recorded: set[int] = set()
+        self._mass: dict[int, Tensor] = {}
+        self._xg: dict[int, Tensor] = {}
+        self._supervision: Optional[CausalMask] = None
+
+    def begin_forward(self) -> None:
+        """Forget the previous forward's statistics (called by `collect` as each forward starts)."""
+        self._recorded.clear()
+        self._mass.clear()
+        self._xg.clear()
+        self._supervision = None
+
+    def record(self, layer_idx: int, *, mass: Optional[Tensor], xg: Optional[Tensor],
+               supervision: Optional[CausalMask]) -> None:
+        """Store one layer's statistics; a second call for the same layer in one forward (a recompute
+        under gradient checkpointing) is ignored."""
+        if layer_idx in self._recorded:
+            return
+        self._recorded.add(layer_idx)
+        if mass is not None:
+            if self._supervision is not None and supervision is not self._supervision:
+                raise ValueError(f"supervision: layer {layer_idx} got another CausalMask than the earlier layers")
+            self._supervision = supervision
+            self._mass[layer_idx] = mass
+        if xg is not None:
+            self._xg[layer_idx] = xg
+
+    @property
+    def mass(self) -> dict[int, Tensor]:
+        """{layer index: CAT mass (B, Hq, N)} of the last forward."""
+        return dict(self._mass)
+
+    @property
+    def xg(self) -> dict[int, Tensor]:
+        """{layer index: XG read-out} of the last forward (shapes in the module docstring)."""
+        return dict(self._xg)
+
+    @property
+    def supervision(self) -> Optional[CausalMask]:
+        """The CausalMask the last forward was supervised with."""
+        return self._supervision
+
+    def cat_loss(self, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
+        """CAT loss of the last forward: the mass averaged over all layers and query heads, then the
+        per-row loss averaged over valid rows (SPEC §2, `causalattn.cat_loss`)."""
+        if not self._mass:
+            raise RuntimeError("cat_loss: no CAT mass was recorded; pass supervision=<CausalMask> to model(...) "
+                               "inside `with causalattn.hf.collect(model)`")
+        return cat_loss([self._mass[i] for i in sorted(self._mass)], self._supervision, alpha=alpha, kind=kind)
+
+    def xg_loss(self, *, layers: str = "adapted") -> Tensor:
+        """DCA's XG variance R of the last forward (SPEC §3, `causalattn.xg_variance`): the unbiased
+        variance over the micro-batch of each sample's XG read-out, averaged over features and over the
+        adapted layers (`layers="adapted"`) or only the top one (`"last"`, the official code)."""
+        if layers not in XG_LAYER_SETS:
+            raise ValueError(f"layers: expected one of {XG_LAYER_SETS}, got {layers!r}")
+        if not self._xg:
+            raise RuntimeError("xg_loss: no XG statistic was recorded; it needs adapters with xg_tokens > 0 "
+                               "(causalattn.hf.add_adapters) and a full-sequence forward inside collect(model)")
+        chosen = sorted(self._xg)[-1:] if layers == "last" else sorted(self._xg)
+        # The recorded read-outs are already in the space the adapter chose (o_proj applied during the
+        # forward), so the variance is taken on them as they are.
+        return xg_variance([self._xg[i] for i in chosen], space="head")
+
+
+def _reentrant_checkpointing(model: nn.Module) -> bool:
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            if getattr(func, "keywords", {}).get("use_reentrant") is True:
+                return True
+    return False
+
+
+@contextlib.contextmanager
+def collect(model: nn.Module) -> Iterator[Statistics]:
+    """Collect the statistics of every forward of `model` run inside the block (the last one is kept).
+
+    The statistics are requested by the keyword this adds: the CAT mass when `supervision=` is also
+    given, the XG read-out on adapted layers. Call `model(...)` itself (its `__call__` is hooked).
+    """
+    if model.training and _reentrant_checkpointing(model):
+        raise ValueError("collect: reentrant gradient checkpointing runs the forward without autograd, so the "
+                         "statistics could not carry gradients; use model.gradient_checkpointing_enable("
+                         "gradient_checkpointing_kwargs={'use_reentrant': False})")
+    stats = Statistics()
+
+    def add_keyword(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        stats.begin_forward()
+        return args, {**kwargs, STATS_KWARG: stats}
+
+    handle = model.register_forward_pre_hook(add_keyword, with_kwargs=True)
+    try:
+        yield stats
+    finally:
+        handle.remove()

@@ -1,0 +1,118 @@
+"""Tiny LLaMA-family models and an independent eager adapter attention for the transformers tests.
+
+`independent_attention` is the test's own reading of SPEC §1-§3, written without causalattn's op:
+plain softmax attention over transformers' own boolean sdpa mask, plus, on adapted layers, a second
+softmax over the adapter keys added through the gate. Registered as `"independent"`, it runs inside the
+same model code, so logits, gradients and generations can be compared with `"causalattn"` layer for
+layer. With `output_attentions=True` it returns the sequence probabilities P (adapter excluded), from
+which the test computes the CAT mass; it also leaves each layer's XG read-out in `XG_READOUTS`.
+"""
+import copy
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+import causalattn.hf  # noqa: F401  (registers "causalattn")
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=None)
+XG_READOUTS = {}  # layer index -> XG read-out (B, features) or (B, N, features) of the last forward
+
+
+def llama_config(**overrides):
+    return LlamaConfig(**{**TINY, **overrides})
+
+
+def mistral_config(**overrides):
+    return MistralConfig(**{**TINY, "sliding_window": None, **overrides})
+
+
+def qwen2_config(**overrides):
+    return Qwen2Config(**{**TINY, **overrides})  # q/k/v biases: the adapter keys get k_proj's bias too
+
+
+CONFIGS = {"llama": llama_config, "mistral": mistral_config, "qwen2": qwen2_config}
+
+
+def build(config, implementation="causalattn", dtype=torch.float64, seed=0):
+    """A tiny model with weights fixed by `seed`; each model gets its own copy of `config`."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=implementation)
+    return model.to(dtype)
+
+
+def twin(model, implementation):
+    """The same weights (adapters included) under another attention implementation."""
+    other = copy.deepcopy(model)
+    other.set_attn_implementation(implementation)
+    return other
+
+
+def randomize_gates(model, seed=1, scale=0.5):
+    """Nonzero gates (and fresh prompts): at zero init the adapter changes nothing, so parity tests need this."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prompt in causalattn.hf.adapted_layers(model).values():
+            prompt.gate.copy_(torch.randn(prompt.gate.shape, generator=gen) * scale)
+            prompt.prompt.copy_(torch.randn(prompt.prompt.shape, generator=gen))
+
+
+def independent_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    group = query.shape[1] // key.shape[1]
+    keys, values = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ keys.transpose(-1, -2) * scaling
+    visible = attention_mask  # (B, 1, Nq, Nk) bool from sdpa_mask
+    scores = torch.where(visible, scores, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(scores, dim=-1) * visible.any(-1, keepdim=True)  # rows that see nothing: 0
+    out = probs @ values
+    adapter = getattr(module, "causalattn_adapter", None)
+    if adapter is not None:
+        tokens, heads_kv, dim = adapter.prompt.shape[0], key.shape[1], query.shape[-1]
+        prompt = adapter.prompt.to(query.dtype)
+        adapter_keys = module.k_proj(prompt).view(tokens, heads_kv, dim).transpose(0, 1).repeat_interleave(group, 0)
+        adapter_values = module.v_proj(prompt).view(tokens, heads_kv, dim).transpose(0, 1).repeat_interleave(group, 0)
+        adapter_probs = torch.softmax(query @ adapter_keys.transpose(-1, -2) * scaling, dim=-1)  # never masked
+        gate = torch.tanh(adapter.gate) if adapter.gate_mode == "tanh" else adapter.gate
+        gamma = gate.to(query.dtype).expand(query.shape[1]).view(1, -1, 1, 1)
+        out = out + gamma * (adapter_probs @ adapter_values)
+        if "real_tokens" in kwargs and adapter.xg_tokens:  # the test asks for the XG read-out (SPEC §3)
+            g = adapter.xg_tokens
+            z = gamma * (adapter_probs[..., :g] @ adapter_values[:, :g])  # (B, Hq, N, d)
+            if adapter.xg_pool == "sample":
+                real = kwargs["real_tokens"].to(z.dtype)  # (B, N)
+                features = ((z * real[:, None, :, None]).sum(2) / real.sum(1)[:, None, None]).flatten(1)
+            else:
+                features = z.transpose(1, 2).flatten(2)  # (B, N, Hq * d)
+            if adapter.xg_space == "output":
+                features = features @ module.o_proj.weight.t()
+            XG_READOUTS[module.layer_idx] = features
+    return out.transpose(1, 2), probs
+
+
+def _independent_mask(*args, **kwargs):
+    # Always a materialised boolean mask, never the "plain causal: no mask" shortcut.
+    return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
+
+
+AttentionInterface.register("independent", independent_attention)
+AttentionMaskInterface.register("independent", _independent_mask)
+
+
+def padded_batch(batch=3, length=11, padding="left", seed=0, vocab=300):
+    """Random token ids and a 0/1 attention mask with 0, 3 and 5 padding tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.long)
+    for b, pad in enumerate((0, 3, 5)[:batch]):
+        if padding == "left":
+            mask[b, :pad] = 0
+        else:
+            mask[b, length - pad:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
+def grads(model):
+    """{name: grad} of the parameters that received one."""
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
