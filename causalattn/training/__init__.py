@@ -1,0 +1,1 @@
+"""The main job: causal adapter training (`causalattn train`)."""
