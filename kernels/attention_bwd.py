@@ -378,7 +378,7 @@ def attention_backward(
     Returns (dq, dk, dv, d_adapter_keys | None, d_adapter_values | None, d_gamma | None)."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    config = tile_config(head_dim, "bwd")
+    config = tile_config(head_dim, "bwd", q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     device = q.device
     has_adapter = adapter_keys is not None
@@ -415,7 +415,7 @@ def attention_backward(
         dva_partial if has_adapter else dummy, dgamma_partial if has_adapter else dummy,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
-        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E, adapter_len, adapter_batch_stride,
+        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride,
         tiles_per_chunk, num_samples,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_A=block_a, VARLEN=varlen,
         ADAPTER=has_adapter, SUPERVISION=supervision, HAS_DLSE=grad_lse is not None, XG_TOKENS=xg_tokens,
@@ -442,7 +442,7 @@ def attention_backward(
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E, mask_words, n_row_tiles, n_col_tiles,
+        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, mask_words, n_row_tiles, n_col_tiles,
         **flags,
     )
     _bwd_dq_kernel[(n_row_tiles, num_samples * heads_q)](
@@ -453,7 +453,7 @@ def attention_backward(
         grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E, adapter_len, adapter_batch_stride, mask_words,
+        n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride, mask_words,
         n_row_tiles, n_col_tiles,
         BLOCK_A=block_a, ADAPTER=has_adapter, XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, **flags,
     )

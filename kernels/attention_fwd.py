@@ -177,7 +177,7 @@ def attention_forward(
     (out, lse, adapter_lse2 | None, mass | None, xg | None)."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    config = tile_config(head_dim, "fwd")
+    config = tile_config(head_dim, "fwd", q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     device = q.device
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -208,7 +208,7 @@ def attention_forward(
         xg_weight if xg_weight is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        n_q, n_k, heads_q, heads_q // heads_kv, scale * LOG2E, adapter_len,
+        n_q, n_k, heads_q, heads_q // heads_kv, scale * LOG2E.value, adapter_len,
         heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0,
         mask_bits.shape[2] if supervision else 0,
         n_row_tiles, tiles.shape[2] if tile_skip else 0,

@@ -18,8 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+# Globals read inside @triton.jit code must be constexpr (host code uses `.value`).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 def interpreting() -> bool:
@@ -35,26 +36,34 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(head_dim: int, direction: str) -> TileConfig:
+def tile_config(head_dim: int, direction: str, dtype: torch.dtype) -> TileConfig:
     """Block sizes for `direction` in {"fwd", "bwd"}.
 
     Under the interpreter the cost is per program x loop iteration, so the largest tiles win (64-wide
     tiles run ~10x faster than 16-wide ones). On sm_90 the forward follows FlashAttention-2's Triton
-    choices (128 x 64, 8 warps at d = 128; smaller above 128 so that K/V stages fit in 228 KB of shared
-    memory); the backward keeps 64 x 64 so dK, dV and the recomputed P stay in registers.
-    BLOCK_N is a multiple of 32 so a key tile covers whole words of the bit-packed mask.
+    choices (128 x 64, 8 warps at d = 128; smaller above 128 so that K/V stages fit in 227 KB of shared
+    memory); the backward keeps 64 x 64 so dK, dV and the recomputed P stay in registers. fp32 tiles
+    take twice the bytes: compiled for sm_90 the fp32 forward at d = 80..128 needs 240 KB with the
+    half-precision tiles, so fp32 halves BLOCK_M and keeps two stages (tests/compile_kernels.py checks
+    every variant against the limit). BLOCK_N is a multiple of 32 so a key tile covers whole words of
+    the bit-packed mask.
     """
     if interpreting():
         return TileConfig(64, 64, 4, 1)
     if direction == "fwd":
         if head_dim <= 64:
-            return TileConfig(128, 64, 4, 3)
-        if head_dim <= 128:
-            return TileConfig(128, 64, 8, 3)
-        return TileConfig(64, 32, 8, 2)
-    if head_dim <= 128:
-        return TileConfig(64, 64, 4 if head_dim <= 64 else 8, 2)
-    return TileConfig(32, 32, 8, 1)
+            config = TileConfig(128, 64, 4, 3)
+        elif head_dim <= 128:
+            config = TileConfig(128, 64, 8, 3)
+        else:
+            config = TileConfig(64, 32, 8, 2)
+    elif head_dim <= 128:
+        config = TileConfig(64, 64, 4 if head_dim <= 64 else 8, 2)
+    else:
+        config = TileConfig(32, 32, 8, 1)
+    if dtype == torch.float32:
+        config = TileConfig(max(32, config.block_m // 2), config.block_n, config.num_warps, min(2, config.num_stages))
+    return config
 
 
 def tile_summary(bits: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
