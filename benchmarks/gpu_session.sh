@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
 # One GPU session in one command: the gpu-marked tests, the deterministic-backward check, the
-# kernel-core and all-features sweeps, plots, and a short table printed last.
+# kernel-core and all-features sweeps, plots, the LLaMA-7B training-step benchmark, and a short table
+# printed last.
 #
 #   OUT=<dir> bash benchmarks/gpu_session.sh        # everything lands in $OUT (default benchmarks/results/gpu-session)
 #   CAUSALATTN_GIT_COMMIT=<sha> OUT=<dir> bash benchmarks/gpu_session.sh   # stamp rows where the tree has no .git
 #   PACK_OUT=1 ...                                   # leave only session.tar.gz, the CSVs and summary.txt
 #
-# Budgeted to end in about 7 minutes on an H100 and in under 10 at worst (a device command may run
-# 10): the tests get a timeout, each sweep a time budget after which it starts no new case (the
-# harness runs the fused op and SDPA first, the slow and compile-heavy baselines last; rows are
-# written as they come, so a cut sweep keeps what it measured), and do_bench repeats 30 ms a case.
+# Budgeted to end in under 10 minutes (a device command may run 10; the stages before the training
+# step take about 7 on an H100): the tests get a timeout, each sweep a time budget after which it
+# starts no new case (the harness runs the fused op and SDPA first, the slow and compile-heavy
+# baselines last; rows are written as they come, so a cut sweep keeps what it measured), and do_bench
+# repeats 30 ms a case.
+# The training-step stage comes last: its budget is what is left of SESSION_BUDGET_S less
+# TRAIN_STEP_GRACE_S (the time a 7B case at N = 32k started just before the budget may still take;
+# it is killed after that), at most TRAIN_STEP_BUDGET_S; under a minute, the stage is skipped.
 # Every stage runs even when an earlier one fails; the exit status is that of the tests.
 #
 # Writes to $OUT: gpu.txt, gpu_tests.log, determinism.log, kernel-core.{csv,log,txt},
-# all-features.{csv,log,txt}, plots/*.png, summary.txt.
+# all-features.{csv,log,txt}, plots/*.png, train_step.{csv,log}, summary.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
@@ -24,6 +29,9 @@ KERNEL_CORE_BUDGET_S=${KERNEL_CORE_BUDGET_S:-120}
 ALL_FEATURES_BUDGET_S=${ALL_FEATURES_BUDGET_S:-100}
 CASE_GRACE_S=${CASE_GRACE_S:-45}  # a sweep is killed this long after its budget (a hung compile)
 REP_MS=${REP_MS:-30}
+SESSION_BUDGET_S=${SESSION_BUDGET_S:-560}  # the train-step stage ends by then; the summary follows
+TRAIN_STEP_BUDGET_S=${TRAIN_STEP_BUDGET_S:-180}
+TRAIN_STEP_GRACE_S=${TRAIN_STEP_GRACE_S:-60}
 mkdir -p "$OUT"
 SECONDS=0
 
@@ -61,6 +69,20 @@ done
 stage "plots"
 python3 -m benchmarks.plot "$OUT/kernel-core.csv" "$OUT/all-features.csv" --out "$OUT/plots" 2>&1 | tail -n 3
 
+train_budget=$((SESSION_BUDGET_S - SECONDS - TRAIN_STEP_GRACE_S))
+[ "$train_budget" -gt "$TRAIN_STEP_BUDGET_S" ] && train_budget=$TRAIN_STEP_BUDGET_S
+stage "train step, LLaMA-7B shapes, random bf16 weights (budget ${train_budget} s)"
+if [ "$train_budget" -ge 60 ]; then
+    # Checkpointing: without it the 7B activations outgrow 80 GB well before N = 32k.
+    timeout $((train_budget + TRAIN_STEP_GRACE_S)) python3 -m benchmarks.train_step --out "$OUT" --checkpointing \
+        --seq-lens 512 2048 8192 32768 --warmup 1 --iterations 3 --time-budget-s "$train_budget" \
+        > "$OUT/train_step.log" 2>&1
+    echo "exit $?"
+    grep -h -e '^done' -e '^time budget' "$OUT/train_step.log" | cut -c1-300
+else
+    echo "skipped: the session budget is spent" | tee "$OUT/train_step.log"
+fi
+
 stage "summary (fwd+bwd; full tables in $OUT/*.txt)"
 {
     echo "gpu tests exit status: $tests_status; $(tail -n 1 "$OUT/gpu_tests.log")"
@@ -72,6 +94,8 @@ stage "summary (fwd+bwd; full tables in $OUT/*.txt)"
     echo "== all-features"
     python3 -m benchmarks --show "$OUT/all-features.csv" --compact --modes fwd+bwd --providers causalattn \
         causalattn+adapter causalattn+all sdpa+adapter-sdpa eager+all flex flex2pass+all 2>&1
+    echo
+    sed -n '/^== train step/,$p' "$OUT/train_step.log"
     echo
     echo "total ${SECONDS} s"
 } | tee "$OUT/summary.txt"

@@ -171,7 +171,7 @@ def _reset_grads(leaves: Iterable[Tensor]) -> None:
         t.grad = None
 
 
-def _release_memory(device: torch.device, full_collect: bool = False) -> None:
+def release_memory(device: torch.device, full_collect: bool = False) -> None:
     """Hand what the last case freed back to the allocator and the OS. A case's tensors go with its
     frame by reference counting; the young-generation collection catches cycles made during the
     case, and after a failure a full one catches exception frames (0.2 s with torch._dynamo loaded)."""
@@ -257,14 +257,14 @@ def measure_time(step: Callable[[], None], leaves: list[Tensor], device: torch.d
     return statistics.median(times), cuts[0], cuts[3]
 
 
-def _is_oom(error: BaseException) -> bool:
+def is_oom(error: BaseException) -> bool:
     if isinstance(error, torch.OutOfMemoryError):
         return True
     text = str(error)
     return "out of memory" in text.lower() or "can't allocate memory" in text
 
 
-def _error_status(error: BaseException) -> str:
+def error_status(error: BaseException) -> str:
     first_line = (str(error).strip().splitlines() or [""])[0]
     return f"error: {type(error).__name__}: {first_line[:200]}"
 
@@ -288,19 +288,19 @@ def run_case(provider: Provider, shape: Shape, mode: str, device: torch.device, 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            _release_memory(device)
+            release_memory(device)
             row.update(_measure(provider, shape, mode, device, timing, memory_in_use(device)))
         except Unsupported as reason:
             row.update(status="unsupported", note=str(reason))
         except Exception as error:  # every failure of a provider is a row, never the end of the sweep
-            if _is_oom(error):
+            if is_oom(error):
                 row.update(status="oom")
             elif isinstance(error, RuntimeError) and is_missing_kernel(error):
                 row.update(status="unsupported", note=_sdpa_reasons(caught) or str(error).splitlines()[0])
             else:
-                row.update(status=_error_status(error))
+                row.update(status=error_status(error))
     try:
-        _release_memory(device, full_collect=row["status"] != "ok")
+        release_memory(device, full_collect=row["status"] != "ok")
     except RuntimeError:
         pass  # a sticky CUDA error (e.g. an illegal access): every later case records it as its error
     flops = attention_flops(shape.batch, shape.heads_q, shape.seq_len, shape.head_dim, mode)
@@ -367,8 +367,8 @@ def machine_fields(device: torch.device, preset: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ CSV
-def row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(row.get(f, "")) for f in KEY_FIELDS)
+def row_key(row: dict[str, Any], key_fields: Sequence[str] = KEY_FIELDS) -> tuple[str, ...]:
+    return tuple(str(row.get(f, "")) for f in key_fields)
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -386,17 +386,19 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def upsert_rows(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    """Write `rows` into the CSV at `path`, replacing rows with the same (device, provider, mode, shape)."""
-    new_keys = {row_key(r) for r in rows}
-    kept = [r for r in read_rows(path) if row_key(r) not in new_keys]
+def upsert_rows(path: Path, rows: Sequence[dict[str, Any]], fields: Sequence[str] = FIELDS,
+                key_fields: Sequence[str] = KEY_FIELDS) -> None:
+    """Write `rows` into the CSV at `path`, replacing rows with the same key (by default the harness's
+    (device, provider, mode, shape)); `fields` are the columns, in order."""
+    new_keys = {row_key(r, key_fields) for r in rows}
+    kept = [r for r in read_rows(path) if row_key(r, key_fields) not in new_keys]
     path.parent.mkdir(parents=True, exist_ok=True)
     scratch = path.with_name(path.name + ".tmp")
     with open(scratch, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in [*kept, *rows]:
-            writer.writerow({k: _cell(row.get(k)) for k in FIELDS})
+            writer.writerow({k: _cell(row.get(k)) for k in fields})
     os.replace(scratch, path)  # a run killed mid-write leaves the previous file intact
 
 
