@@ -15,3 +15,15 @@ def test_toy_single_layer_learns_to_attend_to_the_cause():
     last = result.stdout.strip().splitlines()[-1]
     attention, accuracy = map(float, re.search(r"attention on cause (\S+)\s+copy accuracy (\S+)", last).groups())
     assert attention > 0.5 and accuracy > 0.9, result.stdout
+
+
+def test_readme_op_example_runs_and_prints_what_it_says(capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # "auto" then means the CPU reference, as for a user
+    readme = (ROOT / "README.md").read_text()
+    block = re.findall(r"```python\n(.*?)```", readme, re.S)[0]
+    assert "causalattn.attention(" in block
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    expected = [line.split("# ", 1)[1].split("<-")[0].strip() for line in block.splitlines()
+                if line.startswith("# torch.Size") or line.startswith("# tensor(")]
+    assert [line.strip() for line in printed] == expected
