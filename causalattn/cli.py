@@ -4,6 +4,7 @@ Each subcommand is a module exposing `add_arguments(parser)` and `run(args) -> i
 `SUBCOMMANDS`: adding a command is one module and one line here.
 
     causalattn demo [--seq-len N] [--seed S] [--dtype float32|float64|bfloat16|float16]
+    causalattn train [--model DIR] [--data stg|FILE.jsonl] [--runs ce,ce+cat,ce+cat+xg] [...]
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {
     "demo": Subcommand("causalattn.demo",
                        "run the reference op forward + backward on a random problem and print what it computes"),
+    "train": Subcommand("causalattn.training.command",
+                        "train causal adapters (CE, CAT, XG) on a LLaMA-family model; default: a tiny embedded demo"),
 }
 
 

@@ -1,1 +1,7 @@
-"""The main job: causal adapter training (`causalattn train`)."""
+"""`causalattn train`: causal adapter training end to end (see `causalattn.training.command`).
+
+Modules, one idea each: `config` (options), `tiny` (the embedded default base model), `batching`
+(data and per-process micro-batches), `distributed` (torchrun, DDP/FSDP2), `loop` (the trainer),
+`evaluate` (accuracy by candidate scoring), `checkpoint` (atomic, resumable), `report` (JSON + table),
+`plots` (figures).
+"""
