@@ -1,0 +1,100 @@
+"""The job's data and which examples each process trains on at each step.
+
+One optimizer step consumes a *global batch* of `batch_size x grad_accum x world_size` examples, taken
+in order from a permutation of the training set that depends only on (seed, epoch). The global batch
+is cut into `grad_accum x world_size` micro-batches of `batch_size` examples; process `r` runs
+micro-batches `a * world_size + r` for `a = 0 .. grad_accum - 1`. So one process with
+`--grad-accum K` and K processes with `--grad-accum 1` run the very same micro-batches and, as each
+micro-batch's loss is weighted 1 / (number of micro-batches in the step), take the same step. Every
+micro-batch is full (the last incomplete global batch of an epoch is dropped), which keeps the XG
+variance (taken over each micro-batch, SPEC §3) and the step weights alike everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from causalattn.data import Example, make_splits, read_jsonl
+from causalattn.data.stg import LABELS
+from causalattn.training.config import STG, ConfigError, TrainConfig
+
+# Accuracy scores every candidate answer of every example: beyond this many it is not a closed set.
+MAX_CANDIDATES = 64
+
+
+@dataclass(frozen=True)
+class JobData:
+    """Training examples, named evaluation sets ("iid"/"ood" for STG) and the candidate answers."""
+
+    train: list[Example]
+    evals: dict[str, list[Example]]
+    candidates: tuple[str, ...]
+    source: str
+
+    @property
+    def closed_answers(self) -> bool:
+        """Whether accuracy can be measured by scoring every candidate answer."""
+        return 2 <= len(self.candidates) <= MAX_CANDIDATES
+
+
+def load_data(config: TrainConfig) -> JobData:
+    """The STG splits (seeded by --seed), or the JSONL files given by --data / --eval-data."""
+    if config.data == STG:
+        splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
+        return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
+                       f"Spurious Token Game (seed {config.seed})")
+    train = _read(config.data, "--data")
+    evals = {"eval": _read(config.eval_data, "--eval-data")} if config.eval_data is not None else {}
+    # Accuracy is exact match of the best-scoring answer among those the training data uses.
+    candidates = tuple(sorted({example.target for example in train}))
+    return JobData(train, evals, candidates, str(config.data))
+
+
+def _read(path: str, flag: str) -> list[Example]:
+    try:
+        return read_jsonl(path)
+    except ValueError as error:  # a bad record, reported with its file and line
+        raise ConfigError(f"{flag}: {error}") from None
+
+
+def global_batch_size(config: TrainConfig, world_size: int) -> int:
+    return config.batch_size * config.grad_accum * world_size
+
+
+def steps_per_epoch(num_examples: int, config: TrainConfig, world_size: int) -> int:
+    """Optimizer steps in one epoch; a ConfigError when not even one global batch fits."""
+    size = global_batch_size(config, world_size)
+    if num_examples < size:
+        raise ConfigError(f"--batch-size: one optimizer step takes {size} examples (batch-size {config.batch_size} x "
+                          f"grad-accum {config.grad_accum} x {world_size} process(es)); the training set has only "
+                          f"{num_examples}")
+    return num_examples // size
+
+
+def epoch_order(num_examples: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of the training set used in `epoch`: a function of (seed, epoch) only, so a resumed
+    job and every process see the same order without sharing any random state."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(num_examples, generator=generator).tolist()
+
+
+def micro_batches(order: Sequence[int], step: int, config: TrainConfig, rank: int, world_size: int) -> list[list[int]]:
+    """The training-set indices of the `grad_accum` micro-batches process `rank` runs at `step`."""
+    size = global_batch_size(config, world_size)
+    step_indices = order[step * size:(step + 1) * size]
+    b = config.batch_size
+    return [list(step_indices[(a * world_size + rank) * b:(a * world_size + rank + 1) * b])
+            for a in range(config.grad_accum)]
+
+
+def evaluation_shard(examples: Sequence[Example], batch_size: int, rank: int,
+                     world_size: int) -> list[list[Example]]:
+    """This process's share of `examples` for evaluation, in batches. Every process gets the same number
+    of batches (a sharded model needs every process in every forward); a process whose share runs out
+    early gets empty batches, which the caller runs with a stand-in example and does not count."""
+    share = list(examples[rank::world_size])
+    largest = -(-len(examples) // world_size)
+    count = -(-largest // batch_size)
+    return [share[i * batch_size:(i + 1) * batch_size] for i in range(count)]

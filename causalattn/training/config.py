@@ -1,0 +1,246 @@
+"""Options of `causalattn train`: the `TrainConfig` dataclass, its command-line flags and their checks.
+
+Every check raises `ConfigError` naming the flag (`--batch-size: ...`), so a bad command fails before
+any model is loaded. The loss terms a run optimises are a `RunSpec`; a job is one or more runs trained
+one after the other from the same base model, data and seed (the embedded default compares three).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
+from causalattn.losses import CAT_LOSS_KINDS
+from causalattn.ops import BACKENDS
+
+DTYPES = ("float32", "bfloat16", "float64")
+DEVICES = ("auto", "cpu", "cuda")
+GATE_SHAPES = ("head", "scalar")
+STG = "stg"
+# The comparison the embedded default runs: plain fine-tuning, then the causal losses added.
+DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
+
+
+class ConfigError(ValueError):
+    """A bad option; the message starts with the flag it is about."""
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """The loss terms one run optimises: CE always, plus CAT and/or XG."""
+
+    cat: bool
+    xg: bool
+
+    @property
+    def name(self) -> str:
+        return "+".join(["ce"] + (["cat"] if self.cat else []) + (["xg"] if self.xg else []))
+
+    @classmethod
+    def parse(cls, text: str) -> "RunSpec":
+        terms = text.strip().lower().split("+")
+        if not terms or terms[0] != "ce" or len(set(terms)) != len(terms) or not set(terms[1:]) <= {"cat", "xg"}:
+            raise ConfigError(f"--runs: {text!r} is not a run; expected ce, ce+cat, ce+xg or ce+cat+xg")
+        return cls(cat="cat" in terms, xg="xg" in terms)
+
+
+@dataclass
+class TrainConfig:
+    """Everything a `causalattn train` job depends on (see `add_arguments` for each flag's meaning)."""
+
+    model: Optional[str] = None
+    data: str = STG
+    eval_data: Optional[str] = None
+    train_examples: int = 8000
+    eval_examples: int = 400
+    max_length: Optional[int] = None
+    # adapters (SPEC §1, §3)
+    adapter_len: int = 10
+    adapter_layers: Optional[int] = None
+    xg_tokens: int = 2
+    gate: str = "tanh"
+    gate_shape: Optional[str] = None
+    # losses (SPEC §2, §3)
+    runs: tuple[RunSpec, ...] = field(default_factory=lambda: tuple(RunSpec.parse(r) for r in DEFAULT_COMPARISON))
+    cat_alpha: float = 2.0
+    cat_kind: str = "div"
+    cat_decay: float = 1.0
+    xg_lambda: float = 1.0
+    xg_pool: str = "sample"
+    # optimisation
+    lr: float = 2e-2
+    weight_decay: float = 0.02
+    warmup_steps: int = 10
+    epochs: int = 2
+    batch_size: int = 16
+    grad_accum: int = 1
+    eval_batch_size: int = 32
+    dtype: str = "float32"
+    seed: int = 0
+    # where and how it runs
+    output_dir: Optional[str] = None
+    resume: bool = False
+    backend: str = "auto"
+    device: str = "auto"
+    fsdp: bool = False
+    threads: Optional[int] = None
+    quiet: bool = False
+
+    def validate(self) -> "TrainConfig":
+        """Check every option; returns self. Raises ConfigError naming the first bad flag."""
+        positive = {"--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
+                    "--adapter-len": self.adapter_len, "--epochs": self.epochs, "--batch-size": self.batch_size,
+                    "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size}
+        for flag, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{flag}: expected a positive integer, got {value}")
+        for flag, value in {"--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
+                            "--threads": self.threads}.items():
+            if value is not None and value < 1:
+                raise ConfigError(f"{flag}: expected a positive integer, got {value}")
+        if self.adapter_len > MAX_ADAPTER_TOKENS:
+            raise ConfigError(f"--adapter-len: at most {MAX_ADAPTER_TOKENS} prompt tokens, got {self.adapter_len}")
+        if not 0 <= self.xg_tokens <= self.adapter_len:
+            raise ConfigError(f"--xg-tokens: expected 0 to --adapter-len ({self.adapter_len}), got {self.xg_tokens}")
+        for flag, value in {"--lr": self.lr, "--cat-alpha": self.cat_alpha}.items():
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{flag}: expected a positive number, got {value}")
+        for flag, value in {"--weight-decay": self.weight_decay, "--cat-decay": self.cat_decay,
+                            "--xg-lambda": self.xg_lambda, "--warmup-steps": self.warmup_steps}.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
+        if not self.runs:
+            raise ConfigError("--runs: expected at least one run")
+        names = [run.name for run in self.runs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--runs: each run once, got {','.join(names)}")
+        if any(run.xg for run in self.runs):
+            if self.xg_tokens == 0:
+                raise ConfigError("--xg-tokens: the XG loss needs at least one XG prompt token (or pass --no-xg)")
+            if self.batch_size < 2:
+                raise ConfigError("--batch-size: the XG variance is taken over each micro-batch (SPEC §3) and needs "
+                                  f"at least 2 examples per micro-batch, got {self.batch_size} (or pass --no-xg)")
+        if self.model is not None and not (Path(self.model) / "config.json").is_file():
+            raise ConfigError(f"--model: {self.model} is not a local Hugging Face checkpoint directory "
+                              "(no config.json)")
+        for flag, path in {"--data": None if self.data == STG else self.data, "--eval-data": self.eval_data}.items():
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{flag}: {path}: no such file (expected 'stg' or a JSONL file)")
+        if self.data == STG and self.eval_data is not None:
+            raise ConfigError("--eval-data: goes with a JSONL --data file; the STG data makes its own IID and "
+                              "OOD tests")
+        if self.resume and self.output_dir is None:
+            raise ConfigError("--resume: needs --output-dir, the directory of the job to continue")
+        return self
+
+    @property
+    def gate_per_head(self) -> Optional[bool]:
+        return None if self.gate_shape is None else self.gate_shape == "head"
+
+    def trajectory_options(self) -> dict:
+        """The options a resumed job must share with the one it continues: all that change its numbers."""
+        values = dataclasses.asdict(self)
+        values["runs"] = [run.name for run in self.runs]
+        for name in ("output_dir", "resume", "threads", "quiet"):
+            values.pop(name)
+        return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `causalattn train`."""
+    d = TrainConfig()
+    data = parser.add_argument_group("model and data")
+    data.add_argument("--model", default=None, metavar="DIR",
+                      help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM (default: the "
+                           "embedded tiny LLaMA, built and cached on first use)")
+    data.add_argument("--data", default=d.data, metavar="stg|FILE.jsonl",
+                      help="'stg' (the Spurious Token Game, with IID and OOD tests) or a CAT-style JSONL file "
+                           "(input, target, important) (default: stg)")
+    data.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="evaluation JSONL for a JSONL --data")
+    data.add_argument("--train-examples", type=int, default=d.train_examples,
+                      help=f"STG training examples (default {d.train_examples})")
+    data.add_argument("--eval-examples", type=int, default=d.eval_examples,
+                      help=f"STG examples in each of the IID and OOD tests (default {d.eval_examples})")
+    data.add_argument("--max-length", type=int, default=None,
+                      help="longest tokenized example allowed; longer ones are an error (default: no limit)")
+
+    adapter = parser.add_argument_group("adapters")
+    adapter.add_argument("--adapter-len", type=int, default=d.adapter_len, metavar="M",
+                         help=f"prompt tokens per adapted layer (default {d.adapter_len})")
+    adapter.add_argument("--adapter-layers", type=int, default=None, metavar="L",
+                         help="adapt the top L layers (default: min(30, all layers))")
+    adapter.add_argument("--xg-tokens", type=int, default=d.xg_tokens, metavar="H_g",
+                         help=f"the first H_g prompt tokens are the XG tokens (default {d.xg_tokens})")
+    adapter.add_argument("--gate", choices=GATE_MODES, default=d.gate,
+                         help="gamma = tanh(g) or gamma = g (default tanh)")
+    adapter.add_argument("--gate-shape", choices=GATE_SHAPES, default=None,
+                         help="one gate per query head or one per layer (default: head for tanh, scalar for raw)")
+
+    losses = parser.add_argument_group("losses")
+    losses.add_argument("--runs", default=None, metavar="LIST",
+                        help="comma-separated runs to train and compare, each ce, ce+cat, ce+xg or ce+cat+xg "
+                             f"(default: {','.join(DEFAULT_COMPARISON)} with the embedded model, otherwise the one "
+                             "run chosen by --cat/--xg)")
+    losses.add_argument("--cat", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the CAT attention loss (default on; a single run)")
+    losses.add_argument("--cat-alpha", type=float, default=d.cat_alpha, help="CAT ratio target alpha (default 2)")
+    losses.add_argument("--cat-kind", choices=CAT_LOSS_KINDS, default=d.cat_kind, help="CAT row loss (default div)")
+    losses.add_argument("--cat-decay", type=float, default=d.cat_decay, metavar="RATE",
+                        help="CAT weight exp(-RATE * epoch), epochs counted from 0 (default 1)")
+    losses.add_argument("--xg", action=argparse.BooleanOptionalAction, default=None,
+                        help="add the XG variance regulariser (default on; a single run)")
+    losses.add_argument("--xg-lambda", type=float, default=d.xg_lambda, help=f"XG weight (default {d.xg_lambda})")
+    losses.add_argument("--xg-pool", choices=XG_POOLS, default=d.xg_pool,
+                        help="XG read-out pooled per sample or taken per position (default sample)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")
+    optim.add_argument("--weight-decay", type=float, default=d.weight_decay,
+                       help=f"AdamW weight decay of the prompts; gates get none (default {d.weight_decay})")
+    optim.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                       help=f"linear warm-up steps before the cosine decay (default {d.warmup_steps})")
+    optim.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per run (default {d.epochs})")
+    optim.add_argument("--batch-size", type=int, default=d.batch_size,
+                       help=f"examples per micro-batch and process (default {d.batch_size}); one optimizer step "
+                            "sees batch-size x grad-accum x processes examples")
+    optim.add_argument("--grad-accum", type=int, default=d.grad_accum,
+                       help="micro-batches accumulated per optimizer step and process (default 1)")
+    optim.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size,
+                       help=f"examples per evaluation forward (default {d.eval_batch_size})")
+    optim.add_argument("--dtype", choices=DTYPES, default=d.dtype,
+                       help="dtype of the base model; adapters keep fp32 master weights (default float32)")
+    optim.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the adapter init and the order")
+
+    where = parser.add_argument_group("where and how")
+    where.add_argument("--output-dir", default=None, metavar="DIR",
+                       help="checkpoints, report.json and plots (default: a new runs/train-<time> directory)")
+    where.add_argument("--resume", action="store_true",
+                       help="continue the job in --output-dir from its last checkpoint (same options)")
+    where.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                       help="attention backend: triton on GPUs, reference on CPU (default auto)")
+    where.add_argument("--device", choices=DEVICES, default=d.device, help="default: cuda when available")
+    where.add_argument("--fsdp", action="store_true",
+                       help="under torchrun: shard the frozen base model with FSDP2, adapters replicated "
+                            "(NCCL on GPUs, gloo on CPU; no effect in a single process)")
+    where.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    where.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """A validated TrainConfig from parsed flags; the runs follow the rule in `--runs`'s help."""
+    explicit_losses = args.cat is not None or args.xg is not None
+    if args.runs is not None:
+        if explicit_losses:
+            raise ConfigError("--runs: choose the losses with --runs or with --cat/--xg, not both")
+        runs = tuple(RunSpec.parse(text) for text in args.runs.split(","))
+    elif explicit_losses or args.model is not None:
+        runs = (RunSpec(cat=args.cat is not False, xg=args.xg is not False),)
+    else:
+        runs = tuple(RunSpec.parse(text) for text in DEFAULT_COMPARISON)
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"runs"}
+    config = TrainConfig(runs=runs, **{name: getattr(args, name) for name in names})
+    return config.validate()

@@ -1,0 +1,60 @@
+"""Accuracy by scoring candidate answers: for every example, each candidate answer ("High Risk" /
+"Low Risk" for the STG; the targets of the training set for JSONL data) is appended to the prompt and
+scored by the summed log-likelihood of its tokens; the best-scoring candidate is the prediction and
+counts when it equals the example's target exactly. No sampling, so the number is deterministic.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from causalattn.data import Example
+from causalattn.data.batches import IGNORE_INDEX, collate
+from causalattn.training.batching import evaluation_shard
+from causalattn.training.distributed import DistContext
+
+
+@torch.no_grad()
+def score_candidates(model: nn.Module, tokenizer, examples: Sequence[Example], candidates: Sequence[str], *,
+                     device: torch.device, max_length: Optional[int] = None) -> Tensor:
+    """(len(examples), len(candidates)) summed log-likelihood of each candidate answer after each prompt."""
+    variants = [dataclasses.replace(example, target=answer, important={})
+                for example in examples for answer in candidates]
+    batch = collate(variants, tokenizer, max_length=max_length).to(device)
+    labels = batch.labels
+    answer = labels != IGNORE_INDEX
+    positions = torch.arange(labels.shape[1], device=device).expand_as(labels)
+    # Only the rows that predict answer tokens need logits: position t predicts token t + 1.
+    first = int(positions[answer].min()) - 1
+    last = int(positions[answer].max()) - 1
+    keep = torch.arange(first, last + 1, device=device)
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
+                   use_cache=False).logits.float()
+    targets = labels[:, keep + 1]
+    log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
+    scores = (log_probs * (targets != IGNORE_INDEX)).sum(-1, dtype=torch.float64)
+    return scores.view(len(examples), len(candidates))
+
+
+def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], candidates: Sequence[str], *,
+             context: DistContext, batch_size: int, max_length: Optional[int] = None) -> float:
+    """Share of `examples` whose best-scoring candidate is their target, over all processes."""
+    was_training = model.training
+    model.eval()
+    index = {answer: i for i, answer in enumerate(candidates)}
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, seen
+    for chunk in evaluation_shard(examples, batch_size, context.rank, context.world_size):
+        # An empty chunk still runs one forward: with a sharded model every process must join each one.
+        scores = score_candidates(model, tokenizer, chunk or examples[:1], candidates,
+                                  device=context.device, max_length=max_length)
+        if not chunk:
+            continue
+        predicted = scores.argmax(dim=1).cpu()
+        truth = torch.tensor([index.get(example.target, -1) for example in chunk])
+        counts += torch.tensor([float((predicted == truth).sum()), float(len(chunk))], dtype=torch.float64)
+    model.train(was_training)
+    correct, seen = context.sum(counts).tolist()
+    return correct / seen

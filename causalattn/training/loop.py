@@ -1,0 +1,255 @@
+"""The trainer: one run = adapters on a fresh copy of the base model, trained for `--epochs` epochs.
+
+Each optimizer step runs this process's micro-batches (`batching.micro_batches`) with
+
+    loss = CE + [cat] exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
+
+per micro-batch, scaled by 1 / grad_accum (data parallelism averages over processes), then one AdamW
+step with warm-up + cosine. CAT and XG are computed for every run, also when they are not in the loss,
+so the history shows how much attention a plain CE run puts on the causes. After every epoch the run
+is evaluated (IID/OOD accuracy for the STG) and checkpointed; a resumed run continues from the last
+checkpoint with the same loss trajectory.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+import causalattn.hf as cah
+from causalattn.data.batches import collate
+from causalattn.losses import cat_amp
+from causalattn.training import checkpoint as ckpt
+from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
+from causalattn.training.config import ConfigError, RunSpec, TrainConfig
+from causalattn.training.distributed import DistContext, ParallelModel
+from causalattn.training.evaluate import accuracy
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+# Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
+# causes (mass averaged over layers and heads, then over supervised rows): the quantity CAT pushes up.
+STAT_NAMES = ("loss", "ce", "cat", "xg", "cause_attn", "tokens")
+LOGGED = STAT_NAMES[:-1]
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class Job:
+    """What every run of a job shares."""
+
+    config: TrainConfig
+    model_path: Path
+    tokenizer: object
+    data: JobData
+    context: DistContext
+    output_dir: Path
+    log: Callable[[str], None]
+
+    @property
+    def show_progress(self) -> bool:
+        return self.context.is_main and not self.config.quiet and sys.stderr.isatty()
+
+
+@dataclass
+class RunResult:
+    """One run's numbers, as the report shows them."""
+
+    name: str
+    history: list[dict]
+    accuracy: list[dict]
+    train_seconds: float
+    examples_per_second: float
+    adapter_dir: Path
+    resumed_at_epoch: Optional[int] = None
+    parameters: dict = field(default_factory=dict)
+
+    def final_accuracy(self) -> dict[str, float]:
+        last = max((row["epoch"] for row in self.accuracy), default=0)
+        return {row["split"]: row["accuracy"] for row in self.accuracy if row["epoch"] == last}
+
+
+def load_model(path: Path, config: TrainConfig, device: torch.device) -> nn.Module:
+    """A fresh copy of the base model on `device` in `--dtype`, attention routed through causalattn."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[config.dtype], local_files_only=True,
+                                                 attn_implementation=cah.IMPLEMENTATION)
+    model.config.use_cache = False
+    return model.to(device)
+
+
+def add_job_adapters(model: nn.Module, config: TrainConfig) -> cah.AdapterSummary:
+    """Zero-init gated prompts as the adapter flags ask, on the chosen attention backend."""
+    layers = len(cah.attention_modules(model))
+    if config.adapter_layers is not None and config.adapter_layers > layers:
+        raise ConfigError(f"--adapter-layers: the model has {layers} layers, got {config.adapter_layers}")
+    summary = cah.add_adapters(model, cah.AdapterConfig(
+        length=config.adapter_len, layers=config.adapter_layers, xg_tokens=config.xg_tokens, gate=config.gate,
+        gate_per_head=config.gate_per_head, xg_pool=config.xg_pool))
+    cah.set_backend(model, config.backend)
+    return summary
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
+    """AdamW with weight decay on the prompts only (decaying a gate pulls it back to 0, i.e. off) and a
+    linear warm-up then cosine decay to 0 over `total_steps`."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    prompts, gates = [], []
+    for layer in cah.adapted_layers(model).values():
+        prompts.append(layer.prompt)
+        gates.append(layer.gate)
+    optimizer = torch.optim.AdamW([{"params": prompts, "weight_decay": config.weight_decay},
+                                   {"params": gates, "weight_decay": 0.0}], lr=config.lr)
+    return optimizer, get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps), total_steps)
+
+
+class Trainer:
+    """Trains one run of a job; `run()` returns its result and the trained model."""
+
+    def __init__(self, job: Job, spec: RunSpec):
+        self.job, self.spec, self.config = job, spec, job.config
+        self.context = job.context
+        self.run_dir = job.output_dir / spec.name.replace("+", "-")
+        self.monitor_xg = self.config.xg_tokens > 0 and self.config.batch_size > 1
+        world = self.context.world_size
+        self.steps = steps_per_epoch(len(job.data.train), self.config, world)
+        self.options = {**self.config.trajectory_options(), "world_size": world, "run": spec.name}
+
+    # ------------------------------------------------------------------ one optimizer step
+    def _micro_batch(self, parallel: ParallelModel, indices: list[int], amp: float, skip_sync: bool) -> Tensor:
+        """Forward + backward of one micro-batch; returns its STAT_NAMES values for logging."""
+        examples = [self.job.data.train[i] for i in indices]
+        batch = collate(examples, self.job.tokenizer, max_length=self.config.max_length).to(self.context.device)
+        with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats:
+            out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                          labels=batch.labels, supervision=batch.causal_mask, use_cache=False)
+            cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind)
+            xg = stats.xg_loss() if self.monitor_xg else torch.zeros((), device=self.context.device)
+            loss = out.loss
+            if self.spec.cat:
+                loss = loss + amp * cat
+            if self.spec.xg:
+                loss = loss + self.config.xg_lambda * xg
+            (loss / self.config.grad_accum).backward()
+        tokens = batch.attention_mask.sum()
+        values = (loss, out.loss, cat, xg, self._cause_attention(stats), tokens)
+        return torch.stack([t.detach().double() for t in values]).cpu()
+
+    @staticmethod
+    def _cause_attention(stats: cah.Statistics) -> Tensor:
+        mass = torch.stack(list(stats.mass.values())).float().mean(dim=(0, 2))  # (B, N)
+        valid = stats.supervision.valid_rows()
+        return (mass * valid).sum() / valid.sum().clamp_min(1)
+
+    def _step(self, parallel: ParallelModel, optimizer, scheduler, order: list[int], step: int, amp: float) -> Tensor:
+        """One optimizer step; returns the sums over every process's micro-batches of the logged values."""
+        mine = micro_batches(order, step, self.config, self.context.rank, self.context.world_size)
+        sums = torch.zeros(len(STAT_NAMES), dtype=torch.float64)
+        for a, indices in enumerate(mine):
+            sums += self._micro_batch(parallel, indices, amp, skip_sync=a < len(mine) - 1)
+        parallel.finish_gradients()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return self.context.sum(sums).cpu()
+
+    # ------------------------------------------------------------------ evaluation
+    def _evaluate(self, model: nn.Module, epoch: int) -> list[dict]:
+        data = self.job.data
+        if not data.closed_answers:
+            return []
+        return [{"run": self.spec.name, "epoch": epoch, "split": split,
+                 "accuracy": accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
+                                      batch_size=self.config.eval_batch_size, max_length=self.config.max_length)}
+                for split, examples in data.evals.items()]
+
+    # ------------------------------------------------------------------ the run
+    def run(self, before_training: Optional[Callable[[nn.Module], None]] = None) -> tuple[RunResult, nn.Module]:
+        config, context, job = self.config, self.context, self.job
+        torch.manual_seed(config.seed)  # the same adapter init in every run and on every process
+        model = load_model(job.model_path, config, context.device)
+        summary = add_job_adapters(model, config)
+        optimizer, scheduler = make_optimizer(model, config, self.steps * config.epochs)
+        progress = ckpt.Progress(epoch=0, step=0, history=[], accuracy=[], train_seconds=0.0, options=self.options)
+        resumed_at = None
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if latest is not None:
+            progress = ckpt.read_progress(latest, self.options)
+            ckpt.restore(latest, model, optimizer, scheduler, context.rank)
+            resumed_at = progress.epoch
+            job.log(f"[{self.spec.name}] resumed from {latest} (epoch {progress.epoch} of {config.epochs})")
+        elif config.resume:
+            job.log(f"[{self.spec.name}] --resume: no checkpoint in {self.run_dir} yet, starting at epoch 0")
+        parallel = ParallelModel(model, context, config.fsdp)
+        model.train()
+        if resumed_at is None:
+            progress.accuracy += self._evaluate(model, 0)
+            if before_training is not None:
+                before_training(model)
+        for epoch in range(progress.epoch, config.epochs):
+            self._train_epoch(parallel, optimizer, scheduler, progress, epoch)
+            progress.accuracy += self._evaluate(model, epoch + 1)
+            progress.epoch = epoch + 1
+            self._save(model, optimizer, scheduler, progress)
+            job.log(self._epoch_line(progress))
+        adapter_dir = self.run_dir / ADAPTER_DIR
+        if context.is_main:
+            cah.save_adapters(model, adapter_dir)
+        context.barrier()
+        examples = progress.step * global_batch_size(config, context.world_size)
+        result = RunResult(self.spec.name, progress.history, progress.accuracy, progress.train_seconds,
+                           examples / max(progress.train_seconds, 1e-9), adapter_dir, resumed_at,
+                           {"adapter": summary.adapter_params, "trainable": summary.trainable_params,
+                            "total": summary.total_params})
+        return result, model
+
+    def _train_epoch(self, parallel: ParallelModel, optimizer, scheduler, progress: ckpt.Progress, epoch: int) -> None:
+        from tqdm.auto import tqdm
+
+        config = self.config
+        amp = cat_amp(epoch, config.cat_decay)
+        order = epoch_order(len(self.job.data.train), config.seed, epoch)
+        per_step = global_batch_size(config, self.context.world_size)
+        bar = tqdm(total=self.steps, desc=f"{self.spec.name} epoch {epoch + 1}/{config.epochs}", unit="step",
+                   disable=not self.job.show_progress, dynamic_ncols=True, leave=False)
+        start, tokens = time.perf_counter(), 0.0
+        for step in range(self.steps):
+            lr = scheduler.get_last_lr()[0]
+            sums = self._step(parallel, optimizer, scheduler, order, step, amp)
+            progress.step += 1
+            means = {name: float(v) / (config.grad_accum * self.context.world_size) for name, v in zip(LOGGED, sums)}
+            if not math.isfinite(means["loss"]):
+                raise FloatingPointError(f"[{self.spec.name}] loss became {means['loss']} at step {progress.step}; "
+                                         "try a lower --lr")
+            progress.history.append({"run": self.spec.name, "epoch": epoch + 1, "step": progress.step, **means,
+                                     "lr": lr, "cat_weight": amp if self.spec.cat else 0.0})
+            seconds, tokens = time.perf_counter() - start, tokens + float(sums[-1])
+            bar.update(1)
+            bar.set_postfix(loss=f"{means['loss']:.4f}", ce=f"{means['ce']:.4f}", cat=f"{means['cat']:.3f}",
+                            ex_s=f"{(step + 1) * per_step / seconds:.0f}", tok_s=f"{tokens / seconds:.0f}",
+                            refresh=False)
+        bar.close()
+        progress.train_seconds += time.perf_counter() - start
+
+    def _save(self, model: nn.Module, optimizer, scheduler, progress: ckpt.Progress) -> None:
+        states = self.context.gather(ckpt.rng_state())
+        if self.context.is_main:
+            ckpt.save_checkpoint(self.run_dir, model, optimizer, scheduler, progress, states)
+        self.context.barrier()
+
+    def _epoch_line(self, progress: ckpt.Progress) -> str:
+        rows = [r for r in progress.history if r["epoch"] == progress.epoch]
+        mean = {name: sum(r[name] for r in rows) / len(rows) for name in LOGGED}
+        accs = "  ".join(f"{r['split'].upper()} {r['accuracy']:.3f}" for r in progress.accuracy
+                         if r["epoch"] == progress.epoch)
+        return (f"[{self.spec.name}] epoch {progress.epoch}/{self.config.epochs}  loss {mean['loss']:.4f}  "
+                f"ce {mean['ce']:.4f}  cat {mean['cat']:.3f}  xg {mean['xg']:.2e}  "
+                f"cause attn {mean['cause_attn']:.3f}  {accs}  "
+                f"({progress.train_seconds:.0f} s training)")

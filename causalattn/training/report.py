@@ -1,0 +1,129 @@
+"""The end of a job: `report.json` (everything measured, machine-readable) and the printed table.
+
+The table puts the runs side by side: accuracy on each evaluation split before adapter training (all
+gates 0, so every run starts from the base model's answers) and after the last epoch, next to the
+majority-answer baseline and the standard error of an accuracy on that many examples, so a reader can
+tell a difference from noise.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from causalattn.training.batching import JobData
+from causalattn.training.config import TrainConfig
+from causalattn.training.loop import RunResult
+
+REPORT_NAME = "report.json"
+
+
+def majority_accuracy(data: JobData) -> dict[str, float]:
+    """Accuracy of always answering each split's most common target."""
+    out = {}
+    for split, examples in data.evals.items():
+        counts = Counter(example.target for example in examples)
+        out[split] = counts.most_common(1)[0][1] / len(examples)
+    return out
+
+
+def standard_error(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy p measured on n examples."""
+    return math.sqrt(max(p * (1 - p), 0.0) / max(n, 1))
+
+
+def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
+    """What the embedded default shows, and what it does not (printed under the table)."""
+    n_eval = min(len(v) for v in data.evals.values())
+    se = 100 * standard_error(0.75, n_eval)
+    steps = results[0].history[-1]["step"] if results and results[0].history else 0
+    return (
+        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained for about a "
+        "minute on Spurious Token Game text with random answers: it knows the format, not the rule. Each run then "
+        f"trains {results[0].parameters.get('adapter', 0):,} adapter parameters for {steps} steps on "
+        f"{len(data.train)} examples. The IID tests keep the training data's spurious features (Yellow fingers, "
+        "Clothing size, Hormones follow the causes); the OOD tests draw them independently, so a run that leans on "
+        "them loses accuracy from IID to OOD. 'cause attn' shows whether CAT moved the answer rows' attention onto "
+        "the causes; the accuracy columns show whether the answers followed. 'Low Risk' is the majority answer. With "
+        f"{n_eval} test examples an accuracy near 75% has a standard error of about {se:.1f} points: differences "
+        "under ~2 standard errors are noise, and one seed is one sample. It shows the pipeline end to end and how "
+        "the losses move attention and accuracy on this toy; it does not reproduce the CAT or DCA papers' results "
+        "on real LLMs (use --model with a real checkpoint for that)."
+        if results else "This is a toy (no run finished).")
+
+
+def format_table(results: Sequence[RunResult], data: JobData) -> str:
+    """The side-by-side table of accuracies (before -> after) and final losses."""
+    splits = list(data.evals)
+    if not results:
+        return "(no runs)"
+    before = {row["split"]: row["accuracy"] for row in results[0].accuracy if row["epoch"] == 0}
+    majority = majority_accuracy(data)
+    head = ["run"] + [f"{s.upper()} acc" for s in splits] + ["CE", "CAT", "XG var", "cause attn", "train s"]
+    blank = [""] * (len(head) - 1 - len(splits))
+    rows = [["majority answer"] + [f"{majority[s]:.3f}" for s in splits] + blank]
+    if before:
+        # The first step's forward runs with every gate still 0: the base model's attention.
+        first = results[0].history[0]["cause_attn"] if results[0].history else math.nan
+        rows.append(["before (gates 0)"] + [f"{before.get(s, math.nan):.3f}" for s in splits] + blank[:-2]
+                    + [f"{first:.3f}", ""])
+    for result in results:
+        final = result.final_accuracy()
+        last_epoch = [r for r in result.history if r["epoch"] == result.history[-1]["epoch"]] if result.history else []
+
+        def mean(name: str, spec: str) -> str:
+            return format(sum(r[name] for r in last_epoch) / len(last_epoch), spec) if last_epoch else "-"
+
+        rows.append([result.name] + [f"{final.get(s, math.nan):.3f}" for s in splits]
+                    + [mean("ce", ".4f"), mean("cat", ".4f"), mean("xg", ".2e"), mean("cause_attn", ".3f"),
+                       f"{result.train_seconds:.0f}"])
+    widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    sizes = ", ".join(f"{s.upper()} {len(data.evals[s])}" for s in splits)
+    lines.append(f"(accuracy on {sizes} examples; CE, CAT, XG variance and cause attn (the share of the answer "
+                 "rows' attention on the annotated causes) are means over the last epoch; all are logged for every "
+                 "run, in the loss only where the run name says so)")
+    return "\n".join(lines)
+
+
+def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult], *, model_info: dict,
+                 world_size: int, device: str, wall_seconds: float, plots: dict, note: Optional[str]) -> dict:
+    import transformers
+
+    return {
+        "format": "causalattn-train-report",
+        "version": 1,
+        "config": {**config.trajectory_options(), "output_dir": config.output_dir},
+        "model": model_info,
+        "data": {"source": data.source, "train": len(data.train),
+                 "eval": {k: len(v) for k, v in data.evals.items()}, "candidates": list(data.candidates),
+                 "majority_accuracy": majority_accuracy(data)},
+        "runs": [{"name": r.name, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
+                  "history": r.history, "train_seconds": r.train_seconds,
+                  "examples_per_second": r.examples_per_second, "adapter_dir": str(r.adapter_dir),
+                  "resumed_at_epoch": r.resumed_at_epoch, "parameters": r.parameters} for r in results],
+        "plots": plots,
+        "note": note,
+        "environment": {"world_size": world_size, "device": device, "torch": torch.__version__,
+                        "transformers": transformers.__version__, "python": platform.python_version(),
+                        "threads": torch.get_num_threads()},
+        "wall_seconds": wall_seconds,
+    }
+
+
+def write_report(directory: Path, report: dict) -> Path:
+    """Write `report.json` atomically; returns its path."""
+    path = Path(directory) / REPORT_NAME
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

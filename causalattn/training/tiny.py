@@ -1,0 +1,190 @@
+"""The embedded default model: a tiny LLaMA that knows the Spurious Token Game's format but not its rule.
+
+`causalattn train` without `--model` needs a pretrained causal LM and no hub can be reached, so one is
+made here, on the CPU, in about a minute:
+
+1. a byte-level BPE tokenizer trained in-process (`tokenizers`) on STG text;
+2. a small `LlamaConfig` model (grouped-query attention, tied embeddings);
+3. a short language-model training on STG text whose feature values are all independent and whose
+   answers are drawn at random. The model learns the format (names, values, the question, that the
+   answer is "High Risk" or "Low Risk") but neither the rule nor the spurious correlations: those are
+   left for the adapter training to learn, or not.
+
+The result is an ordinary Hugging Face checkpoint directory (model + tokenizer) cached under
+`$CAUSALATTN_CACHE` (default `$XDG_CACHE_HOME/causalattn`, else `~/.cache/causalattn`) in a folder
+named by a hash of `TinyBaseSettings`, so changed settings build a new one. It is built in a
+temporary folder beside and renamed into place, so an interrupted build never leaves a half checkpoint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from causalattn.data.stg import LABELS, generate
+
+# Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
+RECIPE_VERSION = 1
+SETTINGS_NAME = "tiny_base.json"
+PAD, BOS = "<pad>", "<s>"
+
+
+@dataclass(frozen=True)
+class TinyBaseSettings:
+    """Everything the tiny base depends on (its cache key)."""
+
+    vocab_size: int = 400
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    layers: int = 4
+    heads: int = 4
+    kv_heads: int = 2
+    max_positions: int = 128
+    examples: int = 16000  # base-training examples, each seen once
+    batch_size: int = 16
+    lr: float = 3e-3
+    warmup_steps: int = 30
+    seed: int = 1234  # differs from the adapter job's default seed: base text and job data stay distinct
+
+    def key(self) -> str:
+        """A short hash of the settings and the recipe version: the cache folder's name."""
+        payload = json.dumps({"recipe": RECIPE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    """Where causalattn caches what it builds: $CAUSALATTN_CACHE, $XDG_CACHE_HOME/causalattn or ~/.cache/causalattn."""
+    if os.environ.get("CAUSALATTN_CACHE"):
+        return Path(os.environ["CAUSALATTN_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "causalattn"
+
+
+def cached_path(settings: TinyBaseSettings, root: Optional[Path] = None) -> Path:
+    return (root if root is not None else cache_root()) / f"tiny-llama-{settings.key()}"
+
+
+def base_texts(settings: TinyBaseSettings) -> list[str]:
+    """STG text with independent feature values and random answers (the format, not the rule)."""
+    rng = random.Random(settings.seed)
+    examples = generate(settings.examples, seed=settings.seed, ood=True)
+    return [f"{example.input} {rng.choice(LABELS)}" for example in examples]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts`, with a BOS template like LLaMA's, as a fast HF tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", special_tokens=[(BOS, tokenizer.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token=BOS, pad_token=PAD, padding_side="right")
+
+
+def build_model(settings: TinyBaseSettings, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=settings.hidden_size, intermediate_size=settings.intermediate_size,
+        num_hidden_layers=settings.layers, num_attention_heads=settings.heads, num_key_value_heads=settings.kv_heads,
+        max_position_embeddings=settings.max_positions, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
+def pretrain(model, tokenizer, texts: list[str], settings: TinyBaseSettings,
+             progress: Callable[[int, int, float], None]) -> float:
+    """Language-model training on every token of `texts` (one pass, AdamW, warm-up + cosine); returns
+    the last step's loss. `progress(step, steps, loss)` is called after each step."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    steps = len(texts) // settings.batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, settings.warmup_steps, steps)
+    model.train()
+    loss = math.nan
+    for step in range(steps):
+        chunk = texts[step * settings.batch_size:(step + 1) * settings.batch_size]
+        batch = tokenizer(chunk, padding=True, return_tensors="pt")
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        out = model(**batch, labels=labels, use_cache=False)
+        out.loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss = out.loss.item()
+        progress(step + 1, steps, loss)
+    return loss
+
+
+def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progress: bool = True) -> dict:
+    """Build the tiny base into `directory` (which must not exist yet); returns what was recorded."""
+    from tqdm.auto import tqdm
+
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    texts = base_texts(settings)
+    tokenizer = train_tokenizer(texts, settings.vocab_size)
+    model = build_model(settings, tokenizer)
+    bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
+               disable=not show_progress, dynamic_ncols=True)
+
+    def progress(step: int, steps: int, loss: float) -> None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+    final_loss = pretrain(model, tokenizer, texts, settings, progress)
+    bar.close()
+    record = {"settings": dataclasses.asdict(settings), "recipe": RECIPE_VERSION, "final_lm_loss": final_loss,
+              "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
+    directory.mkdir(parents=True)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    (directory / SETTINGS_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return record
+
+
+def read_record(directory: Path) -> dict:
+    """What `build_tiny_base` recorded about a built base (settings, parameters, loss, seconds)."""
+    return json.loads((Path(directory) / SETTINGS_NAME).read_text(encoding="utf-8"))
+
+
+def ensure_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(), root: Optional[Path] = None, *,
+                     show_progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """The cached tiny base checkpoint directory, built first if it is not there yet."""
+    final = cached_path(settings, root)
+    if (final / SETTINGS_NAME).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    log(f"building the embedded tiny LLaMA (once; cached in {final})")
+    staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        record = build_tiny_base(settings, staging, show_progress=show_progress)
+        try:
+            os.rename(staging, final)
+        except OSError:
+            if not (final / SETTINGS_NAME).is_file():  # not a concurrent build that finished first
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log(f"tiny LLaMA: {record['parameters']:,} parameters, language-model loss {record['final_lm_loss']:.3f} "
+        f"after {record['seconds']:.0f} s")
+    return final

@@ -1,0 +1,199 @@
+"""`causalattn train` on a very small LLaMA (CPU, reference backend): the tiny-base cache, an end-to-end
+CLI run, bit-identical resume, two gloo processes against one process with gradient accumulation,
+and the errors bad options give.
+
+The model here is `causalattn.training.tiny`'s recipe at a much smaller size with two pre-training
+steps: enough to exercise every path in seconds, not to learn the task.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from causalattn.cli import main
+from causalattn.data import generate, write_jsonl
+from causalattn.training import checkpoint, tiny
+from causalattn.training.batching import micro_batches
+from causalattn.training.command import train
+from causalattn.training.config import TrainConfig
+
+pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
+
+SMALL = tiny.TinyBaseSettings(vocab_size=300, hidden_size=32, intermediate_size=64, layers=2, heads=2, kv_heads=1,
+                              examples=32, batch_size=16)
+# Small enough for seconds per run; every path on: CAT, XG, two epochs, two micro-batches per step.
+FAST = ["--train-examples", "32", "--eval-examples", "12", "--batch-size", "4", "--eval-batch-size", "8",
+        "--adapter-len", "4", "--epochs", "2", "--lr", "0.05", "--warmup-steps", "1", "--backend", "reference",
+        "--threads", "1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    """A cached small tiny-base checkpoint directory (built once for this module)."""
+    root = tmp_path_factory.mktemp("cache")
+    return tiny.ensure_tiny_base(SMALL, root, show_progress=False, log=lambda message: None)
+
+
+def adapter_weights(directory):
+    return load_file(str(Path(directory) / "adapter_model.safetensors"))
+
+
+def report_of(directory):
+    return json.loads((Path(directory) / "report.json").read_text())
+
+
+# ------------------------------------------------------------------------------ the tiny base
+def test_tiny_base_is_built_once_and_reused(small_model, monkeypatch):
+    assert (small_model / "config.json").is_file() and (small_model / "tokenizer.json").is_file()
+    assert tiny.read_record(small_model)["settings"]["hidden_size"] == 32
+    assert not [p for p in small_model.parent.iterdir() if p.name.endswith(".tmp")]
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the cached base was built again")
+
+    monkeypatch.setattr(tiny, "build_tiny_base", fail)
+    assert tiny.ensure_tiny_base(SMALL, small_model.parent, log=lambda message: None) == small_model
+    other = tiny.TinyBaseSettings(**{**SMALL.__dict__, "seed": 7})
+    assert other.key() != SMALL.key()
+
+
+# ------------------------------------------------------------------------------ end to end
+def test_cli_runs_to_report_checkpoints_and_adapters(small_model, tmp_path, capsys):
+    out = tmp_path / "job"
+    code = main(["train", "--model", str(small_model), "--runs", "ce,ce+cat+xg", "--grad-accum", "2",
+                 "--output-dir", str(out), *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "IID acc" in printed and "OOD acc" in printed and "ce+cat+xg" in printed
+    report = report_of(out)
+    assert [run["name"] for run in report["runs"]] == ["ce", "ce+cat+xg"]
+    for run in report["runs"]:
+        expected = {(epoch, split) for epoch in range(3) for split in ("iid", "ood")}
+        assert {(row["epoch"], row["split"]) for row in run["accuracy"]} == expected
+        assert len(run["history"]) == 2 * 32 // 8  # two epochs of 32 examples, 8 per optimizer step
+        assert all(set(row) >= {"run", "step", "loss", "ce", "cat", "xg"} for row in run["history"])
+        run_dir = out / run["name"].replace("+", "-")
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["epoch-001", "epoch-002", "latest"]
+        final = adapter_weights(run_dir / "adapter")
+        assert all(torch.equal(final[k], v) for k, v in adapter_weights(run_dir / "checkpoints" / "epoch-002").items())
+        assert any(float(v.abs().max()) > 0 for k, v in final.items() if k.endswith("gate"))  # the gates moved
+    ce, both = report["runs"]
+    assert all(row["cat_weight"] == 0 for row in ce["history"])
+    assert both["history"][0]["loss"] != both["history"][0]["ce"]  # CAT and XG are in the loss
+
+
+def test_jsonl_data_with_eval_file(small_model, tmp_path):
+    train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    write_jsonl(train_file, generate(16, seed=1))
+    write_jsonl(eval_file, generate(6, seed=2, ood=True))
+    config = TrainConfig(model=str(small_model), data=str(train_file), eval_data=str(eval_file), epochs=1,
+                         batch_size=4, adapter_len=4, backend="reference", output_dir=str(tmp_path / "job"),
+                         quiet=True).validate()
+    report = train(config)
+    assert report["data"]["candidates"] == ["High Risk", "Low Risk"]
+    assert [(row["epoch"], row["split"]) for row in report["runs"][0]["accuracy"]] == [(0, "eval"), (1, "eval")]
+
+
+# ------------------------------------------------------------------------------ resume
+def test_resume_continues_the_identical_trajectory(small_model, tmp_path, monkeypatch):
+    args = ["train", "--model", str(small_model), "--runs", "ce+cat+xg", *FAST]
+    assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(*a, **kw):
+        real_save(*a, **kw)
+        raise KeyboardInterrupt("simulated crash after the first epoch's checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(args + ["--output-dir", str(tmp_path / "resumed")])
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert main(args + ["--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+
+    straight, resumed = report_of(tmp_path / "straight")["runs"][0], report_of(tmp_path / "resumed")["runs"][0]
+    assert resumed["resumed_at_epoch"] == 1
+    assert resumed["history"] == straight["history"]
+    assert resumed["accuracy"] == straight["accuracy"]
+    a, b = adapter_weights(straight["adapter_dir"]), adapter_weights(resumed["adapter_dir"])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_options_and_fresh_runs_refuse_old_dirs(small_model, tmp_path, capsys):
+    args = ["train", "--model", str(small_model), "--runs", "ce", *FAST, "--epochs", "1", "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--output-dir" in error and "already holds checkpoints" in error and "--resume" in error
+    assert main(args + ["--resume", "--lr", "0.01"]) == 2
+    error = capsys.readouterr().err
+    assert "--resume" in error and "lr: checkpoint 0.05, now 0.01" in error
+
+
+# ------------------------------------------------------------------------------ several processes
+def test_micro_batches_of_k_processes_are_those_of_one_process_accumulating_k():
+    order = list(range(48))
+    one = TrainConfig(batch_size=4, grad_accum=3)
+    many = TrainConfig(batch_size=4, grad_accum=1)
+    for step in range(4):
+        accumulated = micro_batches(order, step, one, rank=0, world_size=1)
+        assert [micro_batches(order, step, many, rank=r, world_size=3)[0] for r in range(3)] == accumulated
+        assert sorted(i for mb in accumulated for i in mb) == order[step * 12:(step + 1) * 12]
+
+
+@pytest.mark.parametrize("mode", [[], ["--fsdp"]], ids=["ddp", "fsdp"])
+def test_two_gloo_processes_match_one_process_with_grad_accum(small_model, tmp_path, mode):
+    common = ["train", "--model", str(small_model), "--runs", "ce+cat+xg", *FAST]
+    assert main(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "causalattn.cli", *common, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"), *mode]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    one, two = report_of(tmp_path / "one"), report_of(tmp_path / "two")
+    assert two["environment"]["world_size"] == 2
+    h1, h2 = one["runs"][0]["history"], two["runs"][0]["history"]
+    assert len(h1) == len(h2) == 8
+    for a, b in zip(h1, h2):
+        for key in ("loss", "ce", "cat", "xg"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (key, a["step"])
+    assert [r["accuracy"] for r in one["runs"][0]["accuracy"]] == [r["accuracy"] for r in two["runs"][0]["accuracy"]]
+    w1, w2 = adapter_weights(one["runs"][0]["adapter_dir"]), adapter_weights(two["runs"][0]["adapter_dir"])
+    for key in w1:
+        torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+# ------------------------------------------------------------------------------ bad options
+@pytest.mark.parametrize("options, flag", [
+    (["--batch-size", "0"], "--batch-size"),
+    (["--batch-size", "1"], "--batch-size: the XG variance"),
+    (["--runs", "cat"], "--runs"),
+    (["--runs", "ce", "--no-cat"], "--runs"),
+    (["--xg-tokens", "11"], "--xg-tokens"),
+    (["--cat-alpha", "-1"], "--cat-alpha"),
+    (["--resume"], "--resume: needs --output-dir"),
+    (["--model", "no/such/dir"], "--model"),
+    (["--data", "missing.jsonl"], "--data"),
+    (["--eval-data", "x.jsonl"], "--eval-data"),
+    (["--train-examples", "8", "--batch-size", "4", "--grad-accum", "4"], "--batch-size: one optimizer step takes 16"),
+])
+def test_bad_options_name_the_flag(options, flag, small_model, tmp_path, capsys):
+    base = ["train", "--output-dir", str(tmp_path / "job"), "--quiet"]
+    if "--model" not in options:
+        base += ["--model", str(small_model)]
+    if "--resume" in options:
+        base = base[:1] + base[3:]
+    assert main(base + options) == 2
+    assert f"error: {flag}" in capsys.readouterr().err
+
+
+def test_bad_jsonl_record_is_reported_with_its_line(small_model, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"input": "a", "target": "b"}\n{"input": "a"}\n')
+    assert main(["train", "--model", str(small_model), "--data", str(bad), "--output-dir", str(tmp_path / "j")]) == 2
+    assert f"--data: {bad}:2: missing field(s) ['target']" in capsys.readouterr().err
