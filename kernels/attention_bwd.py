@@ -170,6 +170,25 @@ def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_
 
 
 @triton.jit
+def _load_query_tile(Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dims, dim_ok, n_q, heads_q,
+                     stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+                     BLOCK_M: tl.constexpr, SUPERVISION: tl.constexpr):
+    """q, dO, base-2 LSE (+inf past the sequence, so P = 0 there), D and c = dL/dm of a query tile."""
+    tile_mask = row_ok[:, None] & dim_ok[None, :]
+    stat = (b64 * heads_q + h) * n_q + row0 + rows
+    q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
+                mask=tile_mask, other=0.0)
+    do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
+                 mask=tile_mask, other=0.0)
+    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
+    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
+    c = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if SUPERVISION:
+        c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+    return q, do, lse2, delta, c, stat
+
+
+@triton.jit
 def _dkdv_query_tiles(
     dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
     b, b64, h, row0, lo, hi, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
@@ -179,20 +198,12 @@ def _dkdv_query_tiles(
     SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of head h."""
-    c = tl.zeros([BLOCK_M], dtype=tl.float32)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < len_q
-        tile_mask = row_ok[:, None] & dim_ok[None, :]
-        stat = (b64 * heads_q + h) * n_q + row0 + rows
-        q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
-                    mask=tile_mask, other=0.0)
-        do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
-                     mask=tile_mask, other=0.0)
-        lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
-        delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
-        if SUPERVISION:
-            c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+        q, do, lse2, delta, c, _ = _load_query_tile(
+            Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dims, dim_ok, n_q, heads_q,
+            stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, BLOCK_M, SUPERVISION)
         p, ds = _seq_probs_and_dscores(
             q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
             (b * n_row_tiles + m0 // BLOCK_M) * n_col_tiles + key_tile, KeyMask, b64 * n_k, row0, mask_words,
@@ -322,16 +333,9 @@ def _bwd_dq_kernel(
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     tile_mask = row_ok[:, None] & dim_ok[None, :]
-    stat = (b64 * heads_q + h) * n_q + row0 + rows
-    q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
-                mask=tile_mask, other=0.0)
-    do = tl.load(dOut + b64 * stride_dob + h * stride_doh + (row0 + rows)[:, None] * stride_don + dims[None, :],
-                 mask=tile_mask, other=0.0)
-    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("inf")) * LOG2E
-    delta = tl.load(Delta + stat, mask=row_ok, other=0.0)
-    c = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if SUPERVISION:
-        c = tl.load(dMass + stat, mask=row_ok, other=0.0)
+    q, do, lse2, delta, c, stat = _load_query_tile(
+        Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dims, dim_ok, n_q, heads_q,
+        stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, BLOCK_M, SUPERVISION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if ADAPTER:
         slots = tl.arange(0, BLOCK_A)
