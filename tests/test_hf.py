@@ -430,3 +430,28 @@ def test_readme_example(tiny_tokenizer, risk_sentences, monkeypatch):
     assert torch.isfinite(stats.cat_loss()) and torch.isfinite(stats.xg_loss())
     gates = [p for name, p in model.named_parameters() if name.endswith("causalattn_adapter.gate")]
     assert len(gates) == 2 and all(bool((g != 0).all()) for g in gates)  # the step moved the zero-init gates
+
+
+def test_supervised_packed_row_matches_the_padded_batch():
+    """CAT on a padding-free row: the mask is built over the row with the same cu_seqlens, and the loss
+    equals the one of the same two sequences padded into a batch."""
+    model = adapted(llama_config(), xg_tokens=2)
+    gen = torch.Generator().manual_seed(7)
+    first, second = torch.randint(2, 300, (9,), generator=gen), torch.randint(2, 300, (14,), generator=gen)
+    causes = [((6, 8), [(1, 3)]), ((11, 13), [(2, 5), (7, 9)])]  # (effect, causes) in each sequence
+    padded_ids = torch.stack([torch.cat([first, torch.zeros(5, dtype=torch.long)]), second])
+    padding = torch.stack([torch.arange(14) < 9, torch.ones(14, dtype=torch.bool)])
+    padded_mask = CausalMask.from_spans([[causes[0]], [causes[1]]], 14, key_mask=padding)
+    with cah.collect(model) as padded_stats:
+        model(padded_ids, attention_mask=padding.long(), supervision=padded_mask, use_cache=False)
+    shift = lambda span, by: (span[0] + by, span[1] + by)  # noqa: E731
+    row_spans = [causes[0], (shift(causes[1][0], 9), [shift(c, 9) for c in causes[1][1]])]
+    cu = torch.tensor([0, 9, 23])
+    row_mask = CausalMask.from_spans([row_spans], 23, cu_seqlens=cu)
+    position_ids = torch.cat([torch.arange(9), torch.arange(14)])[None]
+    with cah.collect(model) as packed_stats:
+        model(torch.cat([first, second])[None], position_ids=position_ids, supervision=row_mask, use_cache=False)
+    torch.testing.assert_close(packed_stats.cat_loss(), padded_stats.cat_loss(), **TIGHT)
+    with cah.collect(model), pytest.raises(ValueError, match="same cu_seqlens"):
+        model(torch.cat([first, second])[None], position_ids=position_ids, use_cache=False,
+              supervision=CausalMask.from_spans([row_spans], 23))

@@ -149,9 +149,9 @@ def attention_forward(
     xg_tokens = prompt.xg_tokens if stats is not None and prompt is not None and n_q == n_k else 0
 
     packed = _packed_sequences(kwargs, batch, n_q, query.device) if key_mask is None and n_q == n_k > 1 else None
-    if packed is not None and supervision is not None:
-        raise NotImplementedError(f"{SUPERVISION_KWARG}: CAT supervision of packed sequences is not supported "
-                                  "(a CausalMask counts the visible keys of a whole row); pad the batch instead")
+    if packed is not None and supervision is not None and batch != 1:
+        raise ValueError(f"{SUPERVISION_KWARG}: supervised packed sequences must come as one row (B == 1) with a "
+                         f"CausalMask built over that row with the same cu_seqlens, got B={batch}")
     cu_seqlens, max_seqlen = packed if packed is not None else (None, None)
     q, k, v = query, key, value
     if packed is not None and batch > 1:  # one long row: the op packs sequences only along B == 1
