@@ -100,7 +100,7 @@ stage "summary (fwd+bwd; full tables in $OUT/*.txt)"
     echo "total ${SECONDS} s"
 } | tee "$OUT/summary.txt"
 
-# The device tool returns at most 8 files from $OUT: pack the logs and plots into one archive and
+# For job runners that return only a few files from $OUT: pack the logs and plots into one archive and
 # keep the two CSVs and the summary beside it.
 if [ -n "${PACK_OUT:-}" ]; then
     tar -czf "$OUT/session.tar.gz" -C "$OUT" --exclude=session.tar.gz . \
