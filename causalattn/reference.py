@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from causalattn.inputs import Adapter, AttentionOutput, check_inputs, gate_values
+from causalattn.inputs import (Adapter, AttentionOutput, check_inputs, gate_values, key_validity, sequence_ids,
+                               xg_row_weights)
 from causalattn.masks import CausalMask
 
 # Scores held per block in the chunked path: 2**24 fp32 elements = 64 MB, a few of them live at once.
@@ -52,31 +53,18 @@ class _Problem:
         self.causal = causal
         self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.compute_dtype = q.dtype if q.dtype == torch.float64 or not upcast else torch.float32
-        device = q.device
-        if key_lengths is not None:
-            key_mask = torch.arange(self.n_k, device=device) < key_lengths[:, None]
-        self.key_valid = key_mask  # (B, Nk) bool or None
-        self.segment = None  # (Nk,) sequence id of each packed token
-        self.num_sequences = self.batch
-        if cu_seqlens is not None:
-            # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the
-            # end) still get their (zero) row in the pooled XG output.
-            self.num_sequences = cu_seqlens.numel() - 1
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
-            self.segment = torch.repeat_interleave(torch.arange(lengths.numel(), device=device), lengths)
+        self.key_valid = key_validity(self.n_k, key_lengths, key_mask)  # (B, Nk) bool or None
+        self.segment = sequence_ids(cu_seqlens.to(q.device)) if cu_seqlens is not None else None  # (Nk,)
+        # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the end)
+        # still get their (zero) row in the pooled XG output.
+        self.num_sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else self.batch
         self.adapter = adapter
         self.supervision = supervision
         self.xg_tokens = xg_tokens
         self.xg_pool = xg_pool
-        self.xg_weight = self._xg_row_weights(device) if xg_tokens and xg_pool == "sample" else None
-
-    def _xg_row_weights(self, device) -> Tensor:
-        """(B, Nq) weight 1/|V_s| of each row in its sample's (or packed sequence's) mean."""
-        if self.segment is not None:
-            counts = torch.bincount(self.segment).clamp_min(1)
-            return (1.0 / counts[self.segment].to(self.compute_dtype))[None]
-        valid = self.key_valid if self.key_valid is not None else torch.ones(self.batch, self.n_q, dtype=torch.bool, device=device)
-        return valid.to(self.compute_dtype) / valid.sum(-1, keepdim=True).clamp_min(1)
+        self.xg_weight = None  # (B, Nq) weight 1/|V_s| of each row in its sample's mean
+        if xg_tokens and xg_pool == "sample":
+            self.xg_weight = xg_row_weights(self.batch, self.n_q, self.key_valid, cu_seqlens, self.compute_dtype, q.device)
 
     def key_end(self, row_end: int) -> int:
         """Keys past this index are invisible to rows < row_end (causal, bottom-right aligned)."""
