@@ -180,6 +180,14 @@ class CausalMask:
         starts = self.cu_seqlens.to(torch.int64)
         return torch.repeat_interleave(starts[:-1], starts[1:] - starts[:-1]).to(torch.int32)
 
+    def supervised_rows(self) -> tuple[Tensor, Tensor]:
+        """(samples, rows): int64 CPU indices of the rows with at least one cause, sample-major and
+        ascending. Computed once per mask (one device sync) and reused by every layer."""
+        if getattr(self, "_supervised_rows", None) is None:
+            samples, rows = (self.cause_count > 0).nonzero(as_tuple=True)
+            self._supervised_rows = (samples.cpu(), rows.cpu())
+        return self._supervised_rows
+
     def unpack_rows(self, start: int, end: int) -> Tensor:
         """Dense bool (B, end - start, N) block of rows."""
         return unpack_bits(self.bits[:, start:end], self.seq_len)

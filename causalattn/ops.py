@@ -6,8 +6,12 @@ Shapes: see `causalattn.inputs`. Backends:
               `causalattn::fused_attention` / `causalattn::fused_attention_backward` with
               `register_autograd` and fake (meta) implementations, so torch.compile traces through
               them without graph breaks.
+* "composed"  `causalattn.composed.attention_composed`: PyTorch's own attention kernel plus the
+              statistics computed apart (adapter and XG over N x M, CAT mass on the supervised rows).
 * "reference" `causalattn.reference.attention_chunked` (memory-lean PyTorch, any device/dtype).
-* "auto"      "triton" for CUDA tensors (and under the interpreter), "reference" otherwise and for fp64.
+* "auto"      CPU: "composed". CUDA: what `causalattn.dispatch` measured fastest for the device,
+              dtype, head dim, features and supervised-row density; "triton" where nothing was
+              measured (and "composed" for float64, which the kernels do not take).
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ from torch import Tensor
 
 from causalattn.inputs import Adapter, AttentionOutput, check_inputs, gate_values, key_validity, xg_row_weights
 from causalattn.masks import CausalMask
+from causalattn.composed import attention_composed
 from causalattn.reference import attention_chunked
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "composed", "reference")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -31,19 +36,31 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def resolve_backend(backend: str, q: Tensor) -> str:
-    """The backend `attention` runs for `backend` and a query tensor `q`."""
+def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_fraction: float = 0.0) -> str:
+    """The backend `attention` runs for `backend` and a query tensor `q`; `features` ("adapter+cat+xg",
+    "none", ...) and the fraction of supervised rows choose between the fused and the composed path
+    on CUDA (see `causalattn.dispatch`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        triton_ok = (q.is_cuda or _interpreting()) and q.dtype in TRITON_DTYPES
-        return "triton" if triton_ok else "reference"
+        if not q.is_cuda or q.dtype not in TRITON_DTYPES:
+            return "composed"
+        from causalattn.dispatch import choose_cuda_backend
+
+        return choose_cuda_backend(q.device, q.dtype, q.shape[-1], features, supervised_fraction)
     if backend == "triton":
         if q.dtype not in TRITON_DTYPES:
             raise TypeError(f"q: the triton backend takes float16/bfloat16/float32, got {q.dtype} (use backend='reference')")
         if not (q.is_cuda or _interpreting()):
             raise ValueError(f"q: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
     return backend
+
+
+def feature_label(adapter: Optional[Adapter], supervision: Optional[CausalMask], xg_tokens: int) -> str:
+    """"adapter", "cat", "xg" joined by "+" in that order, or "none": the dispatch table's feature key."""
+    on = [name for name, used in (("adapter", adapter is not None), ("cat", supervision is not None),
+                                  ("xg", bool(xg_tokens))) if used]
+    return "+".join(on) or "none"
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -163,10 +180,15 @@ def attention(
     """
     check_inputs(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                  cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
-    if resolve_backend(backend, q) == "reference":
-        return attention_chunked(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
-                                 cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision,
-                                 xg_tokens=xg_tokens, xg_pool=xg_pool)
+    if backend == "auto" and q.is_cuda and supervision is not None:
+        supervised_fraction = supervision.supervised_rows()[1].numel() / max(1, supervision.batch_size * q.shape[2])
+    else:
+        supervised_fraction = 0.0
+    chosen = resolve_backend(backend, q, feature_label(adapter, supervision, xg_tokens), supervised_fraction)
+    if chosen != "triton":
+        run = attention_chunked if chosen == "reference" else attention_composed
+        return run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
+                   cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
     batch, heads_q, n_q, head_dim = q.shape
     if cu_seqlens is not None:
         if adapter is not None and adapter.keys.dim() == 4:

@@ -42,8 +42,9 @@ from causalattn.masks import CausalMask
 _SCORES_PER_BLOCK = 1 << 24
 
 
-class _Problem:
-    """Per-call constants derived once from the arguments (visibility, row weights, compute dtype)."""
+class AttentionProblem:
+    """Per-call constants derived once from the arguments (visibility, row weights, compute dtype);
+    shared by the reference and the composed backend."""
 
     def __init__(self, q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool,
                  upcast=True):
@@ -58,6 +59,7 @@ class _Problem:
         # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the end)
         # still get their (zero) row in the pooled XG output.
         self.num_sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else self.batch
+        self.cu_seqlens_host = cu_seqlens.tolist() if cu_seqlens is not None else None
         self.adapter = adapter
         self.supervision = supervision
         self.xg_tokens = xg_tokens
@@ -72,19 +74,24 @@ class _Problem:
 
     def visibility(self, row_start: int, row_end: int, key_end: int, device) -> Tensor:
         """(B or 1, 1, 1, rows, keys) bool: which keys each query row of the block may attend to."""
-        rows = torch.arange(row_start, row_end, device=device)
-        cols = torch.arange(key_end, device=device)
-        visible = torch.ones(1, len(rows), key_end, dtype=torch.bool, device=device)
+        return self.rows_visibility(torch.arange(row_start, row_end, device=device), key_end)[:, None, None]
+
+    def rows_visibility(self, rows: Tensor, key_end: int, sample: Optional[int] = None) -> Tensor:
+        """(B or 1, R, keys) bool: which of the first `key_end` keys each query row in `rows` sees;
+        (1, R, keys) for one `sample` only."""
+        cols = torch.arange(key_end, device=rows.device)
+        visible = torch.ones(1, len(rows), key_end, dtype=torch.bool, device=rows.device)
         if self.causal:
             visible = visible & (cols <= rows[:, None] + (self.n_k - self.n_q))
         if self.key_valid is not None:
-            visible = visible & self.key_valid[:, None, :key_end]
+            valid = self.key_valid if sample is None else self.key_valid[sample : sample + 1]
+            visible = visible & valid[:, None, :key_end]
         if self.segment is not None:
             visible = visible & (self.segment[rows][:, None] == self.segment[:key_end])
-        return visible[:, None, None]
+        return visible
 
 
-def _attend_rows(problem: _Problem, row_start: int, row_end: int, q: Tensor, k: Tensor, v: Tensor,
+def _attend_rows(problem: AttentionProblem, row_start: int, row_end: int, q: Tensor, k: Tensor, v: Tensor,
                  adapter_keys: Optional[Tensor], adapter_values: Optional[Tensor], gate: Optional[Tensor]):
     """Every output for query rows [row_start, row_end). Returns (out, lse, mass, z) in compute dtype,
     with z already reduced per sample when pooling; GQA by folding the query group into rows."""
@@ -133,7 +140,7 @@ def _attend_rows(problem: _Problem, row_start: int, row_end: int, q: Tensor, k: 
     return heads(out), heads(lse.squeeze(-1)), heads(mass) if mass is not None else None, z
 
 
-def _pool_rows(p: _Problem, z: Tensor, row_start: int, row_end: int) -> Tensor:
+def _pool_rows(p: AttentionProblem, z: Tensor, row_start: int, row_end: int) -> Tensor:
     """Weighted sum of per-row z (B, Hq, rows, d) into per-sample sums (S, Hq, d)."""
     weighted = z * p.xg_weight[:, None, row_start:row_end, None]
     if p.segment is None:
@@ -146,7 +153,7 @@ def _run(q, k, v, *, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, 
          rows_per_block: Optional[int], upcast: bool) -> AttentionOutput:
     check_inputs(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                  cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
-    p = _Problem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool, upcast)
+    p = AttentionProblem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool, upcast)
     adapter_tensors = (adapter.keys, adapter.values, adapter.gate) if adapter is not None else (None, None, None)
     block = p.n_q if rows_per_block is None else rows_per_block
     needs_grad = torch.is_grad_enabled() and any(

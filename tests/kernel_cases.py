@@ -1,9 +1,9 @@
 """Building and checking fused-attention problems for the kernel tests.
 
-A `Case` describes one problem (shapes, flags, which outputs feed the loss); `check_case` runs the
-Triton backend on it with every output buffer poisoned, and compares every output and gradient with
-the float64 reference under FlashAttention's rule (SPEC §5): the kernel's error may be at most twice
-that of plain PyTorch in the kernel's dtype, plus a small floor.
+A `Case` describes one problem (shapes, flags, which outputs feed the loss); `check_case` runs a
+backend on it (the Triton kernels with every output buffer poisoned, or the composed path) and
+compares every output and gradient with the float64 reference under FlashAttention's rule (SPEC §5):
+the backend's error may be at most twice that of plain PyTorch in its dtype, plus a small floor.
 """
 from __future__ import annotations
 
@@ -174,11 +174,11 @@ def poisoned_allocations(monkeypatch) -> None:
         monkeypatch.setattr(module, "torch", PoisonedTorch())
 
 
-def check_case(case: Case, device: str = "cpu") -> dict[str, float]:
-    """Compare the Triton backend with the float64 reference; returns the worst error ratio seen
+def check_case(case: Case, device: str = "cpu", backend: str = "triton") -> dict[str, float]:
+    """Compare `backend` with the float64 reference; returns the worst error ratio seen
     (error / allowed) per output and gradient. Raises AssertionError on a violation."""
     leaves, kwargs, upstream = build_inputs(case, device)
-    fused = run_attention(lambda *a, **k: causalattn.attention(*a, backend="triton", **k),
+    fused = run_attention(lambda *a, **k: causalattn.attention(*a, backend=backend, **k),
                           leaves, kwargs, upstream, case, case.dtype, device)
     # Past 1k tokens the dense reference's N x N float64 tensors outgrow a GPU (17 GB per score tensor
     # at N = 8k, 32 heads); the chunked reference computes the same values (tested against the dense).

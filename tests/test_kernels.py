@@ -140,7 +140,7 @@ def test_torch_compile_traces_without_graph_breaks():
 
 def test_backend_choice_and_errors():
     q = torch.randn(1, 2, 8, 16, dtype=torch.float64)
-    assert causalattn.ops.resolve_backend("auto", q) == "reference"
+    assert causalattn.ops.resolve_backend("auto", q) == "composed"
     with pytest.raises(TypeError, match="q: the triton backend takes"):
         causalattn.ops.resolve_backend("triton", q)
     with pytest.raises(ValueError, match="backend: expected one of"):

@@ -221,7 +221,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--resume", action="store_true",
                        help="continue the job in --output-dir from its last checkpoint (same options)")
     where.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                       help="attention backend: triton on GPUs, reference on CPU (default auto)")
+                       help="attention backend (default auto: composed on CPU, the measured choice on GPUs)")
     where.add_argument("--device", choices=DEVICES, default=d.device, help="default: cuda when available")
     where.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard the frozen base model with FSDP2, adapters replicated "

@@ -1,0 +1,257 @@
+"""The composed backend: PyTorch's own attention kernel for the sequence part, and every extra statistic
+computed apart where it is cheap (SPEC §8). Same signature, outputs and gradients as the other backends.
+
+    out  = SDPA(q, k, v)                        one call of the vendor kernel (CPU: PyTorch's flash kernel)
+         + gamma * softmax(tau q Ka^T) Va       an (N x M) problem, M <= 64: plain tensor ops
+    lse  from the same kernel call              differentiable (exact backward, see `_KernelAttention`)
+    mass m_i = sum_j P_ij A_ij                  only on the R rows that have a cause, gathered: (R x N)
+    xg   gamma * sum_{m < H_g} Pa_im va_m       from the adapter softmax above, pooled per sample
+
+Why it is fast: the N x N work runs once, in the vendor kernel, and the statistics cost O(N M) or
+O(R N) with R the supervised rows (a few percent of N in CAT data). Nothing N x N is kept: masked
+variants run the kernel a block of query rows at a time with a (rows x keys) additive mask.
+
+Shapes
+------
+q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); GQA is handed to the kernel as is (K/V never repeated).
+_KernelAttention      q, k, v, bias (B or 1, 1, rows, keys) additive or None -> out (B, Hq, Nq, d), lse (B, Hq, Nq)
+_adapter_branch       -> gated adapter output (B, Hq, Nq, d), xg (S, Hq, d) / (B, Hq, Nq, d) or None
+_cause_mass           -> mass (B, Hq, Nq): exact zeros on rows without causes
+Statistics are computed in fp32 (fp64 for fp64 input), as in `causalattn.reference`.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from causalattn.inputs import Adapter, AttentionOutput, gate_values
+from causalattn.masks import CausalMask, unpack_bits
+from causalattn.reference import AttentionProblem
+
+# PyTorch's CPU flash-attention kernel returns its log-sum-exp beside the output; the public SDPA does not.
+_CPU_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_CPU_KERNEL_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+# Query rows per masked kernel call: rows x keys of fp32 bias (and of gathered cause-row scores per
+# KV head) stay near 2**22 elements (16 MB), small next to q/k/v at the lengths where it matters.
+_MASK_ELEMENTS_PER_BLOCK = 1 << 22
+# Packed sequences run one kernel call each (sum of L_s^2 work instead of N^2) up to this many; past
+# it the per-call overhead (~50 us) outweighs the saving and one block-masked pass runs instead.
+_MAX_SEQUENCE_CALLS = 64
+
+
+def kernel_available(device: torch.device) -> bool:
+    """Whether the LSE-returning vendor kernel runs on `device` (else the portable path is used)."""
+    return device.type == "cpu" and _CPU_KERNEL is not None and _CPU_KERNEL_BACKWARD is not None
+
+
+# ------------------------------------------------------------------------------ sequence attention
+class _KernelAttention(torch.autograd.Function):
+    """(out, lse) of PyTorch's CPU flash kernel, both differentiable.
+
+    The kernel's own backward covers dL/dout. dL/dlse adds dS_ij = g_i P_ij (d lse_i / d S_ij = P_ij),
+    i.e. dq_i += tau g_i (P k)_i and dk_j += tau (P^T (g * q))_j: one more forward with k as values
+    and the value gradient of one more backward. They run only when the lse is used by the loss.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], causal: bool, scale: float):
+        out, lse = _CPU_KERNEL(q, k, v, 0.0, causal, attn_mask=bias, scale=scale)
+        ctx.save_for_backward(q, k, v, out, lse, bias)
+        ctx.causal, ctx.scale = causal, scale
+        ctx.set_materialize_grads(False)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
+        q, k, v, out, lse, bias = ctx.saved_tensors
+        options = dict(attn_mask=bias, scale=ctx.scale)
+        dq = dk = dv = None
+        if grad_out is not None:
+            dq, dk, dv = _CPU_KERNEL_BACKWARD(grad_out, q, k, v, out, lse, 0.0, ctx.causal, **options)
+        if grad_lse is not None:
+            weight = (ctx.scale * grad_lse).unsqueeze(-1)
+            probs_k, _ = _CPU_KERNEL(q, k, k, 0.0, ctx.causal, **options)
+            _, _, dk_lse = _CPU_KERNEL_BACKWARD((weight * q).to(q.dtype), q, k, k, probs_k, lse, 0.0, ctx.causal,
+                                                **options)
+            dq_lse = (weight * probs_k).to(q.dtype)
+            dq = dq_lse if dq is None else dq + dq_lse
+            dk = dk_lse if dk is None else dk + dk_lse
+        return dq, dk, dv, None, None, None
+
+
+def _portable_attention(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool,
+                        scale: float) -> tuple[Tensor, Tensor]:
+    """(out, lse) on devices without the LSE kernel: the public SDPA (the device's fastest backend) for
+    out, and the lse as a logsumexp of recomputed scores under checkpointing (one more Q K^T pass)."""
+    group = q.shape[1] // k.shape[1]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal and visible is None,
+                                         scale=scale, enable_gqa=group > 1)
+
+    def logsumexp(q: Tensor, k: Tensor) -> Tensor:
+        batch, heads_kv = k.shape[:2]
+        scores = q.unflatten(1, (heads_kv, group)).float() @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+        if visible is not None:
+            scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
+        elif causal:
+            n_q, n_k = q.shape[2], k.shape[2]
+            scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q).logical_not(),
+                                        float("-inf"))
+        return torch.logsumexp(scores, dim=-1).flatten(1, 2)
+
+    lse = checkpoint(logsumexp, q, k, use_reentrant=False) if torch.is_grad_enabled() else logsumexp(q, k)
+    return out, lse
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool, scale: float):
+    """One kernel call. `visible` (B or 1, 1, rows, keys) bool, every row with at least one True, or None
+    for plain (causal or full) attention."""
+    if kernel_available(q.device):
+        bias = None
+        if visible is not None:
+            bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        return _KernelAttention.apply(q, k, v, bias, causal and visible is None, scale)
+    return _portable_attention(q, k, v, visible, causal, scale)
+
+
+def _sequence_attention(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the sequence part over all rows: one plain call when nothing is masked, one call
+    per packed sequence, or blocks of query rows with their visibility as an additive mask."""
+    plain = p.key_valid is None and p.segment is None and (not p.causal or p.n_q == p.n_k)
+    if plain:
+        return _attend(q, k, v, None, p.causal, p.scale)
+    if p.segment is not None and p.num_sequences <= _MAX_SEQUENCE_CALLS:
+        return _per_sequence(p, q, k, v)
+    rows_per_block = max(1, _MASK_ELEMENTS_PER_BLOCK // max(1, p.n_k))
+    outs, lses = [], []
+    for start in range(0, p.n_q, rows_per_block):
+        end = min(p.n_q, start + rows_per_block)
+        key_end = p.key_end(end)
+        visible = p.visibility(start, end, key_end, q.device)[:, 0]  # (B or 1, 1, rows, keys)
+        # A row that sees no key (left padding) reads key 0 in the kernel; its out and lse are replaced
+        # below (0 and +inf), so no 0/0 reaches the kernel and no gradient flows from that row.
+        seen = visible.any(-1, keepdim=True)
+        visible = visible | (~seen & (torch.arange(key_end, device=q.device) == 0))
+        out, lse = _attend(q[:, :, start:end], k[:, :, :key_end], v[:, :, :key_end], visible, p.causal, p.scale)
+        seen = seen.squeeze(-1)  # (B or 1, 1, rows)
+        outs.append(torch.where(seen.unsqueeze(-1), out, torch.zeros((), dtype=out.dtype, device=out.device)))
+        lses.append(torch.where(seen, lse, torch.full((), float("inf"), dtype=lse.dtype, device=lse.device)))
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def _per_sequence(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed sequences (B == 1, Nq == Nk) as one plain call each, on views of the packed tensors."""
+    bounds = p.cu_seqlens_host
+    outs, lses = [], []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            out, lse = _attend(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], None, p.causal, p.scale)
+            outs.append(out)
+            lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+# ------------------------------------------------------------------------------ adapter and XG
+def _adapter_branch(p: AttentionProblem, q: Tensor, adapter: Adapter) -> tuple[Tensor, Optional[Tensor]]:
+    """gamma * softmax(tau q Ka^T) Va (B, Hq, Nq, d) in the statistics dtype, and the XG statistic
+    (pooled (S, Hq, d) or per row (B, Hq, Nq, d)) when `xg_tokens` > 0. The prompt is never masked."""
+    dt = p.compute_dtype
+    keys, values = adapter.keys.to(dt), adapter.values.to(dt)
+    if keys.dim() == 3:  # shared prompt: broadcast over the batch (a view)
+        keys, values = keys.unsqueeze(0), values.unsqueeze(0)
+    grouped = q.to(dt).unflatten(1, (p.heads_kv, p.group))  # (B, Hkv, G, Nq, d), a view for fp32 input
+    probs = torch.softmax(grouped @ keys.unsqueeze(2).transpose(-1, -2) * p.scale, dim=-1)  # (B, Hkv, G, Nq, M)
+    gamma = gate_values(adapter.gate, adapter.gate_mode).to(dt).expand(p.heads_q).view(1, p.heads_kv, p.group, 1, 1)
+    gated = (gamma * probs) @ values.unsqueeze(2)
+    if not p.xg_tokens:
+        return gated.flatten(1, 2), None
+    xg_probs, xg_values = probs[..., : p.xg_tokens], values[..., : p.xg_tokens, :].unsqueeze(2)
+    if p.xg_weight is None:  # per row: z_i = gamma sum_{m < H_g} Pa_im va_m
+        return gated.flatten(1, 2), ((gamma * xg_probs) @ xg_values).flatten(1, 2)
+    # Pooled: the row mean commutes with the (linear) read-out, so average the H_g probabilities over
+    # each sample's rows first and read the values once: O(N H_g) instead of a (B, Hq, N, d) z.
+    weighted = xg_probs * p.xg_weight[:, None, None, :, None]
+    if p.segment is None:
+        mean_probs = weighted.sum(3, keepdim=True)  # (B, Hkv, G, 1, H_g)
+    else:  # packed sequences (B == 1): one mean per sequence, as (1, Hkv, G, S, H_g)
+        mean_probs = weighted.new_zeros(*weighted.shape[:3], p.num_sequences, p.xg_tokens)
+        mean_probs = mean_probs.index_add(3, p.segment, weighted)
+    pooled = (gamma * mean_probs) @ xg_values  # (B, Hkv, G, 1 or S, d)
+    pooled = pooled.flatten(1, 2).squeeze(2) if p.segment is None else pooled[0].flatten(0, 1).transpose(0, 1)
+    return gated.flatten(1, 2), pooled
+
+
+# ------------------------------------------------------------------------------ CAT mass
+def _mass_of_rows(p: AttentionProblem, q: Tensor, k: Tensor, bits: Tensor, sample: int, rows: Tensor) -> Tensor:
+    """(Hq, R) mass of the gathered rows `rows` (int64, ascending) of one sample: their exact softmax
+    over the visible keys, summed over the causes."""
+    dt = p.compute_dtype
+    key_end = p.key_end(int(rows[-1]) + 1)
+    queries = q[sample, :, rows].to(dt).unflatten(0, (p.heads_kv, p.group))  # (Hkv, G, R, d)
+    keys = k[sample, :, :key_end].to(dt)  # (Hkv, K, d)
+    scores = queries @ keys.unsqueeze(1).transpose(-1, -2) * p.scale  # (Hkv, G, R, K)
+    visible = p.rows_visibility(rows, key_end, sample)[0]  # (R, K)
+    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # causes are visible: no empty row
+    causes = unpack_bits(bits[sample, rows], p.n_k)[:, :key_end]
+    return (probs * causes).sum(-1).flatten(0, 1)
+
+
+def _cause_mass(p: AttentionProblem, q: Tensor, k: Tensor, mask: CausalMask) -> Tensor:
+    """(B, Hq, Nq) mass; rows without a cause get an exact 0 without being computed. The gathered rows
+    run in blocks, each under activation checkpointing: O(block x N) memory in forward and backward."""
+    samples, rows = mask.supervised_rows()
+    mass = torch.zeros(p.batch, p.n_q, p.heads_q, dtype=p.compute_dtype, device=q.device)
+    if rows.numel() == 0:  # still a function of q, as in every backend, so a CAT-only loss backpropagates
+        return (mass + q.flatten()[:1].sum() * 0).transpose(1, 2)
+    rows_per_block = max(1, _MASK_ELEMENTS_PER_BLOCK // (p.heads_q * p.n_k))
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    values, where_b, where_i = [], [], []
+    for sample in torch.unique(samples).tolist():
+        own = rows[samples == sample]
+        for block in own.split(rows_per_block):
+            device_block = block.to(q.device)
+            if needs_grad:
+                value = checkpoint(_mass_of_rows, p, q, k, mask.bits, sample, device_block, use_reentrant=False)
+            else:
+                value = _mass_of_rows(p, q, k, mask.bits, sample, device_block)
+            values.append(value.t())
+            where_b.append(torch.full_like(device_block, sample))
+            where_i.append(device_block)
+    mass = mass.index_put((torch.cat(where_b), torch.cat(where_i)), torch.cat(values))
+    return mass.transpose(1, 2)
+
+
+# ------------------------------------------------------------------------------ entry point
+def _no_rows(p: AttentionProblem, q: Tensor, with_mass: bool, xg_pool: str) -> AttentionOutput:
+    """Outputs for Nq == 0, still attached to q's graph; a pooled XG mean over no rows is 0."""
+    stats = (q.sum(-1) * 0).to(p.compute_dtype)
+    xg = None
+    if p.xg_tokens:
+        xg = q.new_zeros(p.num_sequences, p.heads_q, p.head_dim, dtype=p.compute_dtype) if xg_pool == "sample" \
+            else (q * 0).to(p.compute_dtype)
+    return AttentionOutput(q * 0, stats, stats.clone() if with_mass else None, xg)
+
+
+def attention_composed(
+    q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
+    key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+    adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
+    xg_tokens: int = 0, xg_pool: str = "sample",
+) -> AttentionOutput:
+    """SPEC §1-§3 with the vendor kernel plus side statistics; inputs already checked by `check_inputs`.
+    Same outputs (and dtypes) as `causalattn.reference.attention_dense`."""
+    p = AttentionProblem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens,
+                         xg_pool)
+    if p.n_q == 0:
+        return _no_rows(p, q, supervision is not None, xg_pool)
+    out, lse = _sequence_attention(p, q, k, v)
+    lse = lse.to(p.compute_dtype)
+    xg = None
+    if adapter is not None:
+        adapter_out, xg = _adapter_branch(p, q, adapter)
+        out = (out.to(adapter_out.dtype) + adapter_out).to(q.dtype)
+    mass = _cause_mass(p, q, k, supervision) if supervision is not None else None
+    return AttentionOutput(out, lse, mass, xg)
