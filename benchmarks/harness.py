@@ -51,8 +51,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from benchmarks.providers import (PROVIDERS, SDPA_BACKEND_PROVIDERS, Built, Problem, Provider, Shape, Unsupported,
-                                  is_missing_kernel, make_problem)
+from benchmarks.providers import (CAT_DOCUMENT_DENSITY, PROVIDERS, SDPA_BACKEND_PROVIDERS, Built, Problem, Provider,
+                                  Shape, Unsupported, is_missing_kernel, make_problem)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = REPO_ROOT / "benchmarks" / "results"
@@ -60,7 +60,7 @@ MODES = ("fwd", "bwd", "fwd+bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd+bwd": 3.5}
 MIB = 2**20
 
-SHAPE_FIELDS = ("batch", "seq_len", "heads_q", "heads_kv", "head_dim", "adapter_len", "xg_tokens", "dtype")
+SHAPE_FIELDS = ("batch", "seq_len", "heads_q", "heads_kv", "head_dim", "adapter_len", "xg_tokens", "dtype", "supervised")
 KEY_FIELDS = ("device", "provider", "mode", *SHAPE_FIELDS)
 FIELDS = ("date", "device", "device_type", "torch", "triton", "git_commit", "preset", "provider", "features", "mode",
           *SHAPE_FIELDS, "status", "median_ms", "q20_ms", "q80_ms", "tflops", "attn_gflop", "adapter_gflop", "peak_mb",
@@ -97,6 +97,7 @@ class Preset:
     batch: Optional[int] = None
     xg_tokens: int = 2
     dtype: str = "bfloat16"
+    supervised: tuple[float, ...] = (CAT_DOCUMENT_DENSITY,)  # fractions of rows with causes
     # CPU threads (None: torch's default). The CPU presets use one: at their tiny shapes OpenMP
     # synchronisation costs more than a second core gains, and on a shared 2-core machine it made
     # the timings 10-100x slower and noisy.
@@ -105,11 +106,15 @@ class Preset:
     def shapes(self, device: torch.device) -> list[Shape]:
         dtype = self.dtype if self.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
         return [Shape(batch=self.batch or max(1, self.tokens // n), seq_len=n, heads_q=self.heads_q, heads_kv=hkv,
-                      head_dim=d, adapter_len=m, xg_tokens=min(self.xg_tokens, m), dtype=dtype)
-                for hkv, d, m, n in itertools.product(self.heads_kv, self.head_dims, self.adapter_lens, self.seq_lens)]
+                      head_dim=d, adapter_len=m, xg_tokens=min(self.xg_tokens, m), dtype=dtype, supervised=rows)
+                for hkv, d, m, rows, n in itertools.product(self.heads_kv, self.head_dims, self.adapter_lens,
+                                                            self.supervised, self.seq_lens)]
 
 
 CAUSALATTN_ALL = ("causalattn", "causalattn+adapter", "causalattn+cat", "causalattn+xg", "causalattn+all")
+COMPOSED_ALL = ("composed", "composed+adapter", "composed+cat", "composed+xg", "composed+all")
+# The dispatch sweep's densities of supervised rows (SPEC §8: the composed mass costs O(rows x N)).
+DISPATCH_DENSITIES = (0.003, 0.03, 0.1, 0.3, 1.0)
 PRESETS = {
     p.name: p for p in (
         # Issue 3: plain and adapter-on fused attention vs SDPA's backends and the usual adapter baselines.
@@ -121,14 +126,30 @@ PRESETS = {
         # Issue 4: every feature on vs off vs SDPA vs the ways users get CAT/XG today. Fewer N: the
         # FlexAttention baselines compile three graphs per shape.
         Preset("all-features",
-               providers=("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", *CAUSALATTN_ALL, "sdpa+adapter-sdpa",
-                          "sdpa+adapter-peft", "eager+cat", "eager+all", "flex", "flex2pass+cat", "flex2pass+all"),
+               providers=("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", *CAUSALATTN_ALL, *COMPOSED_ALL,
+                          "sdpa+adapter-sdpa", "sdpa+adapter-peft", "eager+cat", "eager+all", "flex", "flex2pass+cat",
+                          "flex2pass+all"),
                modes=("fwd", "fwd+bwd"), seq_lens=(1024, 4096, 16384), heads_kv=(8,)),
+        # Fused vs composed over the density of supervised rows: the measurements behind the CUDA
+        # dispatch table (`python -m benchmarks.dispatch_table`).
+        Preset("dispatch",
+               providers=("sdpa-flash", "sdpa-cudnn", "causalattn", "causalattn+adapter", "causalattn+cat",
+                          "causalattn+all", "composed", "composed+adapter", "composed+cat", "composed+all"),
+               modes=("fwd+bwd",), seq_lens=(4096, 16384), heads_kv=(8,), supervised=DISPATCH_DENSITIES),
+        # What a CPU user gets: the composed backend against PyTorch's own SDPA, side by side, at the
+        # shapes of one LLaMA-style layer slice (B = 1, 8 heads, d = 64, fp32, the machine's threads).
         Preset("cpu",
-               providers=("sdpa-flash", "sdpa-math", *CAUSALATTN_ALL, "sdpa+adapter-sdpa", "sdpa+adapter-peft",
-                          "eager+cat", "eager+all"),
-               modes=MODES, seq_lens=(128, 256, 512), heads_kv=(2,), head_dims=(64,), heads_q=4, tokens=1024,
-               dtype="float32", cpu_threads=1),
+               providers=("sdpa-flash", "sdpa-math", *COMPOSED_ALL, "causalattn", "causalattn+all",
+                          "sdpa+adapter-sdpa", "eager+all"),
+               modes=("fwd", "fwd+bwd"), seq_lens=(1024, 4096), heads_kv=(8,), head_dims=(64,), heads_q=8, batch=1,
+               dtype="float32"),
+        # Peak memory at long context on CPU (fwd+bwd, one case each: ~1 min per case).
+        Preset("cpu-memory", providers=("sdpa-flash", "composed", "composed+all"), modes=("fwd+bwd",),
+               seq_lens=(16384,), heads_kv=(8,), head_dims=(64,), heads_q=8, batch=1, dtype="float32"),
+        # The density sweep on CPU (composed only: the reference's cost does not depend on it).
+        Preset("cpu-dispatch", providers=("sdpa-flash", "composed+cat", "composed+all"), modes=("fwd+bwd",),
+               seq_lens=(4096,), heads_kv=(8,), head_dims=(64,), heads_q=8, batch=1, dtype="float32",
+               supervised=DISPATCH_DENSITIES),
         Preset("smoke", providers=tuple(PROVIDERS), modes=("fwd+bwd",), seq_lens=(64,), heads_kv=(2,),
                head_dims=(32,), adapter_lens=(4,), heads_q=4, tokens=128, dtype="auto", cpu_threads=1),
     )
@@ -411,16 +432,22 @@ def _float(value: Any) -> Optional[float]:
 
 
 # Table order within a device and mode: the sweep axes, N last so a block reads as a scan over N.
-_TABLE_ORDER = ("heads_q", "heads_kv", "head_dim", "adapter_len", "xg_tokens", "dtype", "seq_len", "batch")
+_TABLE_ORDER = ("heads_q", "heads_kv", "head_dim", "adapter_len", "xg_tokens", "dtype", "supervised", "seq_len", "batch")
 
 
 def _shape_key(row: dict[str, Any]) -> tuple[str, ...]:
-    return (str(row["device"]), str(row["mode"]), *(str(row[f]) for f in _TABLE_ORDER))
+    return (str(row["device"]), str(row["mode"]), *(str(row.get(f, "")) for f in _TABLE_ORDER))
 
 
 def _shape_label(row: dict[str, Any]) -> str:
-    return (f"B={row['batch']} N={row['seq_len']} Hq={row['heads_q']} Hkv={row['heads_kv']} d={row['head_dim']} "
-            f"M={row['adapter_len']} {row['dtype']}")
+    return Shape(**_shape_fields(row)).label()
+
+
+def _shape_fields(row: dict[str, Any]) -> dict[str, Any]:
+    """The Shape of a CSV row (rows written before the density column count as CAT documents)."""
+    fields = {f: int(row[f]) for f in SHAPE_FIELDS if f not in ("dtype", "supervised")}
+    supervised = _float(row.get("supervised"))
+    return {**fields, "dtype": row["dtype"], "supervised": CAT_DOCUMENT_DENSITY if supervised is None else supervised}
 
 
 def best_sdpa(rows: Sequence[dict[str, Any]]) -> Optional[dict[str, Any]]:
@@ -625,6 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads-kv", nargs="+", type=int)
     parser.add_argument("--head-dims", nargs="+", type=int)
     parser.add_argument("--adapter-lens", nargs="+", type=int)
+    parser.add_argument("--supervised", nargs="+", type=float, metavar="FRACTION",
+                        help="fractions of query rows with causes in the CAT mask (default: CAT-style documents, 3.1 %%)")
     parser.add_argument("--heads-q", type=int)
     parser.add_argument("--tokens", type=int, help="B x N per case (batch = tokens // N)")
     parser.add_argument("--batch", type=int, help="fixed batch instead of tokens // N")
@@ -642,7 +671,7 @@ def _apply_overrides(preset: Preset, args: argparse.Namespace) -> Preset:
     overrides = {field: tuple(value) if isinstance(value, list) else value
                  for field, value in (("providers", args.providers), ("modes", args.modes), ("seq_lens", args.seq_lens),
                                       ("heads_kv", args.heads_kv), ("head_dims", args.head_dims),
-                                      ("adapter_lens", args.adapter_lens), ("heads_q", args.heads_q),
+                                      ("adapter_lens", args.adapter_lens), ("supervised", args.supervised), ("heads_q", args.heads_q),
                                       ("tokens", args.tokens), ("batch", args.batch), ("dtype", args.dtype),
                                       ("cpu_threads", args.cpu_threads))
                  if value is not None}

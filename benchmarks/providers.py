@@ -16,6 +16,8 @@ harness records that as a row, as it does out-of-memory and other errors.
 Providers
 ---------
 causalattn[+adapter|+cat|+xg|+all]  the fused op (backend "triton" on CUDA, "reference" on CPU)
+composed[+adapter|+cat|+xg|+all]    the composed backend on every device: the vendor attention
+                                    kernel + adapter/XG over N x M + CAT mass on the supervised rows
 sdpa-{flash,efficient,cudnn,math}   plain SDPA pinned to one backend with `sdpa_kernel`
 sdpa+adapter-sdpa                   SDPA + a second SDPA call over the M adapter keys, gated, added
 sdpa+adapter-peft                   SDPA + PEFT AdaptionPrompt's adapter math (scalar raw gate)
@@ -49,6 +51,10 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 DOCUMENT_LEN = 256
 EFFECT_LEN = 8
 CAUSE_SPANS = ((4, 8), (40, 44), (100, 106))
+CAT_DOCUMENT_DENSITY = EFFECT_LEN / DOCUMENT_LEN  # 3.1 % of the rows have causes
+# Other densities of supervised rows (the dispatch sweep): rows spread evenly over the sequence, each
+# with three cause spans behind it at these distances (start, end), clipped to the row's past.
+SPREAD_CAUSE_OFFSETS = ((200, 194), (100, 96), (24, 18))
 
 
 class Unsupported(Exception):
@@ -67,14 +73,16 @@ class Shape:
     adapter_len: int
     xg_tokens: int
     dtype: str
+    supervised: float = CAT_DOCUMENT_DENSITY  # fraction of query rows with causes in the CAT mask
 
     @property
     def group(self) -> int:
         return self.heads_q // self.heads_kv
 
     def label(self) -> str:
+        density = "" if self.supervised == CAT_DOCUMENT_DENSITY else f" rows={self.supervised:.1%}"
         return (f"B={self.batch} N={self.seq_len} Hq={self.heads_q} Hkv={self.heads_kv} d={self.head_dim} "
-                f"M={self.adapter_len} {self.dtype}")
+                f"M={self.adapter_len} {self.dtype}{density}")
 
 
 @dataclass
@@ -107,10 +115,28 @@ def cat_style_spans(batch: int, seq_len: int) -> list:
     return [pairs] * batch
 
 
+def spread_rows_mask(batch: int, seq_len: int, fraction: float) -> CausalMask:
+    """A mask with round(fraction * N) supervised rows spread evenly over rows >= 32, each caused by
+    the SPREAD_CAUSE_OFFSETS spans behind it; the words are written directly (no dense N x N)."""
+    count = max(1, min(seq_len - 32, round(fraction * seq_len)))
+    rows = torch.linspace(32, seq_len - 1, count).round().long().unique()
+    offsets = torch.cat([torch.arange(-start, -end) for start, end in SPREAD_CAUSE_OFFSETS])
+    cols = rows[:, None] + offsets  # (R, C) distinct columns per row; negative ones are dropped
+    row_index = rows[:, None].expand_as(cols)[cols >= 0]
+    cols = cols[cols >= 0]
+    words = torch.zeros(seq_len, (seq_len + 31) // 32, dtype=torch.int64)
+    # Distinct bits of one word: their sum is their OR.
+    words.index_put_((row_index, cols // 32), torch.ones_like(cols) << (cols % 32), accumulate=True)
+    bits = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return CausalMask(bits[None].expand(batch, -1, -1).contiguous(), seq_len)
+
+
 @functools.lru_cache(maxsize=2)
-def _cause_mask_cpu(batch: int, seq_len: int) -> CausalMask:
-    """Built once per (B, N) on the CPU: from_spans takes ~1 s at N = 16k and the mask is the same data."""
-    return CausalMask.from_spans(cat_style_spans(batch, seq_len), seq_len)
+def _cause_mask_cpu(batch: int, seq_len: int, supervised: float) -> CausalMask:
+    """Built once per (B, N, density) on the CPU: from_spans takes ~1 s at N = 16k and the mask is the same data."""
+    if supervised == CAT_DOCUMENT_DENSITY:
+        return CausalMask.from_spans(cat_style_spans(batch, seq_len), seq_len)
+    return spread_rows_mask(batch, seq_len, supervised)
 
 
 def make_problem(shape: Shape, device: torch.device, seed: int = 0) -> Problem:
@@ -132,7 +158,7 @@ def make_problem(shape: Shape, device: torch.device, seed: int = 0) -> Problem:
         adapter_keys=randn(shape.heads_kv, shape.adapter_len, d),
         adapter_values=randn(shape.heads_kv, shape.adapter_len, d),
         gate=randn(shape.heads_q, scale=0.5, dtype=torch.float32), gate_scalar=randn(1, scale=0.5),
-        mask=_cause_mask_cpu(b, n).to(device),
+        mask=_cause_mask_cpu(b, n, shape.supervised).to(device),
     )
 
 
@@ -239,11 +265,11 @@ def _expand_adapter(problem: Problem, t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- the providers
-def _causalattn(features: frozenset[str]) -> Callable[[Problem], Built]:
+def _causalattn(features: frozenset[str], composed: bool = False) -> Callable[[Problem], Built]:
     def build(p: Problem) -> Built:
-        # On CPU the reference backend explicitly: "auto" would pick the slow Triton interpreter
-        # whenever TRITON_INTERPRET=1 is set (as the test suite does).
-        backend = "triton" if p.device.type == "cuda" else "reference"
+        # The fused op: Triton on CUDA, the chunked reference on CPU (the Triton interpreter is for
+        # tests, not timings). The composed backend runs on every device.
+        backend = "composed" if composed else "triton" if p.device.type == "cuda" else "reference"
         adapter = Adapter(p.adapter_keys, p.adapter_values, p.gate) if "adapter" in features else None
         supervision = p.mask if "cat" in features else None
         xg_tokens = p.shape.xg_tokens if "xg" in features else 0
@@ -436,6 +462,11 @@ def _all_providers() -> dict[str, Provider]:
         Provider("causalattn+cat", cat, _causalattn(cat)),
         Provider("causalattn+xg", adapter | xg, _causalattn(adapter | xg)),
         Provider("causalattn+all", every, _causalattn(every)),
+        Provider("composed", frozenset(), _causalattn(frozenset(), composed=True)),
+        Provider("composed+adapter", adapter, _causalattn(adapter, composed=True)),
+        Provider("composed+cat", cat, _causalattn(cat, composed=True)),
+        Provider("composed+xg", adapter | xg, _causalattn(adapter | xg, composed=True)),
+        Provider("composed+all", every, _causalattn(every, composed=True)),
         Provider("sdpa-flash", frozenset(), _sdpa("FLASH_ATTENTION")),
         Provider("sdpa-efficient", frozenset(), _sdpa("EFFICIENT_ATTENTION")),
         Provider("sdpa-cudnn", frozenset(), _sdpa("CUDNN_ATTENTION")),

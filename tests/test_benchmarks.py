@@ -7,7 +7,7 @@ import torch
 
 import causalattn
 from benchmarks import harness
-from benchmarks.providers import DOCUMENT_LEN, PROVIDERS, Shape, make_problem
+from benchmarks.providers import DOCUMENT_LEN, PROVIDERS, Shape, make_problem, spread_rows_mask
 
 CUDA_ONLY = ("flex", "flex2pass+cat", "flex2pass+all", "flash-attn")
 SDPA_BACKENDS_MISSING_ON_CPU = ("sdpa-efficient", "sdpa-cudnn")
@@ -89,7 +89,8 @@ def test_tables_compare_with_the_fastest_sdpa_backend():
 
 # Baselines against the fused op with the same features: same output, same loss (CAT and XG included).
 SAME_MATH = [("sdpa-flash", "causalattn"), ("sdpa-math", "causalattn"), ("sdpa+adapter-sdpa", "causalattn+adapter"),
-             ("eager+cat", "causalattn+cat"), ("eager+all", "causalattn+all")]
+             ("eager+cat", "causalattn+cat"), ("eager+all", "causalattn+all"),
+             *((f"composed{suffix}", f"causalattn{suffix}") for suffix in ("", "+adapter", "+cat", "+xg", "+all"))]
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,13 @@ def test_peft_adapter_is_the_raw_scalar_gate_adapter(problem):
     expected = causalattn.attention(problem.q, problem.k, problem.v, adapter=adapter, backend="reference").out
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("fraction", [0.003, 0.1, 1.0])
+def test_spread_rows_mask_has_the_asked_density(fraction):
+    mask = spread_rows_mask(2, 512, fraction)
+    dense = mask.to_dense()
+    supervised = (dense.sum(-1) > 0).float().mean().item()
+    assert abs(supervised - max(1, round(fraction * 512)) / 512) < 0.07  # rows below 32 carry no causes
+    assert not dense.triu().any()  # causes lie strictly before their row
+    assert torch.equal(dense[0], dense[1])
