@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causalattn.autocast import follows_autocast
 from causalattn.inputs import Adapter, AttentionOutput, check_inputs, gate_values, key_validity, xg_row_weights
 from causalattn.masks import CausalMask
 from causalattn.reference import attention_chunked
@@ -149,6 +150,7 @@ torch.library.register_autograd("causalattn::fused_attention", _backward, setup_
 
 
 # ------------------------------------------------------------------------------ public op
+@follows_autocast
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
     key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
