@@ -85,7 +85,7 @@ def _annotation_of(important: object, target: str, where: str, strict: bool) -> 
     return merged, malformed
 
 
-def _parse_record(record: object, where: str, strict: bool) -> tuple[Example, int]:
+def parse_record(record: object, where: str, strict: bool) -> tuple[Example, int]:
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
     missing = [key for key in ("input", "target") if key not in record]
@@ -118,7 +118,7 @@ def read_file(path: PathLike, *, strict: bool = False) -> DataFile:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where}: invalid JSON ({error.msg})") from None
-            example, dropped = _parse_record(record, where, strict)
+            example, dropped = parse_record(record, where, strict)
             examples.append(example)
             lines.append(number)
             malformed += dropped
