@@ -108,13 +108,14 @@ def test_train_with_named_eval_files(small_model, tmp_path, capsys):
     assert {row["split"] for row in report["runs"][0]["accuracy"]} == {"iid", "ood"}
 
 
-@pytest.mark.parametrize("records, eval_names, message", [
+@pytest.mark.parametrize("records, extra, message", [
     ([STG_TRAIN[0], {"input": "x"}], [], ":2: missing field(s) ['target']"),
-    (STG_TRAIN, ["a=X", "a=X"], "--eval-data: the name 'a' is given twice"),
+    (STG_TRAIN, ["--eval-data", "a=X", "--eval-data", "a=X"], "--eval-data: the name 'a' is given twice"),
+    (STG_TRAIN, ["--train-examples", "5"], "--train-examples: sizes the generated STG data"),
 ])
-def test_data_errors_come_before_any_work(small_model, tmp_path, capsys, records, eval_names, message):
+def test_data_errors_come_before_any_work(small_model, tmp_path, capsys, records, extra, message):
     train = write(tmp_path / "train.jsonl", records)
-    evals = [arg for name in eval_names for arg in ("--eval-data", name.replace("X", str(train)))]
+    evals = [arg.replace("X", str(train)) for arg in extra]
     out = tmp_path / "job"
     assert main(["train", "--model", str(small_model), "--data", str(train), *evals, "--quiet",
                  "--output-dir", str(out)]) == 2

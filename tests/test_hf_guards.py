@@ -49,3 +49,10 @@ def test_save_pretrained_refuses_and_points_to_save_adapters(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
                                    rtol=0, atol=0)
+
+
+def test_output_attentions_is_refused_rather_than_empty():
+    model = adapted("llama")
+    ids, mask = padded_batch()
+    with pytest.raises(NotImplementedError, match="output_attentions=True is not supported"):
+        model(ids, attention_mask=mask, output_attentions=True)

@@ -136,6 +136,7 @@ class TrainConfig:
         if self.data != STG and not Path(self.data).is_file():
             raise ConfigError(f"--data: {self.data}: no such file (expected 'stg' or a JSONL file)")
         self.eval_files()
+        _check_stg_only_options(self)
         if self.data == STG and self.eval_data:
             raise ConfigError("--eval-data: goes with a JSONL --data file; the STG data makes its own IID and "
                               "OOD tests")
@@ -174,6 +175,18 @@ class TrainConfig:
         for name in ("output_dir", "resume", "threads", "quiet"):
             values.pop(name)
         return values
+
+
+def _check_stg_only_options(config: TrainConfig) -> None:
+    """--train-examples / --eval-examples size the generated STG splits; a JSONL file is used whole."""
+    if config.data == STG:
+        return
+    default = TrainConfig()
+    for flag, value, usual in (("--train-examples", config.train_examples, default.train_examples),
+                               ("--eval-examples", config.eval_examples, default.eval_examples)):
+        if value != usual:
+            raise ConfigError(f"{flag}: sizes the generated STG data; with a JSONL --data file every record is "
+                              "used (cut the file instead)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
