@@ -131,3 +131,14 @@ def test_strict_flag_stops_at_the_first_skipped_pair(small_model, tmp_path, caps
                  "--output-dir", str(out)]) == 2
     assert f"--data: {train}:5: cause 'She shares'" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_with_bf16_autocast_and_gradient_checkpointing(small_model, tmp_path):
+    train = write(tmp_path / "train.jsonl", STG_TRAIN * 4)
+    out = tmp_path / "job"
+    options = [option for option in FAST if option not in ("--train-examples", "32", "--eval-examples", "12")]
+    assert main(["train", "--model", str(small_model), "--data", str(train), "--runs", "ce+cat+xg", *options,
+                 "--epochs", "1", "--mixed-precision", "bf16", "--gradient-checkpointing",
+                 "--output-dir", str(out)]) == 0
+    history = report_of(out)["runs"][0]["history"]
+    assert len(history) == 2 and all(row["cat"] != 0 and row["loss"] == row["loss"] for row in history)

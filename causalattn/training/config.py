@@ -21,6 +21,8 @@ from causalattn.ops import BACKENDS
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 GATE_SHAPES = ("head", "scalar")
+# fp16 autocast would also need a gradient scaler; bf16 has fp32's range and needs none.
+MIXED_PRECISION = ("no", "bf16")
 STG = "stg"
 # The comparison the embedded default runs: plain fine-tuning, then the causal losses added.
 DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
@@ -95,6 +97,9 @@ class TrainConfig:
     quiet: bool = False
     # CAT-format data
     strict: bool = False
+    # memory and precision
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
@@ -270,6 +275,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     where.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     add_data_format_arguments(parser)
+    add_memory_arguments(parser)
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision and gradient checkpointing of the training forward."""
+    group = parser.add_argument_group("memory and precision")
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                       help="bf16: run the training forward under torch.autocast in bfloat16 (adapters keep fp32 "
+                            "master weights, the CAT/XG statistics stay fp32); default no")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each layer's activations in the backward (non-reentrant) to save memory")
 
 
 def add_data_format_arguments(parser: argparse.ArgumentParser) -> None:

@@ -81,7 +81,15 @@ def load_model(path: Path, config: TrainConfig, device: torch.device) -> nn.Modu
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[config.dtype], local_files_only=True,
                                                  attn_implementation=cah.IMPLEMENTATION)
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        # non-reentrant: the CAT/XG statistics need autograd in the first forward (causalattn.hf.stats)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
+
+
+def training_precision(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast region of a training forward: bf16 with --mixed-precision bf16, otherwise off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
 
 def add_job_adapters(model: nn.Module, config: TrainConfig) -> cah.AdapterSummary:
@@ -127,7 +135,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns its STAT_NAMES values for logging."""
         examples = [self.job.data.train[i] for i in indices]
         batch = collate(examples, self.job.tokenizer, max_length=self.config.max_length).to(self.context.device)
-        with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats:
+        with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats, \
+                training_precision(self.config, self.context.device):
             out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           labels=batch.labels, supervision=batch.causal_mask, use_cache=False)
             cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind)

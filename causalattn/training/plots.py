@@ -58,7 +58,8 @@ def plot_curves(history_rows: Sequence[dict], accuracy_rows: Sequence[dict], pat
     names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
     title = "answer accuracy: " + ", ".join(f"{split} {names[style]}" for split, style in styles.items())
     accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title, ylim=(0, 100))
-    accuracy_axes.legend(fontsize=7)
+    if curves:  # no evaluation files: no accuracy lines to name
+        accuracy_axes.legend(fontsize=7)
     figure.tight_layout()
     return _save(figure, path, plt)
 
