@@ -142,3 +142,26 @@ def test_train_with_bf16_autocast_and_gradient_checkpointing(small_model, tmp_pa
                  "--output-dir", str(out)]) == 0
     history = report_of(out)["runs"][0]["history"]
     assert len(history) == 2 and all(row["cat"] != 0 and row["loss"] == row["loss"] for row in history)
+
+
+def test_open_answers_are_scored_by_generation(small_model, tmp_path, capsys):
+    def stg_h(value):  # STG_H's shape with a JSON integer target; 65 distinct targets is an open answer set
+        return {**STG_H, "target": value, "important": [{f"Answer: {value}": ["47.9", "28.9"]}]}
+
+    train = write(tmp_path / "train.jsonl", [stg_h(v) for v in range(65)])
+    test = write(tmp_path / "iid.jsonl", [stg_h(v) for v in (3, 40, 64)])
+    out = tmp_path / "job"
+    options = [option for option in FAST if option not in ("--train-examples", "32", "--eval-examples", "12")]
+    assert main(["train", "--model", str(small_model), "--data", str(train), "--eval-data", str(test),
+                 "--runs", "ce", *options, "--batch-size", "16", "--epochs", "1", "--output-dir", str(out)]) == 0
+    assert "exact match of greedily generated answers" in capsys.readouterr().out
+    accuracy = report_of(out)["runs"][0]["accuracy"]
+    assert [(row["epoch"], row["split"]) for row in accuracy] == [(0, "iid"), (1, "iid")]
+    assert all(0 <= row["accuracy"] <= 1 for row in accuracy)
+
+
+def test_answer_matching_is_word_exact():
+    from causalattn.training.evaluate import answer_matches
+
+    assert answer_matches(" 84.0 apples", "84.0") and answer_matches("Answer: 84.0\n", "Answer: 84.0")
+    assert not answer_matches("84.05", "84.0") and not answer_matches("", "84.0")

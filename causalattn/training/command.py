@@ -191,10 +191,11 @@ def train(config: TrainConfig) -> Optional[dict]:
 def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) -> None:
     if any(run.cat for run in config.runs) and not any(example.important for example in data.train):
         log("warning: --cat: no training example has a causal annotation ('important'), so the CAT loss is 0")
-    if not data.closed_answers:
-        log(f"note: accuracy is not measured: {len(data.candidates)} distinct targets is not a closed answer set")
-    elif not data.evals:
+    if not data.evals:
         log("note: no --eval-data, so no accuracy is measured")
+    elif not data.closed_answers:
+        log(f"note: {len(data.candidates)} distinct training targets is not a closed answer set: accuracy is the "
+            "exact match of greedily generated answers")
 
 
 def _summary(report: dict, results: Sequence[RunResult], data: JobData, path: Path, note: Optional[str],

@@ -29,7 +29,7 @@ from causalattn.training import checkpoint as ckpt
 from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.training.config import ConfigError, RunSpec, TrainConfig
 from causalattn.training.distributed import DistContext, ParallelModel
-from causalattn.training.evaluate import accuracy
+from causalattn.training.evaluate import accuracy, generation_accuracy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
@@ -172,11 +172,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, model: nn.Module, epoch: int) -> list[dict]:
         data = self.job.data
-        if not data.closed_answers:
-            return []
-        return [{"run": self.spec.name, "epoch": epoch, "split": split,
-                 "accuracy": accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
-                                      batch_size=self.config.eval_batch_size, max_length=self.config.max_length)}
+
+        def measure(examples) -> float:
+            if not data.closed_answers:  # open answers: exact match of a greedy generation
+                return generation_accuracy(model, self.job.tokenizer, examples, context=self.context,
+                                           batch_size=self.config.eval_batch_size)
+            return accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
+                            batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
+
+        return [{"run": self.spec.name, "epoch": epoch, "split": split, "accuracy": measure(examples)}
                 for split, examples in data.evals.items()]
 
     # ------------------------------------------------------------------ the run
