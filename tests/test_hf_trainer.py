@@ -75,3 +75,21 @@ def test_collator_builds_the_mask_and_skips_pairs_that_cannot_supervise(tiny_tok
     assert collator.skipped == 2
     with pytest.raises(TypeError, match=r"features\[0\]: expected a causalattn Example or a mapping"):
         collator([3])
+
+
+def test_readme_trainer_example_runs(tmp_path, tiny_tokenizer, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CausalTrainer(" in b]
+    assert len(block.strip().splitlines()) <= 10
+    fast = block.replace("max_steps=200, save_steps=50", "max_steps=2, save_steps=2, use_cpu=True, report_to=[]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU: backend "auto" runs the reference
+    (tmp_path / "mawps_train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cat_rows(8)))
+    model = build(llama_config(), dtype=torch.float32)
+    scope = {"model": model, "tokenizer": tiny_tokenizer}
+    exec(compile(fast, "README.md", "exec"), scope)
+    assert scope["trainer"].state.global_step == 2
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
