@@ -93,3 +93,23 @@ def test_readme_trainer_example_runs(tmp_path, tiny_tokenizer, monkeypatch):
     exec(compile(fast, "README.md", "exec"), scope)
     assert scope["trainer"].state.global_step == 2
     assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_trl_sft_trainer_trains_ce_cat_xg(tmp_path, tiny_tokenizer):
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig
+
+    from causalattn.hf.sft import CausalSFTTrainer
+
+    model = build(llama_config(), dtype=torch.float32)
+    cah.add_adapters(model, cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
+    cah.set_backend(model, "reference")
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), bf16=True, use_cpu=True, max_steps=2, save_steps=2,
+                       logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[])
+    trainer = CausalSFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(cat_rows(8)),
+                               processing_class=tiny_tokenizer, cat_weight=1.0, xg_weight=1.0)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "ce" in row]
+    assert len(logs) == 2 and all(row["cat"] != 0 for row in logs)
+    assert (tmp_path / "sft" / "checkpoint-2" / "adapter_model.safetensors").is_file()

@@ -30,7 +30,7 @@ register()
 
 # Imported on first use: PEFT stays optional, and the Trainer's import (accelerate) costs seconds.
 _LAZY = {"bridge_adaption_prompt": "causalattn.hf.peft_bridge", "CausalCollator": "causalattn.hf.trainer",
-         "CausalTrainer": "causalattn.hf.trainer"}
+         "CausalTrainer": "causalattn.hf.trainer", "CausalLossMixin": "causalattn.hf.trainer"}
 
 
 def __getattr__(name: str):
@@ -47,6 +47,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterSummary",
     "CausalCollator",
+    "CausalLossMixin",
     "CausalTrainer",
     "GatedPrompt",
     "Statistics",

@@ -20,7 +20,8 @@ What the plain `Trainer` gets wrong for this, and what the subclass does instead
 
 CE is the model's mean over the micro-batch's answer tokens and CAT/XG are means over it too, so
 each micro-batch counts the same under gradient accumulation (`model_accepts_loss_kwargs` off, the
-Trainer divides by the accumulation steps), as in `causalattn train`.
+Trainer divides by the accumulation steps), as in `causalattn train`. `CausalLossMixin` holds all
+of it, so other Trainer subclasses get the same (`causalattn.hf.sft.CausalSFTTrainer` for TRL).
 """
 from __future__ import annotations
 
@@ -85,10 +86,11 @@ class CausalCollator:
                 SUPERVISION_KWARG: batch.causal_mask}
 
 
-class CausalTrainer(Trainer):
-    """`transformers.Trainer` training CE + `cat_weight` x CAT + `xg_weight` x XG (SPEC §2, §3); see the
-    module docstring. `cat_alpha`/`cat_kind` choose the CAT row loss, `xg_layers` the XG layers
-    ("adapted" or "last"). Without a `data_collator` a `CausalCollator` of `processing_class` is used."""
+class CausalLossMixin:
+    """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
+    CE + `cat_weight` x CAT + `xg_weight` x XG (SPEC §2, §3); see the module docstring. `cat_alpha` /
+    `cat_kind` choose the CAT row loss, `xg_layers` the XG layers ("adapted" or "last"). Without a
+    `data_collator` a `CausalCollator` of `processing_class` is used. Put it first among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",
                  xg_weight: float = 0.0, xg_layers: str = "adapted", max_length: Optional[int] = None, **kwargs):
@@ -157,3 +159,7 @@ class CausalTrainer(Trainer):
         if not has_adapters:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+
+class CausalTrainer(CausalLossMixin, Trainer):
+    """`transformers.Trainer` with CE + CAT + XG and adapter checkpoints (`CausalLossMixin`)."""
