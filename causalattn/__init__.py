@@ -27,7 +27,11 @@ from causalattn.masks import CausalMask, encode_with_causes  # noqa: E402
 from causalattn.ops import attention  # noqa: E402
 from causalattn.reference import attention_chunked, attention_dense  # noqa: E402
 
+from causalattn.hf_autoregister import install as _register_with_transformers  # noqa: E402
+
 __version__ = "0.1.0"
+
+_register_with_transformers()  # attn_implementation="causalattn" without `import causalattn.hf`
 
 __all__ = [
     "Adapter",

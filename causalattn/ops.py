@@ -21,9 +21,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causalattn.autocast import follows_autocast
+from causalattn.composed import attention_composed
 from causalattn.inputs import Adapter, AttentionOutput, check_inputs, gate_values, key_validity, xg_row_weights
 from causalattn.masks import CausalMask
-from causalattn.composed import attention_composed
 from causalattn.reference import attention_chunked
 
 BACKENDS = ("auto", "triton", "composed", "reference")
@@ -166,6 +167,7 @@ torch.library.register_autograd("causalattn::fused_attention", _backward, setup_
 
 
 # ------------------------------------------------------------------------------ public op
+@follows_autocast
 def attention(
     q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, scale: Optional[float] = None,
     key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,

@@ -95,6 +95,7 @@ def _independent_mask(*args, **kwargs):
     return sdpa_mask(*args, **{**kwargs, "allow_is_causal_skip": False})
 
 
+independent_attention.causalattn_adapter_aware = True  # it reads module.causalattn_adapter itself
 AttentionInterface.register("independent", independent_attention)
 AttentionMaskInterface.register("independent", _independent_mask)
 

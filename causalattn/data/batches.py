@@ -36,8 +36,8 @@ class Batch:
 
 
 def full_text(example: Example) -> str:
-    """The training text: the prompt, a space, then the answer."""
-    return f"{example.input} {example.target}"
+    """The training text: the prompt, the example's separator (a space, or nothing in CAT's files), the answer."""
+    return f"{example.input}{example.separator}{example.target}"
 
 
 def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int] = None) -> Batch:
@@ -65,7 +65,7 @@ def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int]
     starts, ends = offsets[..., 0], offsets[..., 1]
     # A token is part of the answer when it covers one of the answer's characters; a lone space
     # token before the answer is not.
-    answer_first_char = torch.tensor([len(e.input) + 1 for e in examples])[:, None]
+    answer_first_char = torch.tensor([len(e.input) + len(e.separator) for e in examples])[:, None]
     is_answer = (ends > answer_first_char) & (ends > starts)
     labels = torch.where(is_answer, encoding["input_ids"], torch.full_like(encoding["input_ids"], IGNORE_INDEX))
     return Batch(encoding["input_ids"], encoding["attention_mask"], labels, mask)

@@ -28,12 +28,14 @@ QUESTION = "Is the cancer risk high or low?"
 @dataclass(frozen=True)
 class Example:
     """One record in CAT's JSONL shape: `input` (the prompt), `target` (the answer) and
-    `important` ({effect text: [cause texts]})."""
+    `important` ({effect text: [cause texts]}). The training text is input + separator + target
+    (CAT's own files join with no separator: their inputs end in "Answer: ")."""
 
     input: str
     target: str
     important: dict = field(hash=False)
     values: dict = field(hash=False, compare=False, repr=False)
+    separator: str = " "
 
 
 def risk_score(values: dict) -> float:

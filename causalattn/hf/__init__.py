@@ -8,7 +8,8 @@
     (out.loss + stats.cat_loss() + 0.1 * stats.xg_loss()).backward()
 
 Importing this package registers the attention and mask functions with transformers.
-`bridge_adaption_prompt` (PEFT) is imported on first use, so PEFT stays optional.
+`bridge_adaption_prompt` (PEFT) and `CausalTrainer` / `CausalCollator` (the HF Trainer) are imported
+on first use, so PEFT stays optional and this import stays cheap.
 """
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, GatedPrompt, adapted_layers, add_adapters, summarize
 from causalattn.hf.attention import (
@@ -27,11 +28,16 @@ from causalattn.hf.stats import Statistics, collect
 register()
 
 
-def __getattr__(name: str):
-    if name == "bridge_adaption_prompt":
-        from causalattn.hf.peft_bridge import bridge_adaption_prompt
+# Imported on first use: PEFT stays optional, and the Trainer's import (accelerate) costs seconds.
+_LAZY = {"bridge_adaption_prompt": "causalattn.hf.peft_bridge", "CausalCollator": "causalattn.hf.trainer",
+         "CausalTrainer": "causalattn.hf.trainer", "CausalLossMixin": "causalattn.hf.trainer"}
 
-        return bridge_adaption_prompt
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'causalattn.hf' has no attribute {name!r}")
 
 
@@ -40,6 +46,9 @@ __all__ = [
     "SUPERVISION_KWARG",
     "AdapterConfig",
     "AdapterSummary",
+    "CausalCollator",
+    "CausalLossMixin",
+    "CausalTrainer",
     "GatedPrompt",
     "Statistics",
     "adapted_layers",

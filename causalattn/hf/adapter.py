@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from causalattn.hf.attention import ADAPTER_ATTR, attention_modules, use_causalattn
+from causalattn.hf.guards import guard_adapted_model
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import XG_SPACES
 
@@ -143,6 +144,7 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None) -> Ad
         dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
         setattr(module, ADAPTER_ATTR, GatedPrompt(
             module.k_proj.in_features, module.config.num_attention_heads, config, device=weight.device, dtype=dtype))
+    guard_adapted_model(model)
     return summarize(model)
 
 

@@ -187,6 +187,11 @@ def _refuse_unsupported(module: nn.Module, n_k: int, dropout: float, kwargs: dic
     for name in ("softcap", "s_aux"):
         if kwargs.get(name) is not None:
             raise NotImplementedError(f"causalattn: `{name}` attention is not supported")
+    if kwargs.get("output_attentions"):
+        raise NotImplementedError("causalattn: output_attentions=True is not supported: the fused op never forms the "
+                                  "attention probabilities (they would come back empty); for the CAT mass use "
+                                  "causalattn.hf.collect(model), for the maps attn_implementation='eager' on a model "
+                                  "without adapters")
 
 
 def _layer_prompt(module: nn.Module, kwargs: dict) -> Optional[LayerPrompt]:

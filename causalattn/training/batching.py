@@ -11,12 +11,14 @@ variance (taken over each micro-batch, SPEC §3) and the step weights alike ever
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
 
 import torch
 
-from causalattn.data import Example, make_splits, read_jsonl
+from causalattn.data import Example, make_splits
+from causalattn.data.annotations import check_annotations
+from causalattn.data.jsonl import DataFile, read_file
 from causalattn.data.stg import LABELS
 from causalattn.training.config import STG, ConfigError, TrainConfig
 
@@ -32,6 +34,7 @@ class JobData:
     evals: dict[str, list[Example]]
     candidates: tuple[str, ...]
     source: str
+    annotations: dict = field(default_factory=dict)  # file role -> AnnotationReport.to_dict() (JSONL data)
 
     @property
     def closed_answers(self) -> bool:
@@ -39,22 +42,53 @@ class JobData:
         return 2 <= len(self.candidates) <= MAX_CANDIDATES
 
 
-def load_data(config: TrainConfig) -> JobData:
-    """The STG splits (seeded by --seed), or the JSONL files given by --data / --eval-data."""
+@dataclass(frozen=True)
+class DataFiles:
+    """The parsed JSONL files of a job: --data and each named --eval-data."""
+
+    train: DataFile
+    evals: dict[str, DataFile]
+
+
+def read_data_files(config: TrainConfig) -> Optional[DataFiles]:
+    """Parse the JSONL files (None for the STG): cheap, so a format error (file:line) comes before any work."""
+    if config.data == STG:
+        return None
+    return DataFiles(_read(config.data, "--data", config.strict),
+                     {name: _read(path, "--eval-data", config.strict) for name, path in config.eval_files().items()})
+
+
+def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=None,
+              log: Callable[[str], None] = print) -> JobData:
+    """The STG splits (seeded by --seed), or the JSONL files with every annotation checked on the tokens of
+    `tokenizer` (pairs that cannot supervise skipped and counted, one summary line per file, or a file:line
+    ConfigError with --strict)."""
     if config.data == STG:
         splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
                        f"Spurious Token Game (seed {config.seed})")
-    train = _read(config.data, "--data")
-    evals = {"eval": _read(config.eval_data, "--eval-data")} if config.eval_data is not None else {}
+    if tokenizer is None:
+        raise ValueError("tokenizer: JSONL data needs the model's tokenizer to check its annotations")
+    files = files if files is not None else read_data_files(config)
+    checked, reports = {}, {}
+    for role, flag, data_file in [("train", "--data", files.train)] + [
+            (name, "--eval-data", f) for name, f in files.evals.items()]:
+        try:
+            checked[role], report = check_annotations(data_file, tokenizer, strict=config.strict)
+        except ValueError as error:
+            raise ConfigError(f"{flag}: {error}") from None
+        if report.annotated:
+            log(f"annotations: {report.summary()}")
+        reports[role] = report.to_dict()
+    train = checked.pop("train").examples
     # Accuracy is exact match of the best-scoring answer among those the training data uses.
     candidates = tuple(sorted({example.target for example in train}))
-    return JobData(train, evals, candidates, str(config.data))
+    return JobData(train, {name: f.examples for name, f in checked.items()}, candidates, str(config.data), reports)
 
 
-def _read(path: str, flag: str) -> list[Example]:
+def _read(path: str, flag: str, strict: bool) -> DataFile:
     try:
-        return read_jsonl(path)
+        return read_file(path, strict=strict)
     except ValueError as error:  # a bad record, reported with its file and line
         raise ConfigError(f"{flag}: {error}") from None
 

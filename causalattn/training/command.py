@@ -23,9 +23,9 @@ from torch import nn
 
 from causalattn.training import config as config_module
 from causalattn.training import tiny
-from causalattn.training.batching import JobData, load_data
+from causalattn.training.batching import JobData, load_data, read_data_files
 from causalattn.training.checkpoint import checkpoint_root
-from causalattn.training.config import ConfigError, TrainConfig, config_from_args
+from causalattn.training.config import STG, ConfigError, TrainConfig, config_from_args
 from causalattn.training.distributed import DistContext, setup, teardown
 from causalattn.training.loop import Job, RunResult, Trainer
 from causalattn.training.report import build_report, format_table, toy_note, write_report
@@ -126,7 +126,10 @@ class Plotter:
             self.notes += [note] if note not in self.notes else []
             return
         data = self.job.data
-        examples = next(iter(data.evals.values()), data.train)[:ATTENTION_EXAMPLES]
+        # annotated examples, so the causes can be marked: test files often have no annotations
+        pools = [*data.evals.values(), data.train]
+        annotated = next(([e for e in pool if e.important] for pool in pools if any(e.important for e in pool)), [])
+        examples = (annotated or pools[0])[:ATTENTION_EXAMPLES]
         self._call(f"attention_{key}", f"attention-{key.replace('+', '-')}.png",
                    lambda path: self.module.plot_attention(model, self.job.tokenizer, examples, path, title))
 
@@ -145,15 +148,17 @@ def train(config: TrainConfig) -> Optional[dict]:
     hf_logging.disable_progress_bar()  # a loading bar per run's model would bury the training lines
     if config.threads is not None:
         torch.set_num_threads(config.threads)
+    files = read_data_files(config)  # a bad record fails here, before any model or directory exists
     context = setup(config.device)
     try:
         log: Callable[[str], None] = print if context.is_main else (lambda message: None)
         quiet_log = (lambda message: None) if config.quiet else log
-        output_dir = prepare_output_dir(config, context)
         model_path, model_info = resolve_model(config, context, log)
-        data = load_data(config)
+        tokenizer = load_tokenizer(model_path)
+        data = load_data(config, files, tokenizer, log)
         _check_data(config, data, log)
-        job = Job(config, model_path, load_tokenizer(model_path), data, context, output_dir, quiet_log)
+        output_dir = prepare_output_dir(config, context)
+        job = Job(config, model_path, tokenizer, data, context, output_dir, quiet_log)
         log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) on {data.source}; "
             f"{context.world_size} process(es) on {context.device}; output in {output_dir}")
         plotter = Plotter(job)
@@ -172,7 +177,7 @@ def train(config: TrainConfig) -> Optional[dict]:
         if not context.is_main:
             return None
         plotter.curves(results)
-        note = toy_note(model_info, data, results, config) if model_info["embedded"] else None
+        note = toy_note(model_info, data, results, config) if model_info["embedded"] and config.data == STG else None
         report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
                               device=str(context.device), wall_seconds=time.perf_counter() - start,
                               plots={"files": plotter.files, "notes": plotter.notes}, note=note)
@@ -186,10 +191,11 @@ def train(config: TrainConfig) -> Optional[dict]:
 def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) -> None:
     if any(run.cat for run in config.runs) and not any(example.important for example in data.train):
         log("warning: --cat: no training example has a causal annotation ('important'), so the CAT loss is 0")
-    if not data.closed_answers:
-        log(f"note: accuracy is not measured: {len(data.candidates)} distinct targets is not a closed answer set")
-    elif not data.evals:
+    if not data.evals:
         log("note: no --eval-data, so no accuracy is measured")
+    elif not data.closed_answers:
+        log(f"note: {len(data.candidates)} distinct training targets is not a closed answer set: accuracy is the "
+            "exact match of greedily generated answers")
 
 
 def _summary(report: dict, results: Sequence[RunResult], data: JobData, path: Path, note: Optional[str],

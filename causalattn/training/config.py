@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,9 +21,14 @@ from causalattn.ops import BACKENDS
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
 GATE_SHAPES = ("head", "scalar")
+# fp16 autocast would also need a gradient scaler; bf16 has fp32's range and needs none.
+MIXED_PRECISION = ("no", "bf16")
 STG = "stg"
 # The comparison the embedded default runs: plain fine-tuning, then the causal losses added.
 DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
+
+
+_EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 class ConfigError(ValueError):
@@ -54,7 +60,7 @@ class TrainConfig:
 
     model: Optional[str] = None
     data: str = STG
-    eval_data: Optional[str] = None
+    eval_data: tuple[str, ...] = ()  # NAME=FILE or FILE, each --eval-data once (see eval_files)
     train_examples: int = 8000
     eval_examples: int = 400
     max_length: Optional[int] = None
@@ -89,6 +95,11 @@ class TrainConfig:
     fsdp: bool = False
     threads: Optional[int] = None
     quiet: bool = False
+    # CAT-format data
+    strict: bool = False
+    # memory and precision
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
 
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
@@ -127,15 +138,35 @@ class TrainConfig:
         if self.model is not None and not (Path(self.model) / "config.json").is_file():
             raise ConfigError(f"--model: {self.model} is not a local Hugging Face checkpoint directory "
                               "(no config.json)")
-        for flag, path in {"--data": None if self.data == STG else self.data, "--eval-data": self.eval_data}.items():
-            if path is not None and not Path(path).is_file():
-                raise ConfigError(f"{flag}: {path}: no such file (expected 'stg' or a JSONL file)")
-        if self.data == STG and self.eval_data is not None:
+        if self.data != STG and not Path(self.data).is_file():
+            raise ConfigError(f"--data: {self.data}: no such file (expected 'stg' or a JSONL file)")
+        self.eval_files()
+        _check_stg_only_options(self)
+        if self.data == STG and self.eval_data:
             raise ConfigError("--eval-data: goes with a JSONL --data file; the STG data makes its own IID and "
                               "OOD tests")
         if self.resume and self.output_dir is None:
             raise ConfigError("--resume: needs --output-dir, the directory of the job to continue")
         return self
+
+    def eval_files(self) -> dict[str, str]:
+        """{name: path} of the --eval-data files: `NAME=FILE` names a file, a bare FILE is named by its stem."""
+        if isinstance(self.eval_data, str):
+            self.eval_data = (self.eval_data,)
+        files: dict[str, str] = {}
+        for text in self.eval_data:
+            name, sep, path = text.partition("=")
+            if Path(text).is_file() or not sep:
+                name, path = Path(text).stem, text
+            if not _EVAL_NAME.fullmatch(name):
+                raise ConfigError(f"--eval-data: {text!r}: expected NAME=FILE with NAME made of letters, digits, "
+                                  "'_' or '-', or a FILE")
+            if not Path(path).is_file():
+                raise ConfigError(f"--eval-data: {path}: no such file (expected a JSONL file)")
+            if name in files:
+                raise ConfigError(f"--eval-data: the name {name!r} is given twice; name each file (iid=FILE ood=FILE)")
+            files[name] = path
+        return files
 
     @property
     def gate_per_head(self) -> Optional[bool]:
@@ -145,9 +176,22 @@ class TrainConfig:
         """The options a resumed job must share with the one it continues: all that change its numbers."""
         values = dataclasses.asdict(self)
         values["runs"] = [run.name for run in self.runs]
+        values["eval_data"] = list(self.eval_data)  # as the JSON of a checkpoint reads it back
         for name in ("output_dir", "resume", "threads", "quiet"):
             values.pop(name)
         return values
+
+
+def _check_stg_only_options(config: TrainConfig) -> None:
+    """--train-examples / --eval-examples size the generated STG splits; a JSONL file is used whole."""
+    if config.data == STG:
+        return
+    default = TrainConfig()
+    for flag, value, usual in (("--train-examples", config.train_examples, default.train_examples),
+                               ("--eval-examples", config.eval_examples, default.eval_examples)):
+        if value != usual:
+            raise ConfigError(f"{flag}: sizes the generated STG data; with a JSONL --data file every record is "
+                              "used (cut the file instead)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -158,9 +202,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM (default: the "
                            "embedded tiny LLaMA, built and cached on first use)")
     data.add_argument("--data", default=d.data, metavar="stg|FILE.jsonl",
-                      help="'stg' (the Spurious Token Game, with IID and OOD tests) or a CAT-style JSONL file "
-                           "(input, target, important) (default: stg)")
-    data.add_argument("--eval-data", default=None, metavar="FILE.jsonl", help="evaluation JSONL for a JSONL --data")
+                      help="'stg' (the Spurious Token Game, with IID and OOD tests) or a JSONL file in CAT's format "
+                           "(input, target, important), read as published (default: stg)")
+    data.add_argument("--eval-data", action="append", default=[], metavar="[NAME=]FILE.jsonl",
+                      help="an evaluation JSONL file for a JSONL --data, reported under NAME (default: the file's "
+                           "name); give it once per file, e.g. --eval-data iid=test.jsonl --eval-data ood=ood.jsonl")
     data.add_argument("--train-examples", type=int, default=d.train_examples,
                       help=f"STG training examples (default {d.train_examples})")
     data.add_argument("--eval-examples", type=int, default=d.eval_examples,
@@ -228,6 +274,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(NCCL on GPUs, gloo on CPU; no effect in a single process)")
     where.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     where.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    add_data_format_arguments(parser)
+    add_memory_arguments(parser)
+
+
+def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
+    """Mixed precision and gradient checkpointing of the training forward."""
+    group = parser.add_argument_group("memory and precision")
+    group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
+                       help="bf16: run the training forward under torch.autocast in bfloat16 (adapters keep fp32 "
+                            "master weights, the CAT/XG statistics stay fp32); default no")
+    group.add_argument("--gradient-checkpointing", action="store_true",
+                       help="recompute each layer's activations in the backward (non-reentrant) to save memory")
+
+
+def add_data_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """How CAT-format JSONL files are read (`causalattn.data.jsonl`, `causalattn.data.annotations`)."""
+    group = parser.add_argument_group("CAT-format data")
+    group.add_argument("--strict", action="store_true",
+                       help="stop at the first annotated (effect, cause) pair that cannot supervise attention (text "
+                            "not found, or the cause not before the effect), with its file:line; by default such "
+                            "pairs are skipped and counted, as CAT's own loader skips them")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -241,6 +308,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         runs = (RunSpec(cat=args.cat is not False, xg=args.xg is not False),)
     else:
         runs = tuple(RunSpec.parse(text) for text in DEFAULT_COMPARISON)
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"runs"}
-    config = TrainConfig(runs=runs, **{name: getattr(args, name) for name in names})
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"runs", "eval_data"}
+    config = TrainConfig(runs=runs, eval_data=tuple(args.eval_data),
+                         **{name: getattr(args, name) for name in names})
     return config.validate()

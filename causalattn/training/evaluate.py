@@ -2,6 +2,11 @@
 "Low Risk" for the STG; the targets of the training set for JSONL data) is appended to the prompt and
 scored by the summed log-likelihood of its tokens; the best-scoring candidate is the prediction and
 counts when it equals the example's target exactly. No sampling, so the number is deterministic.
+
+Open answers (more distinct targets than candidates can be scored, e.g. MAWPS' 304 numbers) are
+evaluated by generation instead: greedy decoding after the prompt, as many tokens as the longest
+target plus one, and an exact match of the target's words with the first words generated
+("84.0" matches "84.0 apples", not "84.05"). Also deterministic.
 """
 from __future__ import annotations
 
@@ -55,6 +60,45 @@ def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], candidate
         predicted = scores.argmax(dim=1).cpu()
         truth = torch.tensor([index.get(example.target, -1) for example in chunk])
         counts += torch.tensor([float((predicted == truth).sum()), float(len(chunk))], dtype=torch.float64)
+    model.train(was_training)
+    correct, seen = context.sum(counts).tolist()
+    return correct / seen
+
+
+def answer_matches(generated: str, target: str) -> bool:
+    """Exact match of `target`'s words with the first words of `generated` (module docstring)."""
+    words = target.split()
+    return generated.split()[:len(words)] == words
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer, examples: Sequence[Example], *, device: torch.device,
+                     max_new_tokens: int, synced: bool = False) -> list[str]:
+    """Greedy continuations of each example's prompt (`input + separator`), decoded."""
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # generation appends on the right
+    try:
+        encoding = tokenizer([e.input + e.separator for e in examples], return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
+    out = model.generate(**encoding, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                         pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
+    return tokenizer.batch_decode(out[:, encoding["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def generation_accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], *, context: DistContext,
+                        batch_size: int) -> float:
+    """Share of `examples` whose greedy answer matches the target (`answer_matches`), over all processes."""
+    was_training = model.training
+    model.eval()
+    longest = max(len(tokenizer(e.target, add_special_tokens=False)["input_ids"]) for e in examples)
+    counts = torch.zeros(2, dtype=torch.float64)  # correct, seen
+    for chunk in evaluation_shard(examples, batch_size, context.rank, context.world_size):
+        answers = generate_answers(model, tokenizer, chunk or examples[:1], device=context.device,
+                                   max_new_tokens=longest + 1, synced=context.distributed)
+        if chunk:
+            correct = sum(answer_matches(a, e.target) for a, e in zip(answers, chunk))
+            counts += torch.tensor([float(correct), float(len(chunk))], dtype=torch.float64)
     model.train(was_training)
     correct, seen = context.sum(counts).tolist()
     return correct / seen

@@ -29,7 +29,7 @@ from causalattn.training import checkpoint as ckpt
 from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.training.config import ConfigError, RunSpec, TrainConfig
 from causalattn.training.distributed import DistContext, ParallelModel
-from causalattn.training.evaluate import accuracy
+from causalattn.training.evaluate import accuracy, generation_accuracy
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
@@ -81,7 +81,15 @@ def load_model(path: Path, config: TrainConfig, device: torch.device) -> nn.Modu
     model = AutoModelForCausalLM.from_pretrained(path, dtype=TORCH_DTYPES[config.dtype], local_files_only=True,
                                                  attn_implementation=cah.IMPLEMENTATION)
     model.config.use_cache = False
+    if config.gradient_checkpointing:
+        # non-reentrant: the CAT/XG statistics need autograd in the first forward (causalattn.hf.stats)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device)
+
+
+def training_precision(config: TrainConfig, device: torch.device) -> torch.autocast:
+    """The autocast region of a training forward: bf16 with --mixed-precision bf16, otherwise off."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
 
 def add_job_adapters(model: nn.Module, config: TrainConfig) -> cah.AdapterSummary:
@@ -127,7 +135,8 @@ class Trainer:
         """Forward + backward of one micro-batch; returns its STAT_NAMES values for logging."""
         examples = [self.job.data.train[i] for i in indices]
         batch = collate(examples, self.job.tokenizer, max_length=self.config.max_length).to(self.context.device)
-        with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats:
+        with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats, \
+                training_precision(self.config, self.context.device):
             out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           labels=batch.labels, supervision=batch.causal_mask, use_cache=False)
             cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind)
@@ -163,11 +172,15 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
     def _evaluate(self, model: nn.Module, epoch: int) -> list[dict]:
         data = self.job.data
-        if not data.closed_answers:
-            return []
-        return [{"run": self.spec.name, "epoch": epoch, "split": split,
-                 "accuracy": accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
-                                      batch_size=self.config.eval_batch_size, max_length=self.config.max_length)}
+
+        def measure(examples) -> float:
+            if not data.closed_answers:  # open answers: exact match of a greedy generation
+                return generation_accuracy(model, self.job.tokenizer, examples, context=self.context,
+                                           batch_size=self.config.eval_batch_size)
+            return accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
+                            batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
+
+        return [{"run": self.spec.name, "epoch": epoch, "split": split, "accuracy": measure(examples)}
                 for split, examples in data.evals.items()]
 
     # ------------------------------------------------------------------ the run

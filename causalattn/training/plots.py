@@ -49,12 +49,17 @@ def plot_curves(history_rows: Sequence[dict], accuracy_rows: Sequence[dict], pat
     for row in accuracy_rows:
         curves[(row["run"], row["split"])].append((row["epoch"], row["accuracy"]))
     runs = list(dict.fromkeys(run for run, _ in curves))
+    # one line style per evaluation split, whatever the splits are named (iid/ood, or the --eval-data names)
+    styles = dict(zip(dict.fromkeys(split for _, split in curves), ("-", "--", ":", "-.") * 4))
     for (run, split), points in curves.items():
         points.sort()
         accuracy_axes.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
-                           color=f"C{runs.index(run)}", linestyle="-" if split == "iid" else "--", label=f"{run} ({split})")
-    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="answer accuracy: IID solid, OOD dashed", ylim=(0, 100))
-    accuracy_axes.legend(fontsize=7)
+                           color=f"C{runs.index(run)}", linestyle=styles[split], label=f"{run} ({split})")
+    names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
+    title = "answer accuracy: " + ", ".join(f"{split} {names[style]}" for split, style in styles.items())
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title, ylim=(0, 100))
+    if curves:  # no evaluation files: no accuracy lines to name
+        accuracy_axes.legend(fontsize=7)
     figure.tight_layout()
     return _save(figure, path, plt)
 

@@ -1,0 +1,115 @@
+"""CE + CAT + XG through the real Hugging Face Trainer (`causalattn.hf.CausalTrainer`), bf16 autocast on
+CPU, a tiny LLaMA, CAT-format rows: the losses are logged apart, the adapters learn, checkpoints hold
+the adapters only and a run resumes from one."""
+import json
+import random
+
+import pytest
+import torch
+from transformers import TrainingArguments
+
+import causalattn.hf as cah
+from hf_helpers import build, llama_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:xg_variance", "ignore:.*bf16.*", "ignore:.*use_cpu.*")
+
+
+def cat_rows(count, seed=0):
+    """CAT's record format: the input ends in "Answer: ", `important` a list of {effect: [causes]}."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(count):
+        values = {name: rng.randint(0, 10) for name in ("Smoking", "Weight", "Exercise", "Age")}
+        answer = "High Risk" if values["Smoking"] + values["Weight"] > values["Exercise"] + 8 else "Low Risk"
+        facts = ", ".join(f"{k}: {v}" for k, v in values.items())
+        rows.append({"input": f"{facts}. Answer: ", "target": answer,
+                     "important": json.dumps([{answer: [f"Smoking: {values['Smoking']}", f"Exercise: {values['Exercise']}"]}])})
+    return rows
+
+
+def trainer_for(tmp_path, tokenizer, **overrides):
+    model = build(llama_config(), dtype=torch.float32)
+    cah.add_adapters(model, cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
+    cah.set_backend(model, "reference")
+    options = dict(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, max_steps=4, save_steps=2,
+                   logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
+                   dataloader_num_workers=0, seed=0, **overrides)
+    return cah.CausalTrainer(model=model, args=TrainingArguments(**options), train_dataset=cat_rows(16),
+                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0)
+
+
+def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_tokenizer):
+    trainer = trainer_for(tmp_path, tiny_tokenizer)
+    assert trainer.args.remove_unused_columns is False
+    assert trainer.accelerator.mixed_precision == "bf16"  # the forward runs under CPU bf16 autocast
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "ce" in row]
+    assert len(logs) == 4 and all(row["cat"] != 0 and row["xg"] >= 0 for row in logs)
+    first = logs[0]
+    assert first["loss"] == pytest.approx(first["ce"] + first["cat"] + first["xg"], abs=2e-2)
+    gates = [layer.gate for layer in cah.adapted_layers(trainer.model).values()]
+    assert any(float(gate.detach().abs().max()) > 0 for gate in gates)  # the zero-init gates moved
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    names = {p.name for p in checkpoint.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= names
+    assert not names & {"model.safetensors", "pytorch_model.bin"}  # the frozen base is not copied
+
+    # resume from the checkpoint: the adapters come back and the run ends at the same step
+    resumed = trainer_for(tmp_path, tiny_tokenizer)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 4
+    back = build(llama_config(), dtype=torch.float32)
+    cah.load_adapters(back, tmp_path / "out" / "checkpoint-4")
+    for index, layer in cah.adapted_layers(back).items():
+        torch.testing.assert_close(layer.gate, cah.adapted_layers(resumed.model)[index].gate)
+
+
+def test_collator_builds_the_mask_and_skips_pairs_that_cannot_supervise(tiny_tokenizer):
+    tiny_tokenizer.padding_side = "right"
+    collator = cah.CausalCollator(tiny_tokenizer)
+    rows = cat_rows(2)
+    rows[1] = {**rows[1], "important": [{"Low Risk": ["not in the text"]}, {"High Risk": ["not in the text"]}]}
+    batch = collator(rows)
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "supervision"}
+    assert batch["supervision"].valid_rows()[0].any() and not batch["supervision"].valid_rows()[1].any()
+    assert collator.skipped == 2
+    with pytest.raises(TypeError, match=r"features\[0\]: expected a causalattn Example or a mapping"):
+        collator([3])
+
+
+def test_readme_trainer_example_runs(tmp_path, tiny_tokenizer, monkeypatch):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "CausalTrainer(" in b]
+    assert len(block.strip().splitlines()) <= 10
+    fast = block.replace("max_steps=200, save_steps=50", "max_steps=2, save_steps=2, use_cpu=True, report_to=[]")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU: backend "auto" runs the reference
+    (tmp_path / "mawps_train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in cat_rows(8)))
+    model = build(llama_config(), dtype=torch.float32)
+    scope = {"model": model, "tokenizer": tiny_tokenizer}
+    exec(compile(fast, "README.md", "exec"), scope)
+    assert scope["trainer"].state.global_step == 2
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
+
+
+def test_trl_sft_trainer_trains_ce_cat_xg(tmp_path, tiny_tokenizer):
+    pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    from trl import SFTConfig
+
+    from causalattn.hf.sft import CausalSFTTrainer
+
+    model = build(llama_config(), dtype=torch.float32)
+    cah.add_adapters(model, cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
+    cah.set_backend(model, "reference")
+    config = SFTConfig(output_dir=str(tmp_path / "sft"), bf16=True, use_cpu=True, max_steps=2, save_steps=2,
+                       logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[])
+    trainer = CausalSFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(cat_rows(8)),
+                               processing_class=tiny_tokenizer, cat_weight=1.0, xg_weight=1.0)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "ce" in row]
+    assert len(logs) == 2 and all(row["cat"] != 0 for row in logs)
+    assert (tmp_path / "sft" / "checkpoint-2" / "adapter_model.safetensors").is_file()
