@@ -16,7 +16,7 @@ Shapes
 q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); GQA is handed to the kernel as is (K/V never repeated).
 _KernelAttention      q, k, v, bias (B or 1, 1, rows, keys) additive or None -> out (B, Hq, Nq, d), lse (B, Hq, Nq)
 _adapter_branch       -> gated adapter output (B, Hq, Nq, d), xg (S, Hq, d) / (B, Hq, Nq, d) or None
-_cause_mass           -> mass (B, Hq, Nq): exact zeros on rows without causes
+_CauseMass            -> mass (B, Hq, Nq): exact zeros on rows without causes
 Statistics are computed in fp32 (fp64 for fp64 input), as in `causalattn.reference`.
 """
 from __future__ import annotations
@@ -35,9 +35,13 @@ from causalattn.reference import AttentionProblem
 # PyTorch's CPU flash-attention kernel returns its log-sum-exp beside the output; the public SDPA does not.
 _CPU_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_KERNEL_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-# Query rows per masked kernel call: rows x keys of fp32 bias (and of gathered cause-row scores per
-# KV head) stay near 2**22 elements (16 MB), small next to q/k/v at the lengths where it matters.
+# Query rows per masked kernel call: rows x keys of fp32 bias stay near 2**22 elements (16 MB), small
+# next to q/k/v at the lengths where it matters.
 _MASK_ELEMENTS_PER_BLOCK = 1 << 22
+# Gathered cause rows per block: heads x rows x keys scores near 2**21 elements (8 MB fp32; two such
+# tensors live at once). At N = 16k, 8 heads that is 16 rows per (16 x 64) @ (64 x 16k) product; 2**22
+# raised the peak of a 16k fwd+bwd by ~60 MB for no measurable speed.
+_MASS_ELEMENTS_PER_BLOCK = 1 << 21
 # Packed sequences run one kernel call each (sum of L_s^2 work instead of N^2) up to this many; past
 # it the per-call overhead (~50 us) outweighs the saving and one block-masked pass runs instead.
 _MAX_SEQUENCE_CALLS = 64
@@ -185,43 +189,63 @@ def _adapter_branch(p: AttentionProblem, q: Tensor, adapter: Adapter) -> tuple[T
 
 
 # ------------------------------------------------------------------------------ CAT mass
-def _mass_of_rows(p: AttentionProblem, q: Tensor, k: Tensor, bits: Tensor, sample: int, rows: Tensor) -> Tensor:
-    """(Hq, R) mass of the gathered rows `rows` (int64, ascending) of one sample: their exact softmax
-    over the visible keys, summed over the causes."""
+def _row_blocks(p: AttentionProblem, mask: CausalMask, device: torch.device):
+    """(sample, rows) blocks of the supervised rows: int64 row indices on `device`, ascending, sized so
+    one block's scores (Hq x rows x Nk) stay near _MASS_ELEMENTS_PER_BLOCK elements."""
+    samples, rows = mask.supervised_rows()
+    rows_per_block = max(1, _MASS_ELEMENTS_PER_BLOCK // (p.heads_q * p.n_k))
+    for sample in torch.unique(samples).tolist():
+        for block in rows[samples == sample].split(rows_per_block):
+            yield sample, block.to(device)
+
+
+def _block_probabilities(p: AttentionProblem, q: Tensor, k: Tensor, bits: Tensor, sample: int, rows: Tensor):
+    """(probs (Hkv, G, R, K), causes (R, K), queries (Hkv, G, R, d), keys (Hkv, K, d)) of gathered rows:
+    their exact softmax over the first K keys (all they can see), in the statistics dtype."""
     dt = p.compute_dtype
     key_end = p.key_end(int(rows[-1]) + 1)
-    queries = q[sample, :, rows].to(dt).unflatten(0, (p.heads_kv, p.group))  # (Hkv, G, R, d)
-    keys = k[sample, :, :key_end].to(dt)  # (Hkv, K, d)
-    scores = queries @ keys.unsqueeze(1).transpose(-1, -2) * p.scale  # (Hkv, G, R, K)
-    visible = p.rows_visibility(rows, key_end, sample)[0]  # (R, K)
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)  # causes are visible: no empty row
+    queries = q[sample, :, rows].to(dt).unflatten(0, (p.heads_kv, p.group))
+    keys = k[sample, :, :key_end].to(dt)
+    scores = queries @ keys.unsqueeze(1).transpose(-1, -2) * p.scale
+    visible = p.rows_visibility(rows, key_end, sample)[0]
+    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)  # causes are visible: no empty row
     causes = unpack_bits(bits[sample, rows], p.n_k)[:, :key_end]
-    return (probs * causes).sum(-1).flatten(0, 1)
+    return probs, causes, queries, keys
 
 
-def _cause_mass(p: AttentionProblem, q: Tensor, k: Tensor, mask: CausalMask) -> Tensor:
-    """(B, Hq, Nq) mass; rows without a cause get an exact 0 without being computed. The gathered rows
-    run in blocks, each under activation checkpointing: O(block x N) memory in forward and backward."""
-    samples, rows = mask.supervised_rows()
-    mass = torch.zeros(p.batch, p.n_q, p.heads_q, dtype=p.compute_dtype, device=q.device)
-    if rows.numel() == 0:  # still a function of q, as in every backend, so a CAT-only loss backpropagates
-        return (mass + q.flatten()[:1].sum() * 0).transpose(1, 2)
-    rows_per_block = max(1, _MASK_ELEMENTS_PER_BLOCK // (p.heads_q * p.n_k))
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    values, where_b, where_i = [], [], []
-    for sample in torch.unique(samples).tolist():
-        own = rows[samples == sample]
-        for block in own.split(rows_per_block):
-            device_block = block.to(q.device)
-            if needs_grad:
-                value = checkpoint(_mass_of_rows, p, q, k, mask.bits, sample, device_block, use_reentrant=False)
-            else:
-                value = _mass_of_rows(p, q, k, mask.bits, sample, device_block)
-            values.append(value.t())
-            where_b.append(torch.full_like(device_block, sample))
-            where_i.append(device_block)
-    mass = mass.index_put((torch.cat(where_b), torch.cat(where_i)), torch.cat(values))
-    return mass.transpose(1, 2)
+class _CauseMass(torch.autograd.Function):
+    """(B, Hq, Nq) mass, computed on the supervised rows only (exact zeros elsewhere).
+
+    Forward and backward walk the same row blocks and recompute each block's probabilities, so memory
+    is one block of scores plus dq and dk, whatever the number of supervised rows. Backward:
+    dm_i/dS_ij = P_ij (A_ij - m_i), so dS = c * P * (A - m) with c = dL/dm, dq = tau dS k, dk = tau dS^T q.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, p: AttentionProblem, mask: CausalMask) -> Tensor:
+        mass = torch.zeros(p.batch, p.heads_q, p.n_q, dtype=p.compute_dtype, device=q.device)
+        for sample, rows in _row_blocks(p, mask, q.device):
+            probs, causes, _, _ = _block_probabilities(p, q, k, mask.bits, sample, rows)
+            mass[sample, :, rows] = (probs * causes).sum(-1).flatten(0, 1)
+        ctx.save_for_backward(q, k, mass)
+        ctx.problem, ctx.mask = p, mask
+        return mass
+
+    @staticmethod
+    def backward(ctx, grad_mass: Tensor):
+        q, k, mass = ctx.saved_tensors
+        p, mask = ctx.problem, ctx.mask
+        dq = torch.zeros(q.shape, dtype=p.compute_dtype, device=q.device)
+        dk = torch.zeros(k.shape, dtype=p.compute_dtype, device=k.device)
+        for sample, rows in _row_blocks(p, mask, q.device):
+            probs, causes, queries, keys = _block_probabilities(p, q, k, mask.bits, sample, rows)
+            shape = (p.heads_kv, p.group, len(rows), 1)
+            upstream = grad_mass[sample, :, rows].to(p.compute_dtype).view(shape)
+            grad_scores = (causes.to(probs.dtype) - mass[sample, :, rows].view(shape)).mul_(probs).mul_(upstream * p.scale)
+            del probs
+            dq[sample, :, rows] += (grad_scores @ keys.unsqueeze(1)).flatten(0, 1)
+            dk[sample, :, : keys.shape[1]] += (grad_scores.transpose(-1, -2) @ queries).sum(1)
+        return dq.to(q.dtype), dk.to(k.dtype), None, None
 
 
 # ------------------------------------------------------------------------------ entry point
@@ -252,6 +276,8 @@ def attention_composed(
     xg = None
     if adapter is not None:
         adapter_out, xg = _adapter_branch(p, q, adapter)
-        out = (out.to(adapter_out.dtype) + adapter_out).to(q.dtype)
-    mass = _cause_mass(p, q, k, supervision) if supervision is not None else None
+        # In place on the adapter's product (its matmul saved its inputs, not its output): one (B, Hq, N, d)
+        # buffer less at the peak than `out + adapter_out` (8 MB per 4k tokens x 8 heads x d = 64, fp32).
+        out = adapter_out.add_(out).to(q.dtype)
+    mass = _CauseMass.apply(q, k, p, supervision) if supervision is not None else None
     return AttentionOutput(out, lse, mass, xg)

@@ -14,7 +14,7 @@ import causalattn
 import causalattn.composed as composed
 from causalattn import Adapter, CausalMask
 from kernel_cases import Case, build_inputs, check_case, run_attention
-from test_kernels import CORE_CASES, STAT_CASES
+from test_kernels import CORE_CASES, GPU_CASES, STAT_CASES
 
 F16, F32, F64, BF16 = torch.float16, torch.float32, torch.float64, torch.bfloat16
 MATRIX = CORE_CASES + STAT_CASES
@@ -34,6 +34,14 @@ def single_thread():
 @pytest.mark.parametrize("case", MATRIX + LSE_CASES, ids=str)
 def test_composed_matches_reference(case):
     check_case(case, "cpu", backend="composed")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", GPU_CASES[:4], ids=str)
+def test_composed_matches_reference_gpu(case):
+    """On CUDA the composed path is the portable one (public SDPA + recomputed log-sum-exp)."""
+    check_case(case, "cuda", backend="composed")
 
 
 @pytest.mark.parametrize("case", [dataclasses.replace(c, dtype=F64) for c in MATRIX[::2]], ids=str)
