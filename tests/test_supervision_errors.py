@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from causalattn import CausalMask, attention, attention_dense, encode_with_causes
+from causalattn import CausalMask, attention, attention_dense, cat_loss, encode_with_causes
+from causalattn.losses import CAT_LOSS_KINDS, cat_row_losses
 from op_backends import DEVICE, OP_BACKENDS, op_backend, raises_named, random_qkv
 
 # ---------------------------------------------------------------------- 2. non-contiguous mask bits
@@ -101,3 +102,37 @@ def test_bad_seq_len_raises(seq_len):
 def test_bool_packing_offsets_raise():
     raises_named(ValueError, "cu_seqlens", CausalMask.from_dense, torch.ones(1, 1, 1, dtype=torch.bool),
                  cu_seqlens=torch.tensor([False, True]))
+
+
+# ---------------------------------------------------------------------- 7. CAT masses
+def _mask_and_mass(seed=12, batch=2, n=10):
+    gen = torch.Generator().manual_seed(seed)
+    mask = CausalMask.from_dense(torch.rand(batch, n, n, generator=gen) < 0.3)
+    return mask, torch.rand(batch, 2, n, generator=gen, dtype=torch.float64) * 0.5
+
+
+@pytest.mark.parametrize("kind", CAT_LOSS_KINDS)
+@pytest.mark.parametrize("bad", [math.nan, 1.5, -0.2, 1.01], ids=["nan", "above-one", "negative", "just-above-one"])
+def test_impossible_cat_mass_raises(kind, bad):
+    mask, mass = _mask_and_mass()
+    rows = mask.valid_rows().nonzero()
+    mass[rows[0, 0], 1, rows[0, 1]] = bad  # one head of one supervised row
+    raises_named(ValueError, "mass", cat_loss, mass, mask, kind=kind)
+    raises_named(ValueError, "mass", cat_loss, [mass, mass.flip(0)], mask, kind=kind)
+    mean_mass = mass.mean(1)
+    mean_mass[rows[0, 0], rows[0, 1]] = bad
+    raises_named(ValueError, "mean_mass", cat_row_losses, mean_mass, mask, kind=kind)
+
+
+@pytest.mark.parametrize("kind", CAT_LOSS_KINDS)
+def test_cat_mass_at_the_edges_is_accepted(kind):
+    mask, mass = _mask_and_mass()
+    mass[0, 0, :3] = torch.tensor([0.0, 1.0, 1.0 + 1e-6])
+    mass[1, 1, :2] = torch.tensor([-1e-7, 1.0 - 1e-7])
+    assert torch.isfinite(cat_loss(mass, mask, kind=kind))
+
+
+def test_cat_loss_mask_must_be_a_causal_mask():
+    mask, mass = _mask_and_mass()
+    raises_named(TypeError, "mask", cat_loss, mass, mask.to_dense())
+    raises_named(TypeError, "mask", cat_row_losses, mass.mean(1), None)
