@@ -74,6 +74,12 @@ def test_non_integer_spans_raise(span):
         CausalMask.from_spans([[span]], 8)
 
 
+def test_effect_across_a_packed_boundary_raises():
+    """Rows 3-6 predict the effect (4, 8); row 6 lies in the second sequence (from 6), the cause in the first."""
+    with pytest.raises(ValueError, match=r"spans\[0\]: cause \(1, 3\) and effect \(4, 8\) lie in different packed"):
+        CausalMask.from_spans([[((4, 8), [(1, 3)])]], 10, cu_seqlens=torch.tensor([0, 6, 10]))
+
+
 def test_integer_scalar_spans_are_accepted():
     spans = [[((torch.tensor(4), 6), [(torch.tensor(0), 2)])]]
     assert torch.equal(CausalMask.from_spans(spans, 8).bits, CausalMask.from_spans([[((4, 6), [(0, 2)])]], 8).bits)
