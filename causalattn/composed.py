@@ -117,8 +117,12 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: 
         bias = None
         if visible is not None:
             bias = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
-        return _KernelAttention.apply(q, k, v, bias, causal and visible is None, scale)
-    return _portable_attention(q, k, v, visible, causal, scale)
+        out, lse = _KernelAttention.apply(q, k, v, bias, causal and visible is None, scale)
+    else:
+        out, lse = _portable_attention(q, k, v, visible, causal, scale)
+    # Every row here sees a key, so an lse of +inf comes from an infinite score: its row is NaN (inf - inf),
+    # and so is its lse on every backend.
+    return out, lse.masked_fill(lse == float("inf"), float("nan"))
 
 
 def _sequence_attention(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

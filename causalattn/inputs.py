@@ -11,10 +11,12 @@ key_lengths  (B,) int                  keys j >= key_lengths[b] are padding
 key_mask     (B, Nk) bool              True marks a real token (left or right padding)
 cu_seqlens   (S + 1,) int              packed sequences, B == 1, Nq == Nk == cu_seqlens[-1]
 Adapter.keys / .values  (Hkv, M, d) shared, or (B, Hkv, M, d) per sample;  M <= 64
+                        (packed: B == 1, so one adapter for every sequence of the row)
 Adapter.gate            (Hq,) per query head, or () / (1,) one scalar
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Optional
 
@@ -79,6 +81,16 @@ def _require_tensor(name: str, value: object) -> Tensor:
     return value
 
 
+def is_integer_dtype(dtype: torch.dtype) -> bool:
+    """Integer dtypes only: bool (a mask, not a count), float and complex are not offsets or lengths."""
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
+def is_int(value: object) -> bool:
+    """A Python int that is not a bool (True would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_inputs(
     q: Tensor,
     k: Tensor,
@@ -93,8 +105,13 @@ def check_inputs(
     supervision: Optional["CausalMask"],
     xg_tokens: int,
     xg_pool: str,
+    max_seqlen: Optional[int] = None,
 ) -> None:
-    """Raise a ValueError/TypeError naming the first bad argument; return None when all is well."""
+    """Raise a ValueError/TypeError naming the first bad argument; return None when all is well.
+
+    `max_seqlen` (packed sequences only) must cover the longest sequence of `cu_seqlens`: the kernels
+    launch ceil(max_seqlen / BLOCK_M) row tiles per sequence, so a smaller value leaves rows unwritten.
+    It is checked against the offsets already copied to the host, without another device sync."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _require_tensor(name, t)
         if t.dim() != 4:
@@ -117,7 +134,10 @@ def check_inputs(
         raise ValueError(f"q: head dim must be in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}], got {head_dim}")
     if n_q > n_k:
         raise ValueError(f"q: expected at most as many queries as keys (Nk={n_k}), got Nq={n_q}")
-    if scale is not None and not (isinstance(scale, (int, float)) and scale == scale and scale > 0):
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {causal!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
 
     given = [n for n, t in (("key_lengths", key_lengths), ("key_mask", key_mask), ("cu_seqlens", cu_seqlens)) if t is not None]
@@ -125,7 +145,7 @@ def check_inputs(
         raise ValueError(f"{' and '.join(given)}: give at most one way of masking keys, got {len(given)}")
     if key_lengths is not None:
         _require_tensor("key_lengths", key_lengths)
-        if key_lengths.shape != (batch,) or key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool:
+        if key_lengths.shape != (batch,) or not is_integer_dtype(key_lengths.dtype):
             raise ValueError(f"key_lengths: expected an integer tensor of shape ({batch},), got {key_lengths.dtype} {_shape(key_lengths)}")
         if key_lengths.device != q.device:
             raise ValueError(f"key_lengths: expected device {q.device}, got {key_lengths.device}")
@@ -139,17 +159,28 @@ def check_inputs(
             raise ValueError(f"key_mask: expected device {q.device}, got {key_mask.device}")
     if cu_seqlens is not None:
         _require_tensor("cu_seqlens", cu_seqlens)
-        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype.is_floating_point:
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or not is_integer_dtype(cu_seqlens.dtype):
             raise ValueError(f"cu_seqlens: expected a 1-D integer tensor (S + 1,), got {cu_seqlens.dtype} {_shape(cu_seqlens)}")
         if batch != 1 or n_q != n_k:
             raise ValueError(f"cu_seqlens: packed sequences need B == 1 and Nq == Nk, got B={batch}, Nq={n_q}, Nk={n_k}")
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != n_k or any(b > a for a, b in zip(bounds[1:], bounds[:-1])):
             raise ValueError(f"cu_seqlens: expected non-decreasing offsets from 0 to {n_k}, got {bounds}")
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        if max_seqlen is not None and not (is_int(max_seqlen) and longest <= max_seqlen <= n_k):
+            raise ValueError(f"max_seqlen: expected an int from the longest packed sequence ({longest}) to the "
+                             f"token count ({n_k}), got {max_seqlen!r}")
+    elif max_seqlen is not None:
+        raise ValueError(f"max_seqlen: describes packed sequences and needs cu_seqlens, got max_seqlen={max_seqlen!r} "
+                         f"without cu_seqlens")
 
     if adapter is not None:
         _check_adapter(adapter, q, heads_kv)
     if supervision is not None:
+        from causalattn.masks import CausalMask  # masks imports this module's helpers
+
+        if not isinstance(supervision, CausalMask):
+            raise TypeError(f"supervision: expected a causalattn.CausalMask, got {type(supervision).__name__}")
         if not causal:
             raise ValueError("supervision: the causal mask supervises causal attention; got causal=False")
         if n_q != n_k:
@@ -164,7 +195,7 @@ def check_inputs(
                 cu_seqlens is not None and not torch.equal(packed_mask.cpu(), cu_seqlens.cpu().to(packed_mask.dtype))):
             raise ValueError("supervision: the CausalMask must be built with the same cu_seqlens as the attention call "
                              "(CausalMask.from_dense/from_spans(..., cu_seqlens=...))")
-    if not isinstance(xg_tokens, int) or xg_tokens < 0:
+    if not is_int(xg_tokens) or xg_tokens < 0:
         raise ValueError(f"xg_tokens: expected a non-negative int, got {xg_tokens!r}")
     if xg_tokens:
         if adapter is None:

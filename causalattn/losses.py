@@ -44,12 +44,39 @@ def _stack_layers(value: TensorOrLayers, per_layer_dims: int, name: str) -> Tens
     return torch.stack(layers)
 
 
+def _check_mask(mask: object) -> CausalMask:
+    if not isinstance(mask, CausalMask):
+        raise TypeError(f"mask: expected a causalattn.CausalMask, got {type(mask).__name__}")
+    return mask
+
+
+def _check_mass(mass: Tensor, name: str) -> None:
+    """Raise when a mass is NaN or outside [0, 1] by more than rounding: such a row would otherwise be
+    dropped (NaN compares false) or cost 0, and the loss would look fine. Eager: a ValueError after one
+    host sync; under torch.compile: an asynchronous assert (RuntimeError, same message start)."""
+    if not isinstance(mass, Tensor) or not mass.dtype.is_floating_point:
+        got = mass.dtype if isinstance(mass, Tensor) else type(mass).__name__
+        raise TypeError(f"{name}: expected a floating tensor of attention masses, got {got}")
+    # A mass is a sum of probabilities: 1e-3 is far above its fp32 rounding; 4 eps covers fp16/bf16 masses.
+    slack = max(1e-3, 4 * torch.finfo(mass.dtype).eps)
+    inside = (mass >= -slack) & (mass <= 1 + slack)  # False for NaN
+    if torch.compiler.is_compiling():  # a host check would break the graph
+        torch._assert_async(inside.all(), f"{name}: expected attention masses in [0, 1], got NaN or a value outside")
+        return
+    if not bool(inside.all()):
+        bad = mass.detach()[~inside]
+        raise ValueError(f"{name}: expected attention masses in [0, 1], got {bad.numel()} value(s) outside "
+                         f"(e.g. {bad[0].item()}); NaN comes from NaN/inf attention inputs")
+
+
 def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> tuple[Tensor, Tensor]:
     """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (SPEC §2).
 
     a1 = m / n1 is the mean attention on a cause, a0 = (1 - m) / n0 on a visible non-cause. Rows where
     a1 / a0 >= alpha already attend enough and cost 0.
     """
+    _check_mask(mask)
+    _check_mass(mean_mass, "mean_mass")
     if kind not in CAT_LOSS_KINDS:
         raise ValueError(f"kind: expected one of {CAT_LOSS_KINDS}, got {kind!r}")
     if not (isinstance(alpha, (int, float)) and alpha > 0 and math.isfinite(alpha)):
@@ -78,7 +105,9 @@ def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind
     """CAT Re-Attention loss: mean over valid rows of the micro-batch of the per-row loss of the mass
     averaged over all layers and query heads (SPEC §2). A scalar; 0 (still differentiable) when no row
     is valid."""
+    _check_mask(mask)
     stacked = _stack_layers(mass, 3, "mass")
+    _check_mass(stacked, "mass")
     if stacked.shape[1] != mask.batch_size or stacked.shape[3] != mask.seq_len:
         raise ValueError(f"mass: expected (B={mask.batch_size}, Hq, N={mask.seq_len}) per layer to match the mask, "
                          f"got {tuple(stacked.shape[1:])}")

@@ -14,10 +14,13 @@ is packed a block of rows at a time, and readers unpack a block of rows at a tim
 """
 from __future__ import annotations
 
+import operator
 from typing import Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from causalattn.inputs import is_int, is_integer_dtype
 
 Span = tuple[int, int]  # half-open token interval [start, end)
 EffectCauses = tuple[Span, Sequence[Span]]
@@ -59,6 +62,21 @@ def popcount(words: Tensor) -> Tensor:
     return x.sum(-1).to(torch.int32)
 
 
+def _prefix_words(ends: Tensor, n_words: int) -> Tensor:
+    """(R, W) int32 words with the bits of columns [0, ends[r]) set, for each row r."""
+    word = torch.arange(n_words, device=ends.device)
+    full, rest = ends[:, None] // BITS_PER_WORD, ends[:, None] % BITS_PER_WORD
+    partial = (torch.ones_like(rest) << rest) - 1  # rest <= 31: fits int32 as it is
+    words = torch.where(word < full, torch.full_like(partial, -1), torch.where(word == full, partial, 0))
+    return words.to(torch.int32)
+
+
+def _check_seq_len(seq_len: object) -> int:
+    if not is_int(seq_len) or seq_len < 0:
+        raise ValueError(f"seq_len: expected a non-negative int, got {seq_len!r}")
+    return seq_len
+
+
 def _key_valid(batch: int, n: int, key_mask: Optional[Tensor], device: torch.device) -> Tensor:
     if key_mask is None:
         return torch.ones(batch, n, dtype=torch.bool, device=device)
@@ -71,23 +89,47 @@ class CausalMask:
     """Bit-packed causal adjacency mask for a batch; see the module docstring for the layout."""
 
     def __init__(self, bits: Tensor, seq_len: int, key_mask: Optional[Tensor] = None,
-                 cu_seqlens: Optional[Tensor] = None):
+                 cu_seqlens: Optional[Tensor] = None, *, check_bits: bool = True):
+        """`bits` (B, N, ceil(N/32)) int32 as laid out in the module docstring; any strides (stored
+        contiguous: the kernels index rows as `row * W`). A bit above the diagonal, past N, on a
+        padding key or (packed) in another sequence raises: it would make n0 = visible - n1 wrong.
+        `check_bits=False` skips that check for bits visible by construction (`from_dense` masks them
+        so; the check took 8 of the constructor's 31 s at N = 16k, B = 4 on a loaded 2-core machine)."""
+        _check_seq_len(seq_len)
         if not isinstance(bits, Tensor) or bits.dtype != torch.int32 or bits.dim() != 3:
             got = f"{bits.dtype} {tuple(bits.shape)}" if isinstance(bits, Tensor) else type(bits).__name__
             raise ValueError(f"bits: expected an int32 tensor (B, N, ceil(N/32)), got {got}")
         if bits.shape[1] != seq_len or bits.shape[2] != _words(seq_len):
             raise ValueError(f"bits: expected shape (B, {seq_len}, {_words(seq_len)}) for seq_len={seq_len}, got {tuple(bits.shape)}")
-        self.bits = bits
+        self.bits = bits.contiguous()
         self.seq_len = seq_len
         valid = _key_valid(bits.shape[0], seq_len, key_mask, bits.device)
         self.key_mask = key_mask.to(bits.device) if key_mask is not None else None
         self.cu_seqlens = None
-        self.cause_count = popcount(bits)
+        first_key = torch.zeros(seq_len, dtype=torch.int64, device=bits.device)
         self.visible = valid.to(torch.int32).cumsum(-1, dtype=torch.int32)
         if cu_seqlens is not None:
             # Packed sequences: a row sees only the keys of its own sequence.
             self.cu_seqlens = _check_packing(cu_seqlens, bits.shape[0], seq_len, key_mask).to(bits.device)
-            self.visible = torch.arange(1, seq_len + 1, dtype=torch.int32, device=bits.device) - self._sequence_starts()[None]
+            first_key = self._sequence_starts().to(torch.int64)
+            self.visible = torch.arange(1, seq_len + 1, dtype=torch.int32, device=bits.device) - first_key.to(torch.int32)[None]
+        if check_bits:
+            self._check_bits_visible(first_key, valid)
+        self.cause_count = popcount(self.bits)
+
+    def _check_bits_visible(self, first_key: Tensor, valid: Tensor) -> None:
+        """Raise when a cause bit lies outside the keys its row sees: [first_key, row] and real keys.
+        Word-level (N^2/32 int32 operations, a block of rows at a time), one host sync."""
+        n, words = self.seq_len, self.bits.shape[2]
+        valid_words = pack_bits(valid)[:, None]  # (B, 1, W)
+        for start in range(0, n, _ROW_BLOCK):
+            rows = torch.arange(start, min(n, start + _ROW_BLOCK), device=self.bits.device)
+            seen = _prefix_words(rows + 1, words) & ~_prefix_words(first_key[rows], words)
+            stray = self.bits[:, start : start + _ROW_BLOCK] & ~(seen & valid_words)
+            if bool((stray != 0).any()):
+                b, row, _ = (int(i) for i in (stray != 0).nonzero()[0])
+                raise ValueError(f"bits: row {start + row} of sample {b} marks a cause it cannot see (above the "
+                                 f"diagonal, past seq_len={n}, on padding or in another packed sequence)")
 
     # ------------------------------------------------------------------ builders
     @classmethod
@@ -98,6 +140,9 @@ class CausalMask:
         if not isinstance(dense, Tensor) or dense.dim() != 3 or dense.shape[1] != dense.shape[2]:
             got = tuple(dense.shape) if isinstance(dense, Tensor) else type(dense).__name__
             raise ValueError(f"dense: expected a (B, N, N) tensor, got {got}")
+        if dense.dtype != torch.bool and bool(((dense != 0) & (dense != 1)).any()):  # NaN is neither
+            raise ValueError(f"dense: expected a bool tensor or entries 0 and 1, got {dense.dtype} with other values "
+                             f"(e.g. {dense[(dense != 0) & (dense != 1)][0].item()})")
         batch, n, _ = dense.shape
         valid = _key_valid(batch, n, key_mask, dense.device)
         first_key = torch.zeros(n, dtype=torch.int64, device=dense.device)
@@ -111,7 +156,7 @@ class CausalMask:
             own_keys = (cols <= rows[:, None]) & (cols >= first_key[rows, None])
             block = dense[:, start : start + _ROW_BLOCK].bool() & own_keys & valid[:, None, :]
             bits[:, start : start + _ROW_BLOCK] = pack_bits(block)
-        return cls(bits, n, key_mask, cu_seqlens)
+        return cls(bits, n, key_mask, cu_seqlens, check_bits=False)
 
     @classmethod
     def from_spans(
@@ -128,6 +173,7 @@ class CausalMask:
         tokens) attend to every cause span, which must end before the effect starts with at least one
         token between (`c1 < e0`).
         """
+        _check_seq_len(seq_len)
         batch = len(spans)
         if key_mask is not None and key_mask.shape[0] != batch:
             raise ValueError(f"key_mask: expected batch {batch} (len(spans)), got {tuple(key_mask.shape)}")
@@ -148,7 +194,8 @@ class CausalMask:
                     if c1 >= e0:
                         raise ValueError(f"spans[{b}]: cause {cause} must end before effect {effect} starts "
                                          f"(with at least one token between, SPEC §2)")
-                    if sequence[c0] != sequence[e0] or sequence[c1 - 1] != sequence[e0]:
+                    # the effect's predicting rows e0-1 .. e1-2 and the cause all in one packed sequence
+                    if len({int(sequence[t]) for t in (c0, c1 - 1, e0, max(e0 - 1, e1 - 2))}) > 1:
                         raise ValueError(f"spans[{b}]: cause {cause} and effect {effect} lie in different packed sequences")
                     columns[c0:c1] = True
                 if bool((columns & ~valid[b]).any()):
@@ -215,7 +262,7 @@ class CausalMask:
 
 def _check_packing(cu_seqlens: Tensor, batch: int, seq_len: int, key_mask: Optional[Tensor]) -> Tensor:
     """Validated packing offsets (S + 1,) int64: B == 1, from 0 to seq_len, non-decreasing."""
-    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.dtype.is_floating_point:
+    if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or not is_integer_dtype(cu_seqlens.dtype):
         raise ValueError(f"cu_seqlens: expected a 1-D integer tensor of offsets, got {cu_seqlens!r}")
     if batch != 1 or key_mask is not None:
         raise ValueError(f"cu_seqlens: packed sequences need batch 1 and no key_mask, got batch {batch}")
@@ -226,8 +273,11 @@ def _check_packing(cu_seqlens: Tensor, batch: int, seq_len: int, key_mask: Optio
 
 
 def _check_span(span: Iterable[int], seq_len: int, what: str) -> Span:
-    try:
-        start, end = (int(x) for x in span)
+    try:  # operator.index takes ints and integer scalars only: int() would truncate a float position
+        items = tuple(span)
+        if any(isinstance(x, bool) for x in items):
+            raise TypeError
+        start, end = (operator.index(x) for x in items)
     except (TypeError, ValueError):
         raise ValueError(f"{what}: expected a (start, end) pair of ints, got {span!r}") from None
     if not 0 <= start < end <= seq_len:
@@ -263,6 +313,18 @@ def _find_id_spans(phrase: str, ids: Sequence[int], tokenizer) -> list[Span]:
     return sorted(set(spans))
 
 
+def _check_annotation(annotation: object, b: int) -> None:
+    """`{effect: [cause, ...]}` with str phrases; a bare str as the causes would be read char by char."""
+    if not isinstance(annotation, Mapping):
+        raise TypeError(f"annotations[{b}]: expected a mapping {{effect: [cause, ...]}}, got {type(annotation).__name__}")
+    for effect, causes in annotation.items():
+        if not isinstance(effect, str):
+            raise TypeError(f"annotations[{b}]: expected str effects, got {effect!r}")
+        if isinstance(causes, (str, bytes)) or not isinstance(causes, Sequence) \
+                or not all(isinstance(c, str) for c in causes):
+            raise TypeError(f"annotations[{b}][{effect!r}]: expected a list of cause phrases (str), got {causes!r}")
+
+
 def encode_with_causes(
     tokenizer,
     texts: Sequence[str],
@@ -295,6 +357,7 @@ def encode_with_causes(
 
     all_pairs = []
     for b, annotation in enumerate(annotations):
+        _check_annotation(annotation, b)
         pairs = []
         for effect, causes in annotation.items():
             effect_spans = spans_of(effect, b)

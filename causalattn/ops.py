@@ -181,7 +181,8 @@ def attention(
     `max_seqlen` (packed sequences) saves a device sync when given.
     """
     check_inputs(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
-                 cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
+                 cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool,
+                 max_seqlen=max_seqlen)
     if backend == "auto" and q.is_cuda and supervision is not None:
         supervised_fraction = supervision.supervised_rows()[1].numel() / max(1, supervision.batch_size * q.shape[2])
     else:
@@ -193,8 +194,6 @@ def attention(
                    cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)
     batch, heads_q, n_q, head_dim = q.shape
     if cu_seqlens is not None:
-        if adapter is not None and adapter.keys.dim() == 4:
-            raise ValueError("adapter.keys: per-sample adapters (B, Hkv, M, d) are not supported with cu_seqlens")
         cu_seqlens = cu_seqlens.to(device=q.device, dtype=torch.int32)
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())

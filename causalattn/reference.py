@@ -105,8 +105,10 @@ def _attend_rows(problem: AttentionProblem, row_start: int, row_end: int, q: Ten
     scores = (q_rows @ keys.transpose(-1, -2) * p.scale).view(p.batch, p.heads_kv, p.group, rows, key_end)
     visible = p.visibility(row_start, row_end, key_end, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
-    row_max = scores.amax(-1, keepdim=True)
-    seen = torch.isfinite(row_max)  # rows that see at least one key
+    # A row sees a key when some score is above -inf (masked keys are -inf). A +inf or NaN score is not
+    # a masked row: it must come out NaN (inf - inf), as in the Triton kernels, never as zeros.
+    row_max = scores.amax(-1, keepdim=True) if key_end else scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    seen = row_max != float("-inf")
     weights = torch.exp(scores - torch.where(seen, row_max, torch.zeros_like(row_max)))
     denom = weights.sum(-1, keepdim=True)
     probs = weights / torch.where(seen, denom, torch.ones_like(denom))
@@ -159,7 +161,8 @@ def _run(q, k, v, *, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, 
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, *adapter_tensors))
     outs, lses, masses, zs = [], [], [], []
-    for start in range(0, p.n_q, block):
+    # Nq = 0 still runs one empty block, so every output keeps its shape (and pooled XG its zero rows).
+    for start in range(0, max(p.n_q, 1), max(block, 1)):
         end = min(p.n_q, start + block)
         if rows_per_block is not None and needs_grad:
             # Recompute this block's scores in backward instead of keeping them: O(block x Nk) memory.

@@ -464,7 +464,8 @@ def attention_backward(
     if not has_adapter:
         return dq, dk, dv, None, None, None
     adapter_shape = adapter_keys.shape
-    reduce_dims = (0, 1) if adapter_keys.dim() == 3 else (0,)
+    # Partials are per (chunk, sample or packed sequence); packed sequences share their row's adapter.
+    reduce_dims = (0, 1) if adapter_keys.dim() == 3 or varlen else (0,)
     dka = dka_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
     dva = dva_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
     dgamma = dgamma_partial.sum((0, 1))

@@ -126,7 +126,8 @@ def _fwd_kernel(
         stride_kn, stride_vn, scale_log2,
         BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
 
-    seen = row_sum > 0.0
+    # Not "> 0": a NaN sum (a +inf or NaN score) must give NaN out and LSE, not a row that saw no key.
+    seen = row_sum != 0.0
     inv_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)
     out = acc * inv_sum[:, None]
     tl.store(Lse + stat, tl.where(seen, (row_max + tl.log2(tl.where(seen, row_sum, 1.0))) * LN2, float("inf")),

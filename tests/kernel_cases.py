@@ -30,6 +30,7 @@ class Case:
     n_q: Optional[int] = None  # queries when fewer than keys (bottom-right causal)
     head_dim: int = 32
     causal: bool = True
+    scale: Optional[float] = None  # None: 1 / sqrt(head_dim)
     dtype: torch.dtype = torch.float32
     adapter_len: int = 0  # 0: no adapter
     per_sample_adapter: bool = False
@@ -95,7 +96,7 @@ def build_inputs(case: Case, device: str):
         "k": randn(batch, case.heads_kv, case.seq_len, case.head_dim),
         "v": randn(batch, case.heads_kv, case.seq_len, case.head_dim),
     }
-    kwargs = dict(causal=case.causal)
+    kwargs = dict(causal=case.causal, scale=case.scale)
     key_mask = None
     if case.padding == "lengths":
         lengths = torch.tensor([case.seq_len - 3 * b for b in range(batch)][::-1])
@@ -175,8 +176,8 @@ def poisoned_allocations(monkeypatch) -> None:
 
 
 def check_case(case: Case, device: str = "cpu", backend: str = "triton") -> dict[str, float]:
-    """Compare `backend` with the float64 reference; returns the worst error ratio seen
-    (error / allowed) per output and gradient. Raises AssertionError on a violation."""
+    """Compare a backend of `causalattn.attention` with the float64 reference; returns the worst error
+    ratio seen (error / allowed) per output and gradient. Raises AssertionError on a violation."""
     leaves, kwargs, upstream = build_inputs(case, device)
     fused = run_attention(lambda *a, **k: causalattn.attention(*a, backend=backend, **k),
                           leaves, kwargs, upstream, case, case.dtype, device)

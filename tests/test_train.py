@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,9 @@ def test_resume_continues_the_identical_trajectory(small_model, tmp_path, monkey
 
     real_save = checkpoint.save_checkpoint
 
-    def save_then_crash(*a, **kw):
-        real_save(*a, **kw)
+    def save_then_crash(run_dir, *a, **kw):
+        real_save(run_dir, *a, **kw)
+        plant_staging_leftovers(checkpoint.checkpoint_root(run_dir), "epoch-002")  # a killed second write
         raise KeyboardInterrupt("simulated crash after the first epoch's checkpoint")
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
@@ -117,11 +119,38 @@ def test_resume_continues_the_identical_trajectory(small_model, tmp_path, monkey
     assert main(args + ["--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
 
     straight, resumed = report_of(tmp_path / "straight")["runs"][0], report_of(tmp_path / "resumed")["runs"][0]
+    assert not [p for p in (tmp_path / "resumed").rglob("*.tmp")]  # the leftovers went at the restart
     assert resumed["resumed_at_epoch"] == 1
     assert resumed["history"] == straight["history"]
     assert resumed["accuracy"] == straight["accuracy"]
     a, b = adapter_weights(straight["adapter_dir"]), adapter_weights(resumed["adapter_dir"])
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def plant_staging_leftovers(root: Path, name: str) -> list[Path]:
+    """What a write killed mid-way leaves: a partial staging folder and a staged `latest`."""
+    staging = root / f".{name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir()
+    (staging / "adapter_model.safetensors").write_bytes(b"partial")
+    latest = root / f".{checkpoint.LATEST_NAME}.{uuid.uuid4().hex}.tmp"
+    latest.write_text(name + "\n")
+    return [staging, latest]
+
+
+def test_staging_leftovers_are_removed_and_nothing_else(tmp_path):
+    root = checkpoint.checkpoint_root(tmp_path)
+    complete = root / "epoch-001"
+    complete.mkdir(parents=True)
+    (complete / checkpoint.PROGRESS_NAME).write_text("{}")
+    (root / checkpoint.LATEST_NAME).write_text("epoch-001\n")
+    kept = [complete, root / checkpoint.LATEST_NAME, root / "notes.tmp", root / ".epoch-003.tmp"]
+    kept[2].write_text("not a staging name")
+    kept[3].mkdir()
+    leftovers = plant_staging_leftovers(root, "epoch-002")
+    assert checkpoint.remove_staging_leftovers(tmp_path) == sorted(leftovers)
+    assert sorted(root.iterdir()) == sorted(kept) and (complete / checkpoint.PROGRESS_NAME).is_file()
+    assert checkpoint.remove_staging_leftovers(tmp_path) == []
+    assert checkpoint.remove_staging_leftovers(tmp_path / "never-ran") == []
 
 
 def test_resume_refuses_other_options_and_fresh_runs_refuse_old_dirs(small_model, tmp_path, capsys):

@@ -8,7 +8,8 @@
     <run dir>/checkpoints/latest                                name of the newest complete checkpoint
 
 A checkpoint is written into a temporary folder beside its final place and renamed into place, then
-`latest` is replaced (write + rename): a crash at any moment leaves the previous checkpoint usable.
+`latest` is replaced (write + rename): a crash at any moment leaves the previous checkpoint usable,
+and the staging leftovers of a killed write are removed when the next run starts.
 Nothing random is drawn during training (the data order is a function of seed and epoch), but the RNG
 states are restored anyway so models with stochastic layers resume on the same stream.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -69,6 +71,25 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
+
+
+# Staging names of `save_checkpoint` and `_write_text_atomic`: "." + final name + "." + uuid4 hex + ".tmp".
+_STAGING_NAME = re.compile(r"\.[^/]+\.[0-9a-f]{32}\.tmp")
+
+
+def remove_staging_leftovers(run_dir: Path) -> list[Path]:
+    """Delete the staging folders and files a killed checkpoint write left behind; return them.
+
+    Only names of the staging pattern are touched, never a complete checkpoint or `latest`. Call it
+    when a run starts, before any checkpoint of this run is written (rank 0 only)."""
+    root = checkpoint_root(run_dir)
+    leftovers = sorted(p for p in root.iterdir() if _STAGING_NAME.fullmatch(p.name)) if root.is_dir() else []
+    for path in leftovers:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    return leftovers
 
 
 def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,

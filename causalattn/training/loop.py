@@ -192,6 +192,9 @@ class Trainer:
         optimizer, scheduler = make_optimizer(model, config, self.steps * config.epochs)
         progress = ckpt.Progress(epoch=0, step=0, history=[], accuracy=[], train_seconds=0.0, options=self.options)
         resumed_at = None
+        if context.rank == 0:
+            for leftover in ckpt.remove_staging_leftovers(self.run_dir):
+                job.log(f"[{self.spec.name}] removed {leftover.name}, left by an interrupted checkpoint write")
         latest = ckpt.latest_checkpoint(self.run_dir)
         if latest is not None:
             progress = ckpt.read_progress(latest, self.options)
