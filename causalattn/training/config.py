@@ -101,6 +101,10 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
 
+    def __post_init__(self) -> None:
+        # one file may be given as a plain string, as --eval-data was before it took several
+        self.eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data)
+
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
         positive = {"--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
@@ -151,8 +155,6 @@ class TrainConfig:
 
     def eval_files(self) -> dict[str, str]:
         """{name: path} of the --eval-data files: `NAME=FILE` names a file, a bare FILE is named by its stem."""
-        if isinstance(self.eval_data, str):
-            self.eval_data = (self.eval_data,)
         files: dict[str, str] = {}
         for text in self.eval_data:
             name, sep, path = text.partition("=")
