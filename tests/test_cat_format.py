@@ -165,3 +165,19 @@ def test_answer_matching_is_word_exact():
 
     assert answer_matches(" 84.0 apples", "84.0") and answer_matches("Answer: 84.0\n", "Answer: 84.0")
     assert not answer_matches("84.05", "84.0") and not answer_matches("", "84.0")
+
+
+def test_max_steps_ends_the_run_early_and_checkpoints_it(small_model, tmp_path):
+    train = write(tmp_path / "train.jsonl", STG_TRAIN * 8)  # 16 examples, 4 steps per epoch at batch 4
+    test = write(tmp_path / "iid.jsonl", STG_TEST)
+    out = tmp_path / "job"
+    options = [option for option in FAST if option not in ("--train-examples", "32", "--eval-examples", "12")]
+    args = ["train", "--model", str(small_model), "--data", str(train), "--eval-data", str(test),
+            "--runs", "ce+cat", *options, "--output-dir", str(out)]
+    assert main(args + ["--max-steps", "6"]) == 0  # 2 epochs would be 8 steps
+    run = report_of(out)["runs"][0]
+    assert [row["step"] for row in run["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [row["epoch"] for row in run["accuracy"]] == [0, 1, 2]
+    assert (out / "ce-cat" / "checkpoints" / "epoch-002").is_dir()
+    assert main(args + ["--max-steps", "6", "--resume"]) == 0  # nothing left to train
+    assert report_of(out)["runs"][0]["history"] == run["history"]

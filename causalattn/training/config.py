@@ -100,6 +100,11 @@ class TrainConfig:
     # memory and precision
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
+    max_steps: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        # one file may be given as a plain string, as --eval-data was before it took several
+        self.eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data)
 
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
@@ -110,7 +115,7 @@ class TrainConfig:
             if value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         for flag, value in {"--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
-                            "--threads": self.threads}.items():
+                            "--threads": self.threads, "--max-steps": self.max_steps}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         if self.adapter_len > MAX_ADAPTER_TOKENS:
@@ -151,8 +156,6 @@ class TrainConfig:
 
     def eval_files(self) -> dict[str, str]:
         """{name: path} of the --eval-data files: `NAME=FILE` names a file, a bare FILE is named by its stem."""
-        if isinstance(self.eval_data, str):
-            self.eval_data = (self.eval_data,)
         files: dict[str, str] = {}
         for text in self.eval_data:
             name, sep, path = text.partition("=")
@@ -279,13 +282,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_memory_arguments(parser: argparse.ArgumentParser) -> None:
-    """Mixed precision and gradient checkpointing of the training forward."""
-    group = parser.add_argument_group("memory and precision")
+    """Mixed precision and gradient checkpointing of the training forward, and a cap on its length."""
+    group = parser.add_argument_group("memory, precision and length")
     group.add_argument("--mixed-precision", choices=MIXED_PRECISION, default="no",
                        help="bf16: run the training forward under torch.autocast in bfloat16 (adapters keep fp32 "
                             "master weights, the CAT/XG statistics stay fp32); default no")
     group.add_argument("--gradient-checkpointing", action="store_true",
                        help="recompute each layer's activations in the backward (non-reentrant) to save memory")
+    group.add_argument("--max-steps", type=int, default=None,
+                       help="stop each run after this many optimizer steps (the learning-rate schedule ends there); "
+                            "the partial epoch is evaluated and checkpointed (default: --epochs full epochs)")
 
 
 def add_data_format_arguments(parser: argparse.ArgumentParser) -> None:

@@ -128,6 +128,7 @@ class Trainer:
         self.monitor_xg = self.config.xg_tokens > 0 and self.config.batch_size > 1
         world = self.context.world_size
         self.steps = steps_per_epoch(len(job.data.train), self.config, world)
+        self.total_steps = min(self.steps * self.config.epochs, self.config.max_steps or math.inf)
         self.options = {**self.config.trajectory_options(), "world_size": world, "run": spec.name}
 
     # ------------------------------------------------------------------ one optimizer step
@@ -189,7 +190,7 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same adapter init in every run and on every process
         model = load_model(job.model_path, config, context.device)
         summary = add_job_adapters(model, config)
-        optimizer, scheduler = make_optimizer(model, config, self.steps * config.epochs)
+        optimizer, scheduler = make_optimizer(model, config, self.total_steps)
         progress = ckpt.Progress(epoch=0, step=0, history=[], accuracy=[], train_seconds=0.0, options=self.options)
         resumed_at = None
         if context.rank == 0:
@@ -210,6 +211,8 @@ class Trainer:
             if before_training is not None:
                 before_training(model)
         for epoch in range(progress.epoch, config.epochs):
+            if progress.step >= self.total_steps:  # --max-steps reached
+                break
             self._train_epoch(parallel, optimizer, scheduler, progress, epoch)
             progress.accuracy += self._evaluate(model, epoch + 1)
             progress.epoch = epoch + 1
@@ -236,7 +239,7 @@ class Trainer:
         bar = tqdm(total=self.steps, desc=f"{self.spec.name} epoch {epoch + 1}/{config.epochs}", unit="step",
                    disable=not self.job.show_progress, dynamic_ncols=True, leave=False)
         start, tokens = time.perf_counter(), 0.0
-        for step in range(self.steps):
+        for step in range(min(self.steps, self.total_steps - progress.step)):
             lr = scheduler.get_last_lr()[0]
             sums = self._step(parallel, optimizer, scheduler, order, step, amp)
             progress.step += 1

@@ -90,6 +90,7 @@ def _probe_attention(records: list):
         records.append(torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).mean(1).detach().cpu())
         return result
 
+    probe.causalattn_adapter_aware = True  # it runs the fused op, adapters included (causalattn.hf.guards)
     return probe
 
 
