@@ -62,7 +62,8 @@ def _fwd_key_tiles(
             if TILE_SKIP:
                 has_bits = tl.load(MaskTiles + tile_flags_row + n0 // BLOCK_N)
             if has_bits != 0:
-                causes = cause_bits(MaskBits, row0 + rows, row0 + cols, row_ok, col_ok, mask_words)
+                causes = cause_bits(MaskBits, row0 + rows[:, None], row0 + cols[None, :], row_ok[:, None] & col_ok[None, :],
+                                    mask_words)
                 mass_acc += tl.sum(p * causes, 1)
         row_max = new_max
     return acc, row_sum, row_max, mass_acc
