@@ -146,9 +146,10 @@ def _bwd_rows_kernel(
 
 @triton.jit
 def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-                           KeyMask, key_mask_row, row0, mask_words, scale_log2,
-                           KEYS_AS_ROWS: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
-                           HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           KeyMask, key_mask_row, row0, n0, mask_words, scale_log2,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+                           SUPERVISION: tl.constexpr, ALIGNED_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile).
 
     KEYS_AS_ROWS gives the transposed tiles Pt, dSt (keys x queries), computed as K Qt and V dOt, in
@@ -177,7 +178,8 @@ def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_
         p = tl.where(real != 0, p, 0.0)
     if SUPERVISION:
         if has_bits:
-            dp += c * cause_bits(MaskBits, row0 + query, row0 + key, query_ok & key_ok, mask_words)
+            dp += c * cause_bits(MaskBits, row0 + rows, row_ok, row0 + n0, mask_words, BLOCK_M, BLOCK_N,
+                                 KEYS_AS_ROWS, ALIGNED_BITS)
     return p, p * (dp - delta)
 
 
@@ -206,8 +208,9 @@ def _dkdv_query_tiles(
     b, b64, h, row0, lo, hi, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
     stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
     mask_words, n_row_tiles, n_col_tiles, scale_log2,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of head h, keys as rows."""
     for m0 in range(lo, hi, BLOCK_M):
@@ -223,8 +226,8 @@ def _dkdv_query_tiles(
                 & tl.load(MaskTiles + (b * n_row_tiles + query_tile) * n_col_tiles + key_tile)
         pt, dst = _seq_probs_and_dscores(
             q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-            KeyMask, b64 * n_k, row0, mask_words, scale_log2,
-            True, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, DOT_PRECISION)
+            KeyMask, b64 * n_k, row0, key_tile * BLOCK_N, mask_words, scale_log2,
+            BLOCK_M, BLOCK_N, True, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
@@ -289,12 +292,13 @@ def _bwd_dkdv_kernel(
             dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles, GradTiles,
             b, b64, h, row0, first_row, split, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
             stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
-            scale_log2, BLOCK_M, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            scale_log2, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
             dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles, GradTiles,
             b, b64, h, row0, split, len_q, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
             stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
-            scale_log2, BLOCK_M, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            scale_log2, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN,
+            DOT_PRECISION)
     store_mask = (cols < key_limit)[:, None] & dim_ok[None, :]
     tl.store(dK + b64 * stride_dkb + kv_head * stride_dkh + (row0 + cols)[:, None] * stride_dkn + dims[None, :],
              (dk * scale).to(dK.dtype.element_ty), mask=store_mask)
@@ -306,8 +310,9 @@ def _bwd_dkdv_kernel(
 def _dq_key_tiles(
     dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
     lo, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles, n_col_tiles, scale_log2,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
     for n0 in range(lo, hi, BLOCK_N):
@@ -320,8 +325,8 @@ def _dq_key_tiles(
             has_bits = has_bits & (tl.load(MaskTiles + (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N) != 0)
         _, ds = _seq_probs_and_dscores(
             q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-            KeyMask, b64 * n_k, row0, mask_words, scale_log2,
-            False, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, DOT_PRECISION)
+            KeyMask, b64 * n_k, row0, n0, mask_words, scale_log2,
+            BLOCK_M, BLOCK_N, False, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -382,12 +387,12 @@ def _bwd_dq_kernel(
         full_end = tl.maximum(tl.minimum(full_end, ((m0 + offset + 1) // BLOCK_N) * BLOCK_N), 0)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
                        0, full_end, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
-                       n_col_tiles, scale_log2, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
-                       DOT_PRECISION)
+                       n_col_tiles, scale_log2, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       not VARLEN, DOT_PRECISION)
     dq = _dq_key_tiles(dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
                        full_end, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
-                       n_col_tiles, scale_log2, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
-                       DOT_PRECISION)
+                       n_col_tiles, scale_log2, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       not VARLEN, DOT_PRECISION)
     tl.store(dQ + b64 * stride_dqb + h * stride_dqh + (row0 + rows)[:, None] * stride_dqn + dims[None, :],
              (dq * scale).to(dQ.dtype.element_ty), mask=tile_mask)
 

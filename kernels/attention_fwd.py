@@ -30,8 +30,9 @@ def _fwd_key_tiles(
     acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
     row0, rows, row_ok, dims, dim_ok, lo, hi, len_k, offset, mask_words, tile_flags_row, key_mask_row,
     stride_kn, stride_vn, scale_log2,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi). MASKED tiles apply the causal / length mask per element;
     the others are entirely visible and skip it."""
@@ -62,8 +63,8 @@ def _fwd_key_tiles(
             if TILE_SKIP:
                 has_bits = tl.load(MaskTiles + tile_flags_row + n0 // BLOCK_N)
             if has_bits != 0:
-                causes = cause_bits(MaskBits, row0 + rows[:, None], row0 + cols[None, :], row_ok[:, None] & col_ok[None, :],
-                                    mask_words)
+                causes = cause_bits(MaskBits, row0 + rows, row_ok, row0 + n0, mask_words, BLOCK_M, BLOCK_N,
+                                    False, ALIGNED_BITS)
                 mass_acc += tl.sum(p * causes, 1)
         row_max = new_max
     return acc, row_sum, row_max, mass_acc
@@ -120,12 +121,12 @@ def _fwd_kernel(
         acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
         row0, rows, row_ok, dims, dim_ok, 0, full_end, len_k, offset, mask_words, tile_flags_row, key_mask_row,
         stride_kn, stride_vn, scale_log2,
-        BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
     acc, row_sum, row_max, mass_acc = _fwd_key_tiles(
         acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
         row0, rows, row_ok, dims, dim_ok, full_end, hi, len_k, offset, mask_words, tile_flags_row, key_mask_row,
         stride_kn, stride_vn, scale_log2,
-        BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
 
     seen = row_sum > 0.0
     inv_sum = tl.where(seen, 1.0 / tl.where(seen, row_sum, 1.0), 0.0)

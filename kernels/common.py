@@ -160,10 +160,41 @@ def adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A: tl.constexpr, DO
 
 
 @triton.jit
-def cause_bits(MaskBits, query, key, ok, mask_words):
-    """A[query, key] as fp32 0/1 from one sample's packed words (bit t of word w is column 32 w + t).
+def cause_bits(MaskBits, query, query_ok, key0, mask_words, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               KEYS_AS_ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+    """A[query, key0 : key0 + BLOCK_N] as fp32 0/1 from one sample's packed words (bit t of word w is
+    column 32 w + t): (BLOCK_M, BLOCK_N), or its transpose (BLOCK_N, BLOCK_M) with KEYS_AS_ROWS.
 
-    `query` and `key` are index grids that broadcast to the tile's shape ([M, 1] and [1, N] for
-    queries as rows, the transpose for keys as rows); `ok` masks the loads."""
-    words = tl.load(MaskBits + query * mask_words + (key >> 5), mask=ok, other=0)
-    return ((words >> (key & 31)) & 1).to(tl.float32)
+    One (BLOCK_M, BLOCK_N / 32) tile of words is loaded and its bits expanded with shifts: a
+    per-element gather of the words landed in a layout other than P's and cost a conversion through
+    shared memory every iteration, plus 32 redundant loads per word. ALIGNED: key0 is a multiple of
+    32 (tiles of one sample); packed sequences start anywhere, so their tile straddles words and
+    takes bits from two neighbouring words."""
+    WORDS: tl.constexpr = BLOCK_N // 32
+    word0 = key0 >> 5
+    word = word0 + tl.arange(0, WORDS)
+    bit = tl.arange(0, 32)
+    if KEYS_AS_ROWS:  # (words, bits, queries)
+        offsets = query[None, :] * mask_words + word[:, None]
+        load_ok = query_ok[None, :] & (word < mask_words)[:, None]
+        shape: tl.constexpr = (BLOCK_N, BLOCK_M)
+        low = tl.load(MaskBits + offsets, mask=load_ok, other=0)[:, None, :]
+        position = bit[None, :, None]
+    else:  # (queries, words, bits)
+        offsets = query[:, None] * mask_words + word[None, :]
+        load_ok = query_ok[:, None] & (word < mask_words)[None, :]
+        shape: tl.constexpr = (BLOCK_M, BLOCK_N)
+        low = tl.load(MaskBits + offsets, mask=load_ok, other=0)[:, :, None]
+        position = bit[None, None, :]
+    if ALIGNED:
+        bits = (low >> position) & 1
+    else:
+        if KEYS_AS_ROWS:
+            high = tl.load(MaskBits + offsets + 1, mask=query_ok[None, :] & (word + 1 < mask_words)[:, None],
+                           other=0)[:, None, :]
+        else:
+            high = tl.load(MaskBits + offsets + 1, mask=query_ok[:, None] & (word + 1 < mask_words)[None, :],
+                           other=0)[:, :, None]
+        position = position + (key0 & 31)
+        bits = (tl.where(position < 32, low, high) >> (position & 31)) & 1
+    return tl.reshape(bits, shape).to(tl.float32)
