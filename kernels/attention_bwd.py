@@ -344,9 +344,13 @@ def _bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    s = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
+    # Query tiles on the slower grid axis: with causal masking the last tiles see the most keys, so
+    # every head's longest tiles launch first and the short ones fill the tail of the last wave.
+    tile = tl.program_id(1)
+    if CAUSAL:
+        tile = tl.num_programs(1) - 1 - tile
+    s = tl.program_id(0) // heads_q
+    h = tl.program_id(0) % heads_q
     kv_head = h // group
     b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
     m0 = tile * BLOCK_M
@@ -485,7 +489,7 @@ def attention_backward(
     )
     dq_rows = triton.cdiv(max_seqlen, dq_config.block_m)
     dq_tiles = tile_summary(mask_bits, dq_config.block_m, dq_config.block_n) if tile_skip else dummy
-    _bwd_dq_kernel[(dq_rows, num_samples * heads_q)](
+    _bwd_dq_kernel[(num_samples * heads_q, dq_rows)](
         q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dq,
         cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy, dq_tiles,
         adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,

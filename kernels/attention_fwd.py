@@ -83,9 +83,13 @@ def _fwd_kernel(
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    s = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
+    # Query tiles on the slower grid axis: with causal masking the last tiles see the most keys, so
+    # every head's longest tiles launch first and the short ones fill the tail of the last wave.
+    tile = tl.program_id(1)
+    if CAUSAL:
+        tile = tl.num_programs(1) - 1 - tile
+    s = tl.program_id(0) // heads_q
+    h = tl.program_id(0) % heads_q
     kv_head = h // group
     b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
     m0 = tile * BLOCK_M
@@ -199,7 +203,7 @@ def attention_forward(
     tiles = tile_summary(mask_bits, config.block_m, config.block_n) if tile_skip else None
     adapter_len = adapter_keys.shape[-2] if has_adapter else 0
     dummy = lse  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
-    grid = (n_row_tiles, num_samples * heads_q)
+    grid = (num_samples * heads_q, n_row_tiles)
     _fwd_kernel[grid](
         q, k, v, out, lse, adapter_lse2 if has_adapter else dummy, mass if supervision else dummy,
         xg_partial if xg_partial is not None else dummy, xg_rows if xg_rows is not None else dummy,
