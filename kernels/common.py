@@ -13,6 +13,7 @@ log-sum-exp handed to users is converted back to natural log (`lse = lse2 * ln 2
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -103,17 +104,28 @@ def tile_config(head_dim: int, kernel: str, dtype: torch.dtype) -> TileConfig:
     return config
 
 
+# (block_m, block_n) -> (weak reference to the mask words, their version, the summary): every layer
+# of a forward and its backward read the same CausalMask, so each tile shape is summarised once per
+# batch instead of once per layer and direction (five kernels, a padded copy of the words each).
+_summaries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
+
+
 def tile_summary(bits: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """(B, ceil(N/block_m), ceil(N/block_n)) int8: 1 where the mask tile has any cause bit set.
 
-    Vectorised over the packed words (N^2/32 int32 reads), on the mask's device, once per call.
-    """
+    Vectorised over the packed words (N^2/32 int32 reads), on the mask's device; cached on the
+    identity and version of `bits` (see `_summaries`)."""
+    cached = _summaries.get((block_m, block_n))
+    if cached is not None and cached[0]() is bits and cached[1] == bits._version:
+        return cached[2]
     batch, n, words = bits.shape
     words_per_tile = block_n // 32
     row_tiles, col_tiles = triton.cdiv(n, block_m), triton.cdiv(words, words_per_tile)
     padded = torch.nn.functional.pad(bits, (0, col_tiles * words_per_tile - words, 0, row_tiles * block_m - n))
     nonzero = padded.view(batch, row_tiles, block_m, col_tiles, words_per_tile) != 0
-    return nonzero.any(dim=4).any(dim=2).to(torch.int8).contiguous()
+    summary = nonzero.any(dim=4).any(dim=2).to(torch.int8).contiguous()
+    _summaries[(block_m, block_n)] = (weakref.ref(bits), bits._version, summary)
+    return summary
 
 
 def query_tile_flags(grad_mass: torch.Tensor, block_m: int) -> torch.Tensor:
