@@ -318,8 +318,11 @@ def _dq_key_tiles(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
-        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        kv_ok = dim_ok[None, :]  # visible tiles lie inside the keys: only padded head dims need a mask
+        if MASKED:
+            kv_ok = col_ok[:, None] & kv_ok
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=kv_ok, other=0.0)
         has_bits = rows_have_grad
         if TILE_SKIP:
             has_bits = has_bits & (tl.load(MaskTiles + (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N) != 0)

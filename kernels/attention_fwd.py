@@ -39,9 +39,14 @@ def _fwd_key_tiles(
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
-        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        kv_ok = dim_ok[None, :]  # visible tiles lie inside the keys: only padded head dims need a mask
+        if MASKED:
+            kv_ok = col_ok[:, None] & kv_ok
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=kv_ok, other=0.0)
+        # Raw scores: the scale (> 0, checked by the caller) is folded into the max and into one FMA
+        # in the exponent, instead of one more multiply per element before the max.
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -50,11 +55,11 @@ def _fwd_key_tiles(
         if HAS_KEY_MASK:
             real = tl.load(KeyMask + key_mask_row + cols, mask=col_ok, other=0)
             scores = tl.where(real[None, :] != 0, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale_log2)
         # A row that has seen no key yet keeps max = -inf; exponentiate against 0 instead (no NaN).
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2(row_max - safe_max)
-        p = tl.exp2(scores - safe_max[:, None])
+        p = tl.exp2(scores * scale_log2 - safe_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         if SUPERVISION:

@@ -149,7 +149,7 @@ def specialize(kernel, args: tuple, kwargs: dict):
 
 
 def loop_profile(cubin: bytes) -> list[dict]:
-    """Per innermost loop of the SASS, in program order: tensor-core instructions (HGMMA), barriers
+    """Per innermost loop of the SASS, in program order: instructions, tensor-core instructions (HGMMA), barriers
     (BAR.SYNC), shared-memory stores (STS/STSM: a layout conversion or transpose through shared
     memory) and local-memory accesses (STL/LDL: spill traffic inside the loop).
 
@@ -169,7 +169,7 @@ def loop_profile(cubin: bytes) -> list[dict]:
     profile = []
     for lo, hi in sorted(innermost):
         body = [text for address, text in instructions if lo <= address <= hi]
-        profile.append(dict(wgmma=sum("HGMMA" in t for t in body), barriers=sum("BAR.SYNC" in t for t in body),
+        profile.append(dict(instructions=len(body), wgmma=sum("HGMMA" in t for t in body), barriers=sum("BAR.SYNC" in t for t in body),
                             shared_stores=sum(bool(re.search(r"\bSTS(M)?\b", t)) for t in body),
                             local=sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)))
     return profile
@@ -202,7 +202,7 @@ def compile_launch(job: tuple) -> dict:
                 stages=options.num_stages, registers=registers, spill_stores=spill_stores, spill_loads=spill_loads,
                 shared=compiled.metadata.shared,
                 **{f"{key}_per_loop": "/".join(str(loop[key]) for loop in loops) or "-"
-                   for key in ("wgmma", "barriers", "shared_stores", "local")})
+                   for key in ("instructions", "wgmma", "barriers", "shared_stores", "local")})
 
 
 def problems(row: dict, variant: Variant) -> list[str]:
@@ -217,7 +217,7 @@ def problems(row: dict, variant: Variant) -> list[str]:
 
 
 COLUMNS = ["kernel", "variant", "tiles", "warps", "stages", "registers", "spill_stores", "spill_loads", "shared",
-           "wgmma_per_loop", "barriers_per_loop", "shared_stores_per_loop", "local_per_loop"]
+           "instructions_per_loop", "wgmma_per_loop", "barriers_per_loop", "shared_stores_per_loop", "local_per_loop"]
 
 
 def write_tables(rows: list[dict], csv_path: str | None, md_path: str | None) -> None:
@@ -232,7 +232,7 @@ def write_tables(rows: list[dict], csv_path: str | None, md_path: str | None) ->
                        "JIT specialization)\n\n"
                        "Regenerate: `python tests/compile_kernels.py --full --csv <csv> --md <md>`. Registers and "
                        "spill bytes from ptxas -v; shared bytes from the compiled kernel; per innermost loop of the "
-                       "SASS (in program order): HGMMA instructions, barriers, shared-memory stores, local-memory "
+                       "SASS (in program order): instructions, HGMMA instructions, barriers, shared-memory stores, local-memory "
                        "(spill) accesses.\n\n")
             file.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
             for row in rows:
