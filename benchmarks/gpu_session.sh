@@ -1,109 +1,157 @@
 #!/usr/bin/env bash
-# One GPU session in one command: the gpu-marked tests, the deterministic-backward check, the
-# kernel-core and all-features sweeps, plots, the LLaMA-7B training-step benchmark, and a short table
-# printed last.
+# One GPU session in one command, sized for a 15-minute device window (start-up included): it ends
+# in under 7 minutes. Stages, most important first; each prints its part of the summary and packs
+# the results as soon as it ends, so a session cut short still returns what it measured:
+#   1. correctness gate: the gpu-marked tests, compiled, stop at the first failure (<= 75 s)
+#   2. kernel core: causalattn vs sdpa-flash vs sdpa-cudnn, N = 1k/4k/16k, fwd and bwd apart
+#   3. all features: the harness's all-features preset (every feature, the composed path, baselines)
+#   4. [slot] the dispatch table (added with the composed backend)
+#   5. per-kernel GPU time of one step (torch profiler)
+#   6. tile-config A/B of the backward and forward kernels (CAUSALATTN_TILES)
+# Ratios are printed against sdpa-flash and against the fastest SDPA backend of each shape.
 #
-#   OUT=<dir> bash benchmarks/gpu_session.sh        # everything lands in $OUT (default benchmarks/results/gpu-session)
-#   CAUSALATTN_GIT_COMMIT=<sha> OUT=<dir> bash benchmarks/gpu_session.sh   # stamp rows where the tree has no .git
-#   PACK_OUT=1 ...                                   # leave only session.tar.gz, the CSVs and summary.txt
+#   OUT=<dir> bash benchmarks/gpu_session.sh       # results land in $OUT (default benchmarks/results/gpu-session)
+#   CAUSALATTN_GIT_COMMIT=<sha> ...                # stamp rows where the tree has no .git
 #
-# Budgeted to end in under 10 minutes (a device command may run 10; the stages before the training
-# step take about 7 on an H100): the tests get a timeout, each sweep a time budget after which it
-# starts no new case (the harness runs the fused op and SDPA first, the slow and compile-heavy
-# baselines last; rows are written as they come, so a cut sweep keeps what it measured), and do_bench
-# repeats 30 ms a case.
-# The training-step stage comes last: its budget is what is left of SESSION_BUDGET_S less
-# TRAIN_STEP_GRACE_S (the time a 7B case at N = 32k started just before the budget may still take;
-# it is killed after that), at most TRAIN_STEP_BUDGET_S; under a minute, the stage is skipped.
-# Every stage runs even when an earlier one fails; the exit status is that of the tests.
-#
-# Writes to $OUT: gpu.txt, gpu_tests.log, determinism.log, kernel-core.{csv,log,txt},
-# all-features.{csv,log,txt}, plots/*.png, train_step.{csv,log}, summary.txt.
+# $OUT receives at most 8 files: summary.txt, session.tar.gz (every log and CSV of the work folder),
+# kernel-core.csv, all-features.csv, kernel_profile.csv, tiles.csv. Without CUDA every stage after
+# the machine line says "skipped" (a dry run: `bash benchmarks/gpu_session.sh` on a CPU machine).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
 OUT=${OUT:-benchmarks/results/gpu-session}
-TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-120}
-DETERMINISM_TIMEOUT_S=${DETERMINISM_TIMEOUT_S:-45}
-KERNEL_CORE_BUDGET_S=${KERNEL_CORE_BUDGET_S:-120}
-ALL_FEATURES_BUDGET_S=${ALL_FEATURES_BUDGET_S:-100}
-CASE_GRACE_S=${CASE_GRACE_S:-45}  # a sweep is killed this long after its budget (a hung compile)
-REP_MS=${REP_MS:-30}
-SESSION_BUDGET_S=${SESSION_BUDGET_S:-560}  # the train-step stage ends by then; the summary follows
-TRAIN_STEP_BUDGET_S=${TRAIN_STEP_BUDGET_S:-180}
-TRAIN_STEP_GRACE_S=${TRAIN_STEP_GRACE_S:-60}
+WORK=$(mktemp -d)
+TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-75}
+KERNEL_CORE_BUDGET_S=${KERNEL_CORE_BUDGET_S:-80}
+ALL_FEATURES_BUDGET_S=${ALL_FEATURES_BUDGET_S:-80}
+PROFILE_TIMEOUT_S=${PROFILE_TIMEOUT_S:-45}
+TILES_BUDGET_S=${TILES_BUDGET_S:-60}
+CASE_GRACE_S=${CASE_GRACE_S:-15}  # a sweep is killed this long after its budget (a hung compile)
+REP_MS=${REP_MS:-25}
+# Every stage is cut to what is left of this (a sweep's budget shrinks, a stage that does not fit is
+# skipped), so the script ends within about SESSION_BUDGET_S + 10 s: 6.7 minutes.
+SESSION_BUDGET_S=${SESSION_BUDGET_S:-390}
 mkdir -p "$OUT"
 SECONDS=0
+summary="$WORK/summary.txt"
+: > "$summary"
 
-stage() { printf '\n### %s (at %d s)\n' "$1" "$SECONDS"; }
+stage() { printf '\n### %s (at %d s)\n' "$1" "$SECONDS" | tee -a "$summary"; }
+note() { tee -a "$summary"; }
+pack() {  # after every stage: the archive of the work folder, the CSVs and the summary into $OUT
+    tar -czf "$OUT/session.tar.gz" -C "$WORK" . 2>/dev/null
+    for file in summary.txt kernel-core.csv all-features.csv kernel_profile.csv tiles.csv; do
+        [ -f "$WORK/$file" ] && cp "$WORK/$file" "$OUT/"
+    done
+    return 0
+}
+left() { echo $((SESSION_BUDGET_S - SECONDS)); }
+# can_run <stage budget>: CUDA is there and the stage fits what is left of the session budget
+can_run() {
+    if [ "$has_cuda" != 1 ]; then echo "skipped: no CUDA device" | note; return 1; fi
+    if [ "$(left)" -lt "$1" ]; then echo "skipped: $(left) s left of the session budget, the stage needs $1" | note; return 1; fi
+    return 0
+}
+sweep() {  # sweep <name> <budget> <harness args...>: one harness run into $WORK/<name>.csv
+    local name=$1 budget=$2
+    shift 2
+    [ "$budget" -gt $(($(left) - CASE_GRACE_S)) ] && budget=$(($(left) - CASE_GRACE_S))
+    if [ "$budget" -lt 10 ]; then echo "$name: skipped, the session budget is spent" | note; return 0; fi
+    timeout $((budget + CASE_GRACE_S)) python3 -m benchmarks --out "$WORK/$name.d" --rep-ms "$REP_MS" \
+        --time-budget-s "$budget" "$@" > "$WORK/$name.log" 2>&1
+    echo "exit $?, $(grep -h -e '^done:' -e '^time budget' "$WORK/$name.log" | cut -c1-200 | tr '\n' ' ')" | note
+    cat "$WORK/$name.d"/*.csv > /dev/null 2>&1 && python3 - "$WORK/$name.d" "$WORK/$name.csv" <<'PY'
+import csv, pathlib, sys
+rows, fields = [], None
+for path in sorted(pathlib.Path(sys.argv[1]).glob("*.csv")):
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields = fields or reader.fieldnames
+        rows += list(reader)
+if fields:
+    with open(sys.argv[2], "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+PY
+}
 
 stage "machine"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" \
-    | tee -a "$OUT/gpu.txt"
-
-stage "gpu tests"
-timeout "$TESTS_TIMEOUT_S" python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" | tail -n 25
-tests_status=${PIPESTATUS[0]}
-
-stage "deterministic backward (compiled kernels, compared bit for bit)"
 {
-    # The unit test (2 runs, small problem; not gpu-marked, so not in the run above), then 5 runs of
-    # every feature at N = 4096, d = 128, bf16.
-    timeout "$DETERMINISM_TIMEOUT_S" python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-        -k test_backward_is_deterministic 2>&1 | tail -n 1
-    timeout "$DETERMINISM_TIMEOUT_S" python3 -m benchmarks --check-determinism --repeats 5 2>&1
-} | tee "$OUT/determinism.log"
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    echo "commit ${CAUSALATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+} | note
+has_cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
+pack
 
-for preset in kernel-core all-features; do
-    budget=$KERNEL_CORE_BUDGET_S
-    [ "$preset" = all-features ] && budget=$ALL_FEATURES_BUDGET_S
-    stage "$preset sweep (budget ${budget} s)"
-    timeout $((budget + CASE_GRACE_S)) python3 -m benchmarks --preset "$preset" --out "$OUT" --rep-ms "$REP_MS" \
-        --time-budget-s "$budget" > "$OUT/$preset.log" 2>&1
-    echo "exit $?"
-    grep -h -e '^done:' -e '^time budget' "$OUT/$preset.log" | cut -c1-300
-    python3 -m benchmarks --show "$OUT/$preset.csv" > "$OUT/$preset.txt" 2>&1
-done
-
-stage "plots"
-python3 -m benchmarks.plot "$OUT/kernel-core.csv" "$OUT/all-features.csv" --out "$OUT/plots" 2>&1 | tail -n 3
-
-train_budget=$((SESSION_BUDGET_S - SECONDS - TRAIN_STEP_GRACE_S))
-[ "$train_budget" -gt "$TRAIN_STEP_BUDGET_S" ] && train_budget=$TRAIN_STEP_BUDGET_S
-stage "train step, LLaMA-7B shapes, random bf16 weights (budget ${train_budget} s)"
-if [ "$train_budget" -ge 60 ]; then
-    # Checkpointing: without it the 7B activations outgrow 80 GB well before N = 32k.
-    timeout $((train_budget + TRAIN_STEP_GRACE_S)) python3 -m benchmarks.train_step --out "$OUT" --checkpointing \
-        --seq-lens 512 2048 8192 32768 --warmup 1 --iterations 3 --time-budget-s "$train_budget" \
-        > "$OUT/train_step.log" 2>&1
-    echo "exit $?"
-    grep -h -e '^done' -e '^time budget' "$OUT/train_step.log" | cut -c1-300
-else
-    echo "skipped: the session budget is spent" | tee "$OUT/train_step.log"
+stage "1. correctness gate: pytest -m gpu -x (timeout ${TESTS_TIMEOUT_S} s)"
+tests_status=0
+if can_run 30; then
+    timeout "$TESTS_TIMEOUT_S" python3 -m pytest -m gpu -x -q -p no:cacheprovider > "$WORK/gpu_tests.log" 2>&1
+    tests_status=$?
+    echo "exit $tests_status: $(tail -n 1 "$WORK/gpu_tests.log")" | note
 fi
+pack
 
-stage "summary (fwd+bwd; full tables in $OUT/*.txt)"
-{
-    echo "gpu tests exit status: $tests_status; $(tail -n 1 "$OUT/gpu_tests.log")"
-    grep -h "deterministic backward:" "$OUT/determinism.log"
-    echo
-    echo "== kernel-core"
-    python3 -m benchmarks --show "$OUT/kernel-core.csv" --compact --modes fwd+bwd 2>&1
-    echo
-    echo "== all-features"
-    python3 -m benchmarks --show "$OUT/all-features.csv" --compact --modes fwd+bwd --providers causalattn \
-        causalattn+adapter causalattn+all sdpa+adapter-sdpa eager+all flex flex2pass+all 2>&1
-    echo
-    sed -n '/^== train step/,$p' "$OUT/train_step.log"
-    echo
-    echo "total ${SECONDS} s"
-} | tee "$OUT/summary.txt"
-
-# For job runners that return only a few files from $OUT: pack the logs and plots into one archive and
-# keep the two CSVs and the summary beside it.
-if [ -n "${PACK_OUT:-}" ]; then
-    tar -czf "$OUT/session.tar.gz" -C "$OUT" --exclude=session.tar.gz . \
-        && find "$OUT" -mindepth 1 ! -name session.tar.gz ! -name '*.csv' ! -name summary.txt -delete
+stage "2. kernel core: causalattn vs sdpa-flash, sdpa-cudnn; fwd, bwd (budget ${KERNEL_CORE_BUDGET_S} s)"
+if can_run 40; then
+    sweep kernel-core "$KERNEL_CORE_BUDGET_S" --preset kernel-core --providers sdpa-flash sdpa-cudnn causalattn \
+        --seq-lens 1024 4096 16384 --heads-kv 8 --modes fwd bwd
+    python3 -m benchmarks.ratios "$WORK/kernel-core.csv" 2>&1 | note
 fi
+pack
+
+stage "3. all features, incl. the composed path (budget ${ALL_FEATURES_BUDGET_S} s)"
+if can_run 40; then
+    sweep all-features "$ALL_FEATURES_BUDGET_S" --preset all-features --modes fwd fwd+bwd
+    python3 -m benchmarks.ratios "$WORK/all-features.csv" 2>&1 | note
+fi
+pack
+
+# stage "4. dispatch table"
+# Slot for the dispatch-table stage that comes with the composed backend: regenerate the table
+# here (into $WORK, printed with `note`, budget checked with `can_run`), then `pack`.
+
+stage "5. per-kernel GPU time of one step (torch profiler, timeout ${PROFILE_TIMEOUT_S} s)"
+if can_run 25; then
+    timeout "$PROFILE_TIMEOUT_S" python3 -m benchmarks.kernel_profile --providers causalattn causalattn+all \
+        --seq-lens 4096 16384 --csv "$WORK/kernel_profile.csv" > "$WORK/kernel_profile.log" 2>&1
+    echo "exit $?" | note
+    note < "$WORK/kernel_profile.log"
+fi
+pack
+
+stage "6. tile-config A/B, N = 4k/16k (budget ${TILES_BUDGET_S} s over all configurations)"
+if can_run 30; then
+    # "default" is the table in kernels/common.py; the others change one kernel's tiles
+    # (queries x keys x warps x stages). One sweep per configuration, each its own share of the budget.
+    configs=(default "dkdv=64x128x8x3" "dkdv=32x128x8x2" "dq=64x64x8x2" "fwd=128x128x8x2")
+    share=$((TILES_BUDGET_S / ${#configs[@]}))  # each sweep ends early; its kernels compile inside the share
+    for config in "${configs[@]}"; do
+        tiles=$config
+        [ "$config" = default ] && tiles=""
+        CAUSALATTN_TILES="$tiles" sweep "tiles-$config" "$share" --preset kernel-core --providers causalattn \
+            --seq-lens 4096 16384 --heads-kv 8 --modes fwd bwd
+        python3 - "$WORK/tiles-$config.csv" "$config" "$WORK/tiles.csv" <<'PY'
+import csv, os, sys
+source, config, target = sys.argv[1:]
+if os.path.exists(source):
+    with open(source, newline="") as f:
+        rows = list(csv.DictReader(f))
+    new = not os.path.exists(target)
+    with open(target, "a", newline="") as f:
+        writer = csv.DictWriter(f, ["tiles", "mode", "seq_len", "median_ms", "tflops", "status"], extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows({**row, "tiles": config} for row in rows)
+PY
+    done
+    [ -f "$WORK/tiles.csv" ] && column -s, -t < "$WORK/tiles.csv" | note
+fi
+pack
+
+stage "done in ${SECONDS} s; gpu tests exit status ${tests_status}"
+pack
+rm -rf "$WORK"
 exit "$tests_status"

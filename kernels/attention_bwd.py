@@ -9,7 +9,8 @@ Three launches, no N x N tensor and no atomics (deterministic):
    gradients dKa, dVa, dgamma summed over its rows in fp32 registers, written as per-chunk partials
    that one torch.sum reduces (over chunks, and over samples for shared adapters).
 2. `_bwd_dkdv_kernel`, one program per (key tile, sample x KV head): dK, dV over the G query heads
-   and all query tiles that see the key tile, recomputing P = exp2(S - lse) with dP += c_i A_ij.
+   and all query tiles that see the key tile, recomputing P = exp2(S - lse) with dP += c_i A_ij,
+   with keys as rows (Pt = exp2(K Qt - lse), dSt) so both products read them from registers.
 3. `_bwd_dq_kernel`, one program per (query tile, sample x query head): dQ over the key tiles, plus
    the adapter part tau * dT Ka recomputed here (O(BLOCK_M x M x d), cheaper than storing it).
 
@@ -26,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
-from causalattn.kernels.common import LOG2E, adapter_probs, cause_bits, sequence_bounds, tile_config, tile_summary
+from causalattn.kernels.common import (
+    LOG2E, adapter_probs, cause_bits, query_tile_flags, sequence_bounds, tile_config, tile_summary,
+)
 
 # Programs the row kernel aims for: a few waves of 132 SMs, while keeping the fp32 partials
 # (chunks x samples x Hkv x M x d) at a few MB.
@@ -142,31 +145,42 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
-                           tile_flag, KeyMask, key_mask_row, row0, mask_words, scale_log2,
+def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
+                           KeyMask, key_mask_row, row0, n0, mask_words, scale_log2,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
                            MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                           SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                           SUPERVISION: tl.constexpr, ALIGNED_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile).
 
-    Unmasked tiles are entirely visible; rows past the sequence need no mask either, since their
-    LSE loads as +inf and P = exp2(S - inf) = 0."""
-    p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2 - lse2[:, None])
+    KEYS_AS_ROWS gives the transposed tiles Pt, dSt (keys x queries), computed as K Qt and V dOt, in
+    the orientation in which dV += Pt dO and dK += dSt Q use them (no transpose through shared
+    memory). Unmasked tiles are entirely visible; rows past the sequence need no mask either, since
+    their LSE loads as +inf and P = exp2(S - inf) = 0. `has_bits`: whether this tile may carry cause
+    bits for rows with a mass gradient (else A is not loaded)."""
+    if KEYS_AS_ROWS:
+        scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        query, key, query_ok, key_ok = rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None]
+        lse2, delta, c = lse2[None, :], delta[None, :], c[None, :]
+    else:
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        query, key, query_ok, key_ok = rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :]
+        lse2, delta, c = lse2[:, None], delta[:, None], c[:, None]
+    p = tl.exp2(scores * scale_log2 - lse2)
     if MASKED:
-        visible = row_ok[:, None] & col_ok[None, :]
+        visible = query_ok & key_ok
         if CAUSAL:
-            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+            visible = visible & (key <= query + offset)
         p = tl.where(visible, p, 0.0)
     if HAS_KEY_MASK:
-        real = tl.load(KeyMask + key_mask_row + cols, mask=col_ok, other=0)
-        p = tl.where(real[None, :] != 0, p, 0.0)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        real = tl.load(KeyMask + key_mask_row + key, mask=key_ok, other=0)
+        p = tl.where(real != 0, p, 0.0)
     if SUPERVISION:
-        has_bits = tl.max(tl.abs(c), 0) > 0.0  # rows whose mass has no gradient skip the mask
-        if TILE_SKIP:
-            has_bits = has_bits & (tl.load(MaskTiles + tile_flag) != 0)
         if has_bits:
-            dp += c[:, None] * cause_bits(MaskBits, row0 + rows, row0 + cols, row_ok, col_ok, mask_words)
-    return p, p * (dp - delta[:, None])
+            dp += c * cause_bits(MaskBits, row0 + rows, row_ok, row0 + n0, mask_words, BLOCK_M, BLOCK_N,
+                                 KEYS_AS_ROWS, ALIGNED_BITS)
+    return p, p * (dp - delta)
 
 
 @triton.jit
@@ -190,32 +204,38 @@ def _load_query_tile(Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dim
 
 @triton.jit
 def _dkdv_query_tiles(
-    dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+    dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles, GradTiles,
     b, b64, h, row0, lo, hi, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
     stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
     mask_words, n_row_tiles, n_col_tiles, scale_log2,
-    BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of head h."""
+    """Accumulate dK, dV of one key tile over the query tiles [lo, hi) of head h, keys as rows."""
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
         row_ok = rows < len_q
         q, do, lse2, delta, c, _ = _load_query_tile(
             Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dims, dim_ok, n_q, heads_q,
             stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, BLOCK_M, SUPERVISION)
-        p, ds = _seq_probs_and_dscores(
-            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
-            (b * n_row_tiles + m0 // BLOCK_M) * n_col_tiles + key_tile, KeyMask, b64 * n_k, row0, mask_words,
-            scale_log2, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
-        dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PRECISION)
-        dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PRECISION)
+        has_bits = 1
+        if TILE_SKIP:  # scalar flags instead of a cross-warp max of |c| every iteration
+            query_tile = m0 // BLOCK_M
+            has_bits = tl.load(GradTiles + (b64 * heads_q + h) * n_row_tiles + query_tile) \
+                & tl.load(MaskTiles + (b * n_row_tiles + query_tile) * n_col_tiles + key_tile)
+        pt, dst = _seq_probs_and_dscores(
+            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
+            KeyMask, b64 * n_k, row0, key_tile * BLOCK_N, mask_words, scale_log2,
+            BLOCK_M, BLOCK_N, True, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, dOut, Lse, Delta, dMass, dK, dV, CuSeqlens, KeyLengths, KeyMask, MaskBits, MaskTiles,
+    Q, K, V, dOut, Lse, Delta, dMass, dK, dV, CuSeqlens, KeyLengths, KeyMask, MaskBits, MaskTiles, GradTiles,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     n_q, n_k, heads_q, heads_kv, group, scale, scale_log2, mask_words, n_row_tiles, n_col_tiles,
@@ -269,15 +289,16 @@ def _bwd_dkdv_kernel(
     for g in range(group):
         h = kv_head * group + g
         dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles, GradTiles,
             b, b64, h, row0, first_row, split, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
             stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
-            scale_log2, BLOCK_M, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            scale_log2, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
         dk, dv = _dkdv_query_tiles(
-            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles,
+            dk, dv, k, v, Q, dOut, Lse, Delta, dMass, KeyMask, MaskBits, MaskTiles, GradTiles,
             b, b64, h, row0, split, len_q, len_q, offset, cols, col_ok, dims, dim_ok, key_tile, n_q, n_k, heads_q,
             stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, mask_words, n_row_tiles, n_col_tiles,
-            scale_log2, BLOCK_M, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            scale_log2, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN,
+            DOT_PRECISION)
     store_mask = (cols < key_limit)[:, None] & dim_ok[None, :]
     tl.store(dK + b64 * stride_dkb + kv_head * stride_dkh + (row0 + cols)[:, None] * stride_dkn + dims[None, :],
              (dk * scale).to(dK.dtype.element_ty), mask=store_mask)
@@ -287,21 +308,28 @@ def _bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_key_tiles(
-    dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+    dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
     lo, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles, n_col_tiles, scale_log2,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Accumulate dQ of one query tile over the key tiles [lo, hi)."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
-        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        kv_ok = dim_ok[None, :]  # visible tiles lie inside the keys: only padded head dims need a mask
+        if MASKED:
+            kv_ok = col_ok[:, None] & kv_ok
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=kv_ok, other=0.0)
+        has_bits = rows_have_grad
+        if TILE_SKIP:
+            has_bits = has_bits & (tl.load(MaskTiles + (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N) != 0)
         _, ds = _seq_probs_and_dscores(
-            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, MaskTiles,
-            (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N, KeyMask, b64 * n_k, row0, mask_words,
-            scale_log2, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
+            KeyMask, b64 * n_k, row0, n0, mask_words, scale_log2,
+            BLOCK_M, BLOCK_N, False, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 
@@ -319,9 +347,13 @@ def _bwd_dq_kernel(
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    s = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
+    # Query tiles on the slower grid axis: with causal masking the last tiles see the most keys, so
+    # every head's longest tiles launch first and the short ones fill the tail of the last wave.
+    tile = tl.program_id(1)
+    if CAUSAL:
+        tile = tl.num_programs(1) - 1 - tile
+    s = tl.program_id(0) // heads_q
+    h = tl.program_id(0) % heads_q
     kv_head = h // group
     b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
     m0 = tile * BLOCK_M
@@ -337,6 +369,9 @@ def _bwd_dq_kernel(
         Q, dOut, Lse, Delta, dMass, b64, h, row0, rows, row_ok, dims, dim_ok, n_q, heads_q,
         stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don, BLOCK_M, SUPERVISION)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    rows_have_grad = 1
+    if SUPERVISION:  # once per program: rows whose mass has no gradient skip the mask
+        rows_have_grad = tl.max(tl.abs(c), 0) > 0.0
     if ADAPTER:
         slots = tl.arange(0, BLOCK_A)
         adapter_ptrs = b64 * adapter_batch_stride + kv_head * adapter_len * HEAD_DIM + slots[:, None] * HEAD_DIM + dims[None, :]
@@ -357,14 +392,14 @@ def _bwd_dq_kernel(
     if CAUSAL:
         hi = tl.minimum(len_k, m0 + BLOCK_M + offset)
         full_end = tl.maximum(tl.minimum(full_end, ((m0 + offset + 1) // BLOCK_N) * BLOCK_N), 0)
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
                        0, full_end, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
-                       n_col_tiles, scale_log2, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
-                       DOT_PRECISION)
-    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
+                       n_col_tiles, scale_log2, BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       not VARLEN, DOT_PRECISION)
+    dq = _dq_key_tiles(dq, q, do, lse2, delta, c, rows_have_grad, K, V, KeyMask, MaskBits, MaskTiles, b, b64, tile, row0, rows, row_ok,
                        full_end, hi, len_k, offset, dims, dim_ok, n_k, stride_kn, stride_vn, mask_words, n_row_tiles,
-                       n_col_tiles, scale_log2, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
-                       DOT_PRECISION)
+                       n_col_tiles, scale_log2, BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP,
+                       not VARLEN, DOT_PRECISION)
     tl.store(dQ + b64 * stride_dqb + h * stride_dqh + (row0 + rows)[:, None] * stride_dqn + dims[None, :],
              (dq * scale).to(dQ.dtype.element_ty), mask=tile_mask)
 
@@ -382,7 +417,9 @@ def attention_backward(
     Returns (dq, dk, dv, d_adapter_keys | None, d_adapter_values | None, d_gamma | None)."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
-    config = tile_config(head_dim, "bwd", q.dtype)
+    rows_config = tile_config(head_dim, "rows", q.dtype)
+    dkdv_config = tile_config(head_dim, "dkdv", q.dtype)
+    dq_config = tile_config(head_dim, "dq", q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     device = q.device
     has_adapter = adapter_keys is not None
@@ -390,7 +427,6 @@ def attention_backward(
     xg_tokens = xg_tokens if has_adapter and grad_xg is not None else 0
     varlen = cu_seqlens is not None
     tile_skip = supervision and not varlen
-    tiles = tile_summary(mask_bits, config.block_m, config.block_n) if tile_skip else None
     adapter_len = adapter_keys.shape[-2] if has_adapter else 0
     block_a = max(16, triton.next_power_of_2(adapter_len))
     adapter_batch_stride = heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0
@@ -401,7 +437,7 @@ def attention_backward(
     grad_lse = grad_lse.float().contiguous() if grad_lse is not None else None
     delta = torch.empty(batch, heads_q, n_q, device=device, dtype=torch.float32)
     dummy = delta  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
-    n_row_tiles = triton.cdiv(max_seqlen, config.block_m)
+    n_row_tiles = triton.cdiv(max_seqlen, rows_config.block_m)
 
     tiles_per_chunk = max(1, triton.cdiv(n_row_tiles * num_samples * heads_kv, _ROW_PROGRAMS_TARGET))
     chunks = triton.cdiv(n_row_tiles, tiles_per_chunk)
@@ -421,45 +457,54 @@ def attention_backward(
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride,
         tiles_per_chunk, num_samples,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_A=block_a, VARLEN=varlen,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows_config.block_m, BLOCK_A=block_a, VARLEN=varlen,
         ADAPTER=has_adapter, SUPERVISION=supervision, HAS_DLSE=grad_lse is not None, XG_TOKENS=xg_tokens,
-        XG_POOLED=xg_pooled, DOT_PRECISION=dot_precision, num_warps=config.num_warps,
+        XG_POOLED=xg_pooled, DOT_PRECISION=dot_precision, num_warps=rows_config.num_warps,
     )
 
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    shared = dict(
-        key_lengths=key_lengths if key_lengths is not None else dummy, key_mask=key_mask if key_mask is not None else dummy,
-        mask_bits=mask_bits if supervision else dummy, tiles=tiles if tile_skip else dummy,
-    )
-    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-                 CAUSAL=causal, VARLEN=varlen, HAS_KEY_LENGTHS=key_lengths is not None,
-                 HAS_KEY_MASK=key_mask is not None, SUPERVISION=supervision, TILE_SKIP=tile_skip,
-                 DOT_PRECISION=dot_precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    key_lengths = key_lengths if key_lengths is not None else dummy
+    key_mask = key_mask if key_mask is not None else dummy
     mask_words = mask_bits.shape[2] if supervision else 0
-    n_col_tiles = tiles.shape[2] if tile_skip else 0
+    flags = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, CAUSAL=causal, VARLEN=varlen,
+                 HAS_KEY_LENGTHS=key_lengths is not dummy, HAS_KEY_MASK=key_mask is not dummy,
+                 SUPERVISION=supervision, TILE_SKIP=tile_skip, DOT_PRECISION=dot_precision)
     max_keys = max_seqlen if varlen else n_k
-    _bwd_dkdv_kernel[(triton.cdiv(max_keys, config.block_n), num_samples * heads_kv)](
+
+    dkdv_rows = triton.cdiv(max_seqlen, dkdv_config.block_m)
+    dkdv_tiles = grad_tiles = dummy
+    if tile_skip:
+        dkdv_tiles = tile_summary(mask_bits, dkdv_config.block_m, dkdv_config.block_n)
+        grad_tiles = query_tile_flags(grad_mass, dkdv_config.block_m)
+    _bwd_dkdv_kernel[(triton.cdiv(max_keys, dkdv_config.block_n), num_samples * heads_kv)](
         q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dk, dv,
-        cu_seqlens if varlen else dummy, shared["key_lengths"], shared["key_mask"], shared["mask_bits"], shared["tiles"],
+        cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy,
+        dkdv_tiles, grad_tiles,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
         dv.stride(0), dv.stride(1), dv.stride(2),
-        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, mask_words, n_row_tiles, n_col_tiles,
-        **flags,
+        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, mask_words, dkdv_rows,
+        dkdv_tiles.shape[2] if tile_skip else 0,
+        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
+        num_stages=dkdv_config.num_stages, **flags,
     )
-    _bwd_dq_kernel[(n_row_tiles, num_samples * heads_q)](
+    dq_rows = triton.cdiv(max_seqlen, dq_config.block_m)
+    dq_tiles = tile_summary(mask_bits, dq_config.block_m, dq_config.block_n) if tile_skip else dummy
+    _bwd_dq_kernel[(num_samples * heads_q, dq_rows)](
         q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dq,
-        cu_seqlens if varlen else dummy, shared["key_lengths"], shared["key_mask"], shared["mask_bits"], shared["tiles"],
+        cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy, dq_tiles,
         adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
         adapter_lse2 if has_adapter else dummy, gamma if has_adapter else dummy,
         grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
         n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride, mask_words,
-        n_row_tiles, n_col_tiles,
-        BLOCK_A=block_a, ADAPTER=has_adapter, XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, **flags,
+        dq_rows, dq_tiles.shape[2] if tile_skip else 0,
+        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, BLOCK_A=block_a, ADAPTER=has_adapter,
+        XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
+        **flags,
     )
     if not has_adapter:
         return dq, dk, dv, None, None, None

@@ -30,17 +30,23 @@ def _fwd_key_tiles(
     acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
     row0, rows, row_ok, dims, dim_ok, lo, hi, len_k, offset, mask_words, tile_flags_row, key_mask_row,
     stride_kn, stride_vn, scale_log2,
-    BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-    SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr, ALIGNED_BITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Online softmax over key tiles [lo, hi). MASKED tiles apply the causal / length mask per element;
     the others are entirely visible and skip it."""
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < len_k
-        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        kv_ok = dim_ok[None, :]  # visible tiles lie inside the keys: only padded head dims need a mask
+        if MASKED:
+            kv_ok = col_ok[:, None] & kv_ok
+        k = tl.load(K + cols[:, None] * stride_kn + dims[None, :], mask=kv_ok, other=0.0)
+        v = tl.load(V + cols[:, None] * stride_vn + dims[None, :], mask=kv_ok, other=0.0)
+        # Raw scores: the scale (> 0, checked by the caller) is folded into the max and into one FMA
+        # in the exponent, instead of one more multiply per element before the max.
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASKED:
             visible = col_ok[None, :]
             if CAUSAL:
@@ -49,11 +55,11 @@ def _fwd_key_tiles(
         if HAS_KEY_MASK:
             real = tl.load(KeyMask + key_mask_row + cols, mask=col_ok, other=0)
             scores = tl.where(real[None, :] != 0, scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        new_max = tl.maximum(row_max, tl.max(scores, 1) * scale_log2)
         # A row that has seen no key yet keeps max = -inf; exponentiate against 0 instead (no NaN).
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         rescale = tl.exp2(row_max - safe_max)
-        p = tl.exp2(scores - safe_max[:, None])
+        p = tl.exp2(scores * scale_log2 - safe_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, 1)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         if SUPERVISION:
@@ -62,7 +68,8 @@ def _fwd_key_tiles(
             if TILE_SKIP:
                 has_bits = tl.load(MaskTiles + tile_flags_row + n0 // BLOCK_N)
             if has_bits != 0:
-                causes = cause_bits(MaskBits, row0 + rows, row0 + cols, row_ok, col_ok, mask_words)
+                causes = cause_bits(MaskBits, row0 + rows, row_ok, row0 + n0, mask_words, BLOCK_M, BLOCK_N,
+                                    False, ALIGNED_BITS)
                 mass_acc += tl.sum(p * causes, 1)
         row_max = new_max
     return acc, row_sum, row_max, mass_acc
@@ -81,9 +88,13 @@ def _fwd_kernel(
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    s = tl.program_id(1) // heads_q
-    h = tl.program_id(1) % heads_q
+    # Query tiles on the slower grid axis: with causal masking the last tiles see the most keys, so
+    # every head's longest tiles launch first and the short ones fill the tail of the last wave.
+    tile = tl.program_id(1)
+    if CAUSAL:
+        tile = tl.num_programs(1) - 1 - tile
+    s = tl.program_id(0) // heads_q
+    h = tl.program_id(0) % heads_q
     kv_head = h // group
     b, row0, len_q, len_k, offset = sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN, HAS_KEY_LENGTHS)
     m0 = tile * BLOCK_M
@@ -119,12 +130,12 @@ def _fwd_kernel(
         acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
         row0, rows, row_ok, dims, dim_ok, 0, full_end, len_k, offset, mask_words, tile_flags_row, key_mask_row,
         stride_kn, stride_vn, scale_log2,
-        BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, False, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
     acc, row_sum, row_max, mass_acc = _fwd_key_tiles(
         acc, row_sum, row_max, mass_acc, q, K, V, KeyMask, MaskBits, MaskTiles,
         row0, rows, row_ok, dims, dim_ok, full_end, hi, len_k, offset, mask_words, tile_flags_row, key_mask_row,
         stride_kn, stride_vn, scale_log2,
-        BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, DOT_PRECISION)
+        BLOCK_M, BLOCK_N, True, CAUSAL, HAS_KEY_MASK, SUPERVISION, TILE_SKIP, not VARLEN, DOT_PRECISION)
 
     # Not "> 0": a NaN sum (a +inf or NaN score) must give NaN out and LSE, not a row that saw no key.
     seen = row_sum != 0.0
@@ -198,7 +209,7 @@ def attention_forward(
     tiles = tile_summary(mask_bits, config.block_m, config.block_n) if tile_skip else None
     adapter_len = adapter_keys.shape[-2] if has_adapter else 0
     dummy = lse  # stands in for absent optional pointers; never dereferenced (constexpr-guarded)
-    grid = (n_row_tiles, num_samples * heads_q)
+    grid = (num_samples * heads_q, n_row_tiles)
     _fwd_kernel[grid](
         q, k, v, out, lse, adapter_lse2 if has_adapter else dummy, mass if supervision else dummy,
         xg_partial if xg_partial is not None else dummy, xg_rows if xg_rows is not None else dummy,

@@ -4,7 +4,8 @@
 * `adapter_probs`: the adapter tile's softmax recomputed from its saved log-sum-exp;
 * `cause_bits`: one (BLOCK_M, BLOCK_N) tile of the bit-packed CausalMask;
 * `tile_summary`: the per-tile "any cause bit set" table that lets kernels skip empty mask tiles;
-* `TileConfig` / `tile_config`: block sizes and warps per head dim, dtype and direction.
+* `query_tile_flags`: the per-query-tile "any mass gradient" table of the dK/dV sweep;
+* `TileConfig` / `tile_config`: block sizes, warps and stages per kernel, head dim and dtype.
 
 Units: scores are kept in base 2 (`s2 = scale * log2(e) * q.k`), so the kernels use exp2/log2; the
 log-sum-exp handed to users is converted back to natural log (`lse = lse2 * ln 2`).
@@ -12,6 +13,7 @@ log-sum-exp handed to users is converted back to natural log (`lse = lse2 * ln 2
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -36,47 +38,104 @@ class TileConfig:
     num_stages: int
 
 
-def tile_config(head_dim: int, direction: str, dtype: torch.dtype) -> TileConfig:
-    """Block sizes for `direction` in {"fwd", "bwd"}.
+# sm_90 tiles per kernel, keyed by the largest head dim they serve (first match wins). Why these:
+# * fwd: FlashAttention-2's Triton choice, 128 queries x 64 keys; 8 warps at d = 128 keep two
+#   warpgroups on 64 query rows each; above 128 smaller tiles so K/V stages fit 227 KB.
+# * dkdv: keys as rows (128 keys x 64 queries, 8 warps): Pt = exp2(K Qt - lse) is computed directly
+#   in the orientation dV += Pt dO and dK += dSt Q need, so Pt and dSt stay in registers as the A
+#   operand of wgmma; with 64 x 64 and queries as rows, both warpgroups computed the same S and dP
+#   (40 wgmma per iteration where 24 do) and Pt, dSt went through shared memory (5 barriers). Two
+#   stages, not three: at d = 128 the dK, dV accumulators alone take 128 of the 255 registers, and
+#   the third stage's prefetch moves spills into the loops (4 local accesses per iteration).
+# * dq: 128 queries x 64 keys, 8 warps: each warpgroup owns 64 query rows, no duplicated wgmma
+#   (36 -> 20 per iteration at d = 128 compared with 64 x 64).
+# tests/compile_kernels.py prints registers, spills and shared bytes of each (benchmarks/results/).
+_SM90_TILES = {
+    "fwd": ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3)), (256, TileConfig(64, 32, 8, 2))),
+    "rows": ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)), (256, TileConfig(32, 32, 8, 3))),
+    "dkdv": ((128, TileConfig(64, 128, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
+    "dq": ((128, TileConfig(128, 64, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
+}
+# Under the interpreter the cost is per program x loop iteration, so the largest tiles win (64-wide
+# tiles run ~10x faster than 16-wide ones); dkdv and dq keep their sm_90 aspect ratios so that the
+# tests cover tiles whose query and key extents differ.
+_INTERPRETER_TILES = {"fwd": TileConfig(64, 64, 4, 1), "rows": TileConfig(64, 64, 4, 1),
+                      "dkdv": TileConfig(64, 128, 4, 1), "dq": TileConfig(128, 64, 4, 1)}
 
-    Under the interpreter the cost is per program x loop iteration, so the largest tiles win (64-wide
-    tiles run ~10x faster than 16-wide ones). On sm_90 the forward follows FlashAttention-2's Triton
-    choices (128 x 64, 8 warps at d = 128; smaller above 128 so that K/V stages fit in 227 KB of shared
-    memory); the backward keeps 64 x 64 so dK, dV and the recomputed P stay in registers. fp32 tiles
-    take twice the bytes: compiled for sm_90 the fp32 forward at d = 80..128 needs 240 KB with the
-    half-precision tiles, so fp32 halves BLOCK_M and keeps two stages (tests/compile_kernels.py checks
-    every variant against the limit). BLOCK_N is a multiple of 32 so a key tile covers whole words of
-    the bit-packed mask.
+
+def tile_overrides() -> dict[str, TileConfig]:
+    """Tiles forced through CAUSALATTN_TILES, e.g. "dkdv=64x128x8x3,dq=128x64x8x2" (queries x keys x
+    warps x stages per kernel): how the tile A/B benchmarks and the static table try other shapes."""
+    spec = os.environ.get("CAUSALATTN_TILES", "")
+    overrides = {}
+    for item in filter(None, spec.split(",")):
+        kernel, _, shape = item.partition("=")
+        try:
+            block_m, block_n, warps, stages = (int(x) for x in shape.split("x"))
+        except ValueError:
+            raise ValueError(f"CAUSALATTN_TILES: expected kernel=MxNxWARPSxSTAGES items, got {item!r}") from None
+        if kernel not in _SM90_TILES:
+            raise ValueError(f"CAUSALATTN_TILES: kernel must be one of {sorted(_SM90_TILES)}, got {kernel!r}")
+        overrides[kernel] = TileConfig(block_m, block_n, warps, stages)
+    return overrides
+
+
+def tile_config(head_dim: int, kernel: str, dtype: torch.dtype) -> TileConfig:
+    """Block sizes for `kernel` in {"fwd", "rows", "dkdv", "dq"} (block_m: queries, block_n: keys).
+
+    fp32 tiles take twice the bytes: compiled for sm_90 the fp32 forward at d = 80..128 needs 240 KB
+    with the half-precision tiles, so fp32 halves the larger block and keeps at most two stages
+    (tests/compile_kernels.py checks every variant against the limit). BLOCK_N is a multiple of 32 so
+    a key tile covers whole words of the bit-packed mask.
     """
+    override = tile_overrides().get(kernel)
+    if override is not None:
+        return override
     if interpreting():
-        return TileConfig(64, 64, 4, 1)
-    if direction == "fwd":
-        if head_dim <= 64:
-            config = TileConfig(128, 64, 4, 3)
-        elif head_dim <= 128:
-            config = TileConfig(128, 64, 8, 3)
-        else:
-            config = TileConfig(64, 32, 8, 2)
-    elif head_dim <= 128:
-        config = TileConfig(64, 64, 4 if head_dim <= 64 else 8, 2)
-    else:
-        config = TileConfig(32, 32, 8, 1)
+        return _INTERPRETER_TILES[kernel]
+    config = next(config for limit, config in _SM90_TILES[kernel] if head_dim <= limit)
     if dtype == torch.float32:
-        config = TileConfig(max(32, config.block_m // 2), config.block_n, config.num_warps, min(2, config.num_stages))
+        block_m, block_n = config.block_m, config.block_n
+        if block_m >= block_n:
+            block_m = max(32, block_m // 2)
+        else:
+            block_n = max(32, block_n // 2)
+        config = TileConfig(block_m, block_n, config.num_warps, min(2, config.num_stages))
     return config
+
+
+# (block_m, block_n) -> (weak reference to the mask words, their version, the summary): every layer
+# of a forward and its backward read the same CausalMask, so each tile shape is summarised once per
+# batch instead of once per layer and direction (five kernels, a padded copy of the words each).
+_summaries: dict[tuple[int, int], tuple[weakref.ref, int, torch.Tensor]] = {}
 
 
 def tile_summary(bits: torch.Tensor, block_m: int, block_n: int) -> torch.Tensor:
     """(B, ceil(N/block_m), ceil(N/block_n)) int8: 1 where the mask tile has any cause bit set.
 
-    Vectorised over the packed words (N^2/32 int32 reads), on the mask's device, once per call.
-    """
+    Vectorised over the packed words (N^2/32 int32 reads), on the mask's device; cached on the
+    identity and version of `bits` (see `_summaries`)."""
+    cached = _summaries.get((block_m, block_n))
+    if cached is not None and cached[0]() is bits and cached[1] == bits._version:
+        return cached[2]
     batch, n, words = bits.shape
     words_per_tile = block_n // 32
     row_tiles, col_tiles = triton.cdiv(n, block_m), triton.cdiv(words, words_per_tile)
     padded = torch.nn.functional.pad(bits, (0, col_tiles * words_per_tile - words, 0, row_tiles * block_m - n))
     nonzero = padded.view(batch, row_tiles, block_m, col_tiles, words_per_tile) != 0
-    return nonzero.any(dim=4).any(dim=2).to(torch.int8).contiguous()
+    summary = nonzero.any(dim=4).any(dim=2).to(torch.int8).contiguous()
+    _summaries[(block_m, block_n)] = (weakref.ref(bits), bits._version, summary)
+    return summary
+
+
+def query_tile_flags(grad_mass: torch.Tensor, block_m: int) -> torch.Tensor:
+    """(B, H, ceil(N/block_m)) int8: 1 where a query tile has a row with a mass gradient c != 0.
+
+    Lets the dK/dV sweep skip the mask of rows without a CAT gradient with one scalar load per tile
+    instead of a cross-warp max over |c| every iteration."""
+    batch, heads, n = grad_mass.shape
+    padded = torch.nn.functional.pad(grad_mass, (0, triton.cdiv(n, block_m) * block_m - n))
+    return (padded.view(batch, heads, -1, block_m) != 0).any(dim=3).to(torch.int8)
 
 
 @triton.jit
@@ -113,8 +172,41 @@ def adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A: tl.constexpr, DO
 
 
 @triton.jit
-def cause_bits(MaskBits, rows, cols, row_ok, col_ok, mask_words):
-    """A[rows, cols] as fp32 0/1 from one sample's packed words (bit t of word w is column 32 w + t)."""
-    words = tl.load(MaskBits + rows[:, None] * mask_words + (cols[None, :] >> 5),
-                    mask=row_ok[:, None] & col_ok[None, :], other=0)
-    return ((words >> (cols[None, :] & 31)) & 1).to(tl.float32)
+def cause_bits(MaskBits, query, query_ok, key0, mask_words, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               KEYS_AS_ROWS: tl.constexpr, ALIGNED: tl.constexpr):
+    """A[query, key0 : key0 + BLOCK_N] as fp32 0/1 from one sample's packed words (bit t of word w is
+    column 32 w + t): (BLOCK_M, BLOCK_N), or its transpose (BLOCK_N, BLOCK_M) with KEYS_AS_ROWS.
+
+    One (BLOCK_M, BLOCK_N / 32) tile of words is loaded and its bits expanded with shifts: a
+    per-element gather of the words landed in a layout other than P's and cost a conversion through
+    shared memory every iteration, plus 32 redundant loads per word. ALIGNED: key0 is a multiple of
+    32 (tiles of one sample); packed sequences start anywhere, so their tile straddles words and
+    takes bits from two neighbouring words."""
+    WORDS: tl.constexpr = BLOCK_N // 32
+    word0 = key0 >> 5
+    word = word0 + tl.arange(0, WORDS)
+    bit = tl.arange(0, 32)
+    if KEYS_AS_ROWS:  # (words, bits, queries)
+        offsets = query[None, :] * mask_words + word[:, None]
+        load_ok = query_ok[None, :] & (word < mask_words)[:, None]
+        shape: tl.constexpr = (BLOCK_N, BLOCK_M)
+        low = tl.load(MaskBits + offsets, mask=load_ok, other=0)[:, None, :]
+        position = bit[None, :, None]
+    else:  # (queries, words, bits)
+        offsets = query[:, None] * mask_words + word[None, :]
+        load_ok = query_ok[:, None] & (word < mask_words)[None, :]
+        shape: tl.constexpr = (BLOCK_M, BLOCK_N)
+        low = tl.load(MaskBits + offsets, mask=load_ok, other=0)[:, :, None]
+        position = bit[None, None, :]
+    if ALIGNED:
+        bits = (low >> position) & 1
+    else:
+        if KEYS_AS_ROWS:
+            high = tl.load(MaskBits + offsets + 1, mask=query_ok[None, :] & (word + 1 < mask_words)[:, None],
+                           other=0)[:, None, :]
+        else:
+            high = tl.load(MaskBits + offsets + 1, mask=query_ok[:, None] & (word + 1 < mask_words)[None, :],
+                           other=0)[:, :, None]
+        position = position + (key0 & 31)
+        bits = (tl.where(position < 32, low, high) >> (position & 31)) & 1
+    return tl.reshape(bits, shape).to(tl.float32)

@@ -1,19 +1,36 @@
-"""Compile every fused-attention kernel variant for a GPU target, without a GPU.
+"""Compile the fused-attention kernels for sm_90a the way the JIT does, without a GPU, and report them.
 
 The Triton interpreter runs the kernels' arithmetic on the CPU but skips the compiler, so code that
 only the compiler rejects (a non-constexpr global, a type that changes across a loop, a dot shape
 the target lacks) would otherwise surface first on a GPU machine. This script runs the real launchers
-with a recording stand-in for each kernel, then hands every recorded launch to `triton.compile` for
-sm_90 (through PTX and ptxas). Run it without TRITON_INTERPRET:
+with a recording stand-in for each kernel, specializes every recorded launch with the JIT's own binder
+(pointers and ints divisible by 16 get `tt.divisibility`, ints equal to 1 become constants: without
+that the loads are not vectorised, nothing is pipelined through shared memory and the shared-memory
+figure under-counts by up to 2x), compiles it for sm_90a, and reads what ptxas reports:
 
-    python tests/compile_kernels.py            # prints one line per compiled kernel, exits 1 on failure
+    python tests/compile_kernels.py                  # the CI subset; exits 1 on a failure
+    python tests/compile_kernels.py --full --csv benchmarks/results/kernel_static_sm90.csv \
+        --md benchmarks/results/kernel_static_sm90.md
+
+Per kernel variant: tiles, warps, stages, registers, spill bytes (ptxas -v), shared bytes, and per
+innermost loop of the SASS the tensor-core instructions (HGMMA), barriers, shared-memory stores (a
+layout conversion or transpose through shared memory shows up as STS inside the loop) and
+local-memory accesses (spill traffic where it costs: in the loop). Fails on a compile error, on
+shared memory over the sm_90 limit, and on spill traffic inside a loop of a plain (no-feature)
+bf16/fp16 kernel at d = 64 or 128. Spill bytes outside the loops (loop-invariant values reloaded
+once per query head) are reported, not failed.
 """
 from __future__ import annotations
 
+import argparse
+import csv
 import os
+import re
+import subprocess
 import sys
-import time
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("compile_kernels.py: unset TRITON_INTERPRET (the interpreter never compiles)")
@@ -21,26 +38,53 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from causalattn.kernels import attention_bwd, attention_fwd  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
-POINTER_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int32: "i32",
-                 torch.int8: "i8", torch.uint8: "u8", torch.int64: "i64"}
 KERNELS = {"fwd": (attention_fwd, "_fwd_kernel"), "rows": (attention_bwd, "_bwd_rows_kernel"),
            "dkdv": (attention_bwd, "_bwd_dkdv_kernel"), "dq": (attention_bwd, "_bwd_dq_kernel")}
+_NVIDIA_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS, CUOBJDUMP = os.path.join(_NVIDIA_BIN, "ptxas"), os.path.join(_NVIDIA_BIN, "cuobjdump")
 
-# (dtype, head dim, feature set): every flag appears at least once, across dtypes and head dims.
+
+@dataclass(frozen=True)
+class Variant:
+    """One feature set at one dtype and head dim; `ci` variants run in the default (CI) subset."""
+    dtype: torch.dtype
+    head_dim: int
+    features: dict = field(default_factory=dict)
+    ci: bool = False
+
+    @property
+    def plain(self) -> bool:
+        return not set(self.features) - {"causal"}
+
+    @property
+    def name(self) -> str:
+        dtype = str(self.dtype).removeprefix("torch.").replace("float", "fp").replace("bfp", "bf")
+        flags = "+".join(f"{k}={v}" if not isinstance(v, bool) else (k if v else f"no-{k}")
+                         for k, v in self.features.items())
+        return f"{dtype} d={self.head_dim} {flags or 'plain'}"
+
+
+# Every flag appears at least once, across dtypes and head dims; the plain half-precision kernels at
+# d = 64/128 (the ones that must not spill) and the all-features bf16 d = 128 set form the CI subset.
 VARIANTS = [
-    (torch.bfloat16, 128, dict()),
-    (torch.bfloat16, 128, dict(adapter=True, mask=True, xg="sample")),
-    (torch.float16, 64, dict(adapter=True, causal=False, key_mask=True)),
-    (torch.float32, 80, dict(adapter=True, mask=True, xg="position", key_lengths=True)),
-    (torch.bfloat16, 64, dict(adapter=True, mask=True, xg="sample", varlen=True)),
-    (torch.float16, 256, dict(adapter=True, per_sample=True, xg="sample")),
-    (torch.bfloat16, 128, dict(mask=True, key_mask=True)),
+    Variant(torch.bfloat16, 128, ci=True),
+    Variant(torch.float16, 64, ci=True),
+    Variant(torch.bfloat16, 128, dict(adapter=True, mask=True, xg="sample"), ci=True),
+    Variant(torch.bfloat16, 64, dict(adapter=True, mask=True, xg="sample", varlen=True), ci=True),
+    Variant(torch.bfloat16, 128, dict(causal=False)),
+    Variant(torch.float16, 64, dict(adapter=True, causal=False, key_mask=True)),
+    Variant(torch.float32, 80, dict(adapter=True, mask=True, xg="position", key_lengths=True)),
+    Variant(torch.float16, 256, dict(adapter=True, per_sample=True, xg="sample")),
+    Variant(torch.bfloat16, 128, dict(mask=True, key_mask=True)),
+    Variant(torch.bfloat16, 128, dict(adapter=True)),
+    Variant(torch.bfloat16, 64, dict(adapter=True, mask=True, xg="sample")),
 ]
 
 
@@ -54,15 +98,19 @@ class _Recorder:
         return lambda *args, **kwargs: self.launches.append((self.name, args, kwargs))
 
 
-def record_launches(dtype: torch.dtype, head_dim: int, features: dict) -> list:
-    """Run the forward and backward launchers on placeholder tensors, recording each kernel launch."""
+def record_launches(variant: Variant) -> list:
+    """Run the forward and backward launchers on placeholder tensors, recording each kernel launch.
+
+    Sizes are LLaMA-like (N = 1024, 8 query heads over 2 KV heads), so strides, lengths and the mask's
+    word count are multiples of 16 as at real sizes and the JIT specializes them the same way."""
+    features, dtype, head_dim = variant.features, variant.dtype, variant.head_dim
     launches: list = []
     originals = {}
     for name, (module, attr) in KERNELS.items():
         originals[name] = getattr(module, attr)
         setattr(module, attr, _Recorder(name, launches))
     try:
-        batch, heads_q, heads_kv, n, m = (1 if features.get("varlen") else 2), 8, 2, 256, 10
+        batch, heads_q, heads_kv, n, m = (1 if features.get("varlen") else 2), 8, 2, 1024, 10
         q = torch.empty(batch, heads_q, n, head_dim, dtype=dtype)
         k = v = torch.empty(batch, heads_kv, n, head_dim, dtype=dtype)
         adapter_shape = (batch, heads_kv, m, head_dim) if features.get("per_sample") else (heads_kv, m, head_dim)
@@ -73,8 +121,8 @@ def record_launches(dtype: torch.dtype, head_dim: int, features: dict) -> list:
             causal=features.get("causal", True), scale=head_dim ** -0.5,
             key_lengths=torch.empty(batch, dtype=torch.int32) if features.get("key_lengths") else None,
             key_mask=torch.empty(batch, n, dtype=torch.uint8) if features.get("key_mask") else None,
-            cu_seqlens=torch.tensor([0, 100, 256], dtype=torch.int32) if features.get("varlen") else None,
-            max_seqlen=156 if features.get("varlen") else n, adapter_keys=adapter, adapter_values=adapter,
+            cu_seqlens=torch.tensor([0, 400, n], dtype=torch.int32) if features.get("varlen") else None,
+            max_seqlen=n - 400 if features.get("varlen") else n, adapter_keys=adapter, adapter_values=adapter,
             gamma=torch.empty(heads_q) if adapter is not None else None,
             mask_bits=torch.zeros(batch, n, n // 32, dtype=torch.int32) if features.get("mask") else None,
             xg_tokens=xg_tokens, xg_weight=torch.empty(batch, n) if features.get("xg") == "sample" else None,
@@ -91,56 +139,146 @@ def record_launches(dtype: torch.dtype, head_dim: int, features: dict) -> list:
     return launches
 
 
-def _signature(kernel, args: tuple, kwargs: dict) -> tuple[dict, dict]:
-    signature, constants = {}, {}
-    for index, (name, param) in enumerate(zip(kernel.arg_names, kernel.params)):
-        value = args[index] if index < len(args) else kwargs[name]
-        if param.is_constexpr:
-            signature[name], constants[(index,)] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + POINTER_TYPES[value.dtype]
-        elif isinstance(value, bool):
-            signature[name] = "i1"
-        elif isinstance(value, int):
-            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-        else:
-            signature[name] = "fp32"
-    return signature, constants
+def specialize(kernel, args: tuple, kwargs: dict):
+    """(signature, constexprs, attrs, options) exactly as `JITFunction.run` derives them for sm_90."""
+    backend = make_backend(TARGET)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    return signature, constexprs, attrs, options
 
 
-def compile_launch(launch: tuple) -> str:
-    name, args, kwargs = launch
+def loop_profile(cubin: bytes) -> list[dict]:
+    """Per innermost loop of the SASS, in program order: instructions, tensor-core instructions (HGMMA), barriers
+    (BAR.SYNC), shared-memory stores (STS/STSM: a layout conversion or transpose through shared
+    memory) and local-memory accesses (STL/LDL: spill traffic inside the loop).
+
+    A loop is a backward branch; innermost means no other loop inside it."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "kernel.cubin")
+        with open(path, "wb") as file:
+            file.write(cubin)
+        sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
+    instructions = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    loops = []
+    for address, text in instructions:
+        branch = re.search(r"\bBRA\s+(?:`\()?0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < address:
+            loops.append((int(branch.group(1), 16), address))
+    innermost = [(lo, hi) for lo, hi in loops if not any(lo <= a and b <= hi and (a, b) != (lo, hi) for a, b in loops)]
+    profile = []
+    for lo, hi in sorted(innermost):
+        body = [text for address, text in instructions if lo <= address <= hi]
+        profile.append(dict(instructions=len(body), wgmma=sum("HGMMA" in t for t in body), barriers=sum("BAR.SYNC" in t for t in body),
+                            shared_stores=sum(bool(re.search(r"\bSTS(M)?\b", t)) for t in body),
+                            local=sum(bool(re.search(r"\b(STL|LDL)\b", t)) for t in body)))
+    return profile
+
+
+def ptxas_usage(ptx: str) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from `ptxas -v` on the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "kernel.ptx")
+        with open(path, "w") as file:
+            file.write(ptx)
+        log = subprocess.run([PTXAS, "-v", f"--gpu-name=sm_{TARGET.arch}a", path, "-o", path + ".o"],
+                             capture_output=True, text=True, check=True).stderr
+    registers = int(re.search(r"Used (\d+) registers", log).group(1))
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return registers, int(spills.group(1)), int(spills.group(2))
+
+
+def compile_launch(job: tuple) -> dict:
+    variant, (name, args, kwargs) = job
     module, attr = KERNELS[name]
     kernel = getattr(module, attr)
-    kwargs = dict(kwargs)
-    options = {key: kwargs.pop(key) for key in ("num_warps", "num_stages") if key in kwargs}
-    signature, constants = _signature(kernel, args, kwargs)
-    start = time.time()
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=TARGET, options=options)
-    flags = ",".join(f"{k}={v}" for k, v in kwargs.items() if k.isupper() and v not in (False, 0))
-    if compiled.metadata.shared > SHARED_MEMORY_LIMIT:  # compiles, but the launch would fail
-        raise RuntimeError(f"{name} needs {compiled.metadata.shared} B of shared memory (> {SHARED_MEMORY_LIMIT}): {flags}")
-    return f"{name:5s} {compiled.metadata.shared:6d} B shared  {time.time() - start:4.1f} s  {flags}"
+    signature, constexprs, attrs, options = specialize(kernel, args, kwargs)
+    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    ptx = compiled.asm["ptx"]
+    registers, spill_stores, spill_loads = ptxas_usage(ptx)
+    loops = loop_profile(compiled.asm["cubin"])
+    tiles = f"{kwargs['BLOCK_M']}x{kwargs['BLOCK_N']}" if "BLOCK_N" in kwargs else f"{kwargs['BLOCK_M']}"
+    return dict(kernel=name, variant=variant.name, plain=variant.plain, tiles=tiles, warps=options.num_warps,
+                stages=options.num_stages, registers=registers, spill_stores=spill_stores, spill_loads=spill_loads,
+                shared=compiled.metadata.shared,
+                **{f"{key}_per_loop": "/".join(str(loop[key]) for loop in loops) or "-"
+                   for key in ("instructions", "wgmma", "barriers", "shared_stores", "local")})
 
 
-def main() -> int:
-    launches = {}
-    for dtype, head_dim, features in VARIANTS:
-        for launch in record_launches(dtype, head_dim, features):
+def problems(row: dict, variant: Variant) -> list[str]:
+    found = []
+    if row["shared"] > SHARED_MEMORY_LIMIT:  # compiles, but the launch would fail
+        found.append(f"needs {row['shared']} B of shared memory (> {SHARED_MEMORY_LIMIT})")
+    if (variant.plain and variant.dtype in (torch.bfloat16, torch.float16) and variant.head_dim in (64, 128)
+            and row["local_per_loop"].strip("0/-")):
+        found.append(f"spills inside its loops (local-memory accesses per loop {row['local_per_loop']}) "
+                     "in a plain kernel")
+    return found
+
+
+COLUMNS = ["kernel", "variant", "tiles", "warps", "stages", "registers", "spill_stores", "spill_loads", "shared",
+           "instructions_per_loop", "wgmma_per_loop", "barriers_per_loop", "shared_stores_per_loop", "local_per_loop"]
+
+
+def write_tables(rows: list[dict], csv_path: str | None, md_path: str | None) -> None:
+    if csv_path:
+        with open(csv_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+    if md_path:
+        with open(md_path, "w") as file:
+            file.write(f"# Fused-attention kernels compiled for sm_{TARGET.arch}a (Triton {triton.__version__}, "
+                       "JIT specialization)\n\n"
+                       "Regenerate: `python tests/compile_kernels.py --full --csv <csv> --md <md>`. Registers and "
+                       "spill bytes from ptxas -v; shared bytes from the compiled kernel; per innermost loop of the "
+                       "SASS (in program order): instructions, HGMMA instructions, barriers, shared-memory stores, local-memory "
+                       "(spill) accesses.\n\n")
+            file.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
+            for row in rows:
+                file.write("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--full", action="store_true", help="every variant (default: the CI subset)")
+    parser.add_argument("--csv", help="write the table as CSV here")
+    parser.add_argument("--md", help="write the table as Markdown here")
+    parser.add_argument("--kernels", nargs="+", choices=sorted(KERNELS), help="compile only these kernels")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1))
+    options = parser.parse_args(argv)
+    jobs = {}
+    for variant in VARIANTS:
+        if not (options.full or variant.ci):
+            continue
+        for launch in record_launches(variant):
             name, args, kwargs = launch
+            if options.kernels and name not in options.kernels:
+                continue
             kernel = getattr(*KERNELS[name])
-            key = (name, repr(_signature(kernel, args, kwargs)), kwargs.get("num_warps"), kwargs.get("num_stages"))
-            launches.setdefault(key, launch)
-    failures = 0
-    with ProcessPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        futures = [pool.submit(compile_launch, launch) for launch in launches.values()]
-        for future in futures:
+            signature, constexprs, attrs, compile_options = specialize(kernel, args, kwargs)
+            key = (name, repr(signature), repr(sorted(constexprs.items())), repr(sorted(attrs)),
+                   compile_options.num_warps, compile_options.num_stages)
+            jobs.setdefault(key, (variant, launch))
+    failures, rows = 0, []
+    print("  ".join(f"{c:>10.10s}" if i > 1 else f"{c:<{6 if i == 0 else 44}s}" for i, c in enumerate(COLUMNS)))
+    with ProcessPoolExecutor(max_workers=options.jobs) as pool:
+        futures = [(job[0], pool.submit(compile_launch, job)) for job in jobs.values()]
+        for variant, future in futures:
             try:
-                print(future.result(), flush=True)
+                row = future.result()
             except Exception as error:  # report every failing variant, not only the first
                 failures += 1
-                print(f"FAILED: {type(error).__name__}: {error}", flush=True)
-    print(f"{len(launches) - failures} of {len(launches)} kernel variants compiled for {TARGET.backend} sm_{TARGET.arch}")
+                print(f"FAILED {variant.name}: {type(error).__name__}: {error}", flush=True)
+                continue
+            rows.append(row)
+            print("  ".join(f"{row[c]!s:>10s}" if i > 1 else f"{row[c]!s:<{6 if i == 0 else 44}s}"
+                            for i, c in enumerate(COLUMNS)), flush=True)
+            for problem in problems(row, variant):
+                failures += 1
+                print(f"FAILED {row['kernel']} {variant.name}: {problem}", flush=True)
+    write_tables(rows, options.csv, options.md)
+    print(f"{len(jobs)} kernel variants compiled for {TARGET.backend} sm_{TARGET.arch}a, {failures} problems")
     return 1 if failures else 0
 
 

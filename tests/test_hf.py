@@ -99,6 +99,25 @@ def test_packed_sequences_match_sdpa_and_separate_runs():
     torch.testing.assert_close(flash_style, packed[:1], **TIGHT)
 
 
+def test_packed_boundaries_are_found_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids: the sequence boundaries (and their device-to-host
+    syncs) are computed by the first layer and reused by the others, and again for a new tensor."""
+    from causalattn.hf import attention as hf_attention
+
+    calls = []
+    find = hf_attention._find_packed_sequences
+    monkeypatch.setattr(hf_attention, "_find_packed_sequences", lambda *a: calls.append(1) or find(*a))
+    config = llama_config()
+    model = build(config)
+    ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.tensor([list(range(5)) + list(range(7)), list(range(3)) + list(range(9))])
+    first = model(ids, position_ids=position_ids, use_cache=False).logits
+    assert config.num_hidden_layers > 1 and len(calls) == 1
+    again = model(ids, position_ids=position_ids.clone(), use_cache=False).logits
+    assert len(calls) == 2
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
 def test_plain_generation_matches_sdpa(cache):
     ids, mask = padded_batch(length=8)

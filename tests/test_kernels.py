@@ -157,3 +157,21 @@ def test_case_ids_are_unique():
     ids = [str(c) for c in CORE_CASES + STAT_CASES + GPU_CASES]
     assert len(ids) == len(set(ids))
     assert all(dataclasses.is_dataclass(c) for c in GPU_CASES)
+
+
+def test_tile_summary_marks_tiles_with_cause_bits_and_is_reused_per_mask():
+    """One summary per mask and tile shape (reused across layers), recomputed when the words change."""
+    from causalattn.kernels.common import tile_summary
+
+    bits = torch.zeros(2, 100, 4, dtype=torch.int32)
+    bits[0, 70, 3] = 1 << 5  # row tile 1 (rows 64..127), key tile 1 (words 2..3)
+    bits[1, 3, 0] = -1
+    summary = tile_summary(bits, 64, 64)
+    expected = torch.zeros(2, 2, 2, dtype=torch.int8)
+    expected[0, 1, 1] = expected[1, 0, 0] = 1
+    assert torch.equal(summary, expected)
+    assert tile_summary(bits, 64, 64) is summary
+    assert torch.equal(tile_summary(bits, 128, 32), torch.tensor([[[0, 0, 0, 1]], [[1, 0, 0, 0]]], dtype=torch.int8))
+    bits[1, 99, 1] = 1
+    expected[1, 1, 0] = 1
+    assert torch.equal(tile_summary(bits, 64, 64), expected)

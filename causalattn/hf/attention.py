@@ -32,6 +32,7 @@ The op's backend is "auto" unless `set_backend(model, "reference" | "triton")` p
 """
 from __future__ import annotations
 
+import weakref
 from typing import Callable, Optional, Protocol
 
 import torch
@@ -215,8 +216,30 @@ def _adapter(module: nn.Module, prompt: LayerPrompt, query: Tensor, heads_kv: in
     return Adapter(heads(module.k_proj(hidden)), heads(module.v_proj(hidden)), prompt.gate, prompt.gate_mode)
 
 
+# (weak reference to the tensor the packing was read from, its key, the result): every layer of one
+# forward receives the same position_ids / cu_seq_lens_q tensor, so its boundaries, and the
+# device-to-host syncs that find them, are computed once per forward instead of 3-4 times per layer.
+_last_packing: Optional[tuple[weakref.ref, tuple, Optional[tuple[Tensor, Optional[int]]]]] = None
+
+
 def _packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
-    """(cu_seqlens over the B*N flattened tokens, max length or None) for a padding-free batch, else None."""
+    """(cu_seqlens over the B*N flattened tokens, max length or None) for a padding-free batch, else
+    None; cached on the identity and version of the tensor it is read from (see `_last_packing`)."""
+    global _last_packing
+    source = kwargs.get("cu_seq_lens_q")
+    if source is None:
+        source = kwargs.get("position_ids")
+    if not isinstance(source, Tensor):
+        return None
+    key = (source._version, batch, n, device, kwargs.get("max_length_q"), id(kwargs.get("cu_seq_lens_k")))
+    if _last_packing is not None and _last_packing[0]() is source and _last_packing[1] == key:
+        return _last_packing[2]
+    packed = _find_packed_sequences(kwargs, batch, n, device)
+    _last_packing = (weakref.ref(source), key, packed)
+    return packed
+
+
+def _find_packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None:
         cu_k = kwargs.get("cu_seq_lens_k")
@@ -226,17 +249,15 @@ def _packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) ->
             raise ValueError(f"cu_seq_lens_q: packed sequences come as one row (B == 1), got B={batch}")
         max_len = kwargs.get("max_length_q")
         return cu.to(device=device, dtype=torch.int32), int(max_len) if max_len is not None else None
-    position_ids = kwargs.get("position_ids")
-    if position_ids is None:
-        return None
-    positions = position_ids.to(device).expand(batch, n)
+    positions = kwargs["position_ids"].to(device).expand(batch, n)
     starts = torch.ones_like(positions, dtype=torch.bool)
     starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
-    starts = starts.flatten()
-    if int(starts.sum()) == batch:  # one sequence per row: plain causal attention
+    first_tokens = starts.flatten().nonzero().flatten()  # the one sync that finds the sequences
+    if first_tokens.numel() == batch:  # one sequence per row: plain causal attention
         return None
-    bounds = torch.cat([starts.nonzero().flatten(), torch.tensor([batch * n], device=device)])
-    return bounds.to(torch.int32), None
+    bounds = torch.cat([first_tokens, torch.tensor([batch * n], device=device)]).to(torch.int32)
+    # the longest sequence now (a second sync, once per forward) rather than in the op for every layer
+    return bounds, int((bounds[1:] - bounds[:-1]).max())
 
 
 def _through_o_proj(module: nn.Module, xg: Tensor, dtype: torch.dtype) -> Tensor:
