@@ -5,7 +5,8 @@
 #   1. correctness gate: the gpu-marked tests, compiled, stop at the first failure (<= 75 s)
 #   2. kernel core: causalattn vs sdpa-flash vs sdpa-cudnn, N = 1k/4k/16k, fwd and bwd apart
 #   3. all features: the harness's all-features preset (every feature, the composed path, baselines)
-#   4. [slot] the dispatch table (added with the composed backend)
+#   4. the dispatch table of backend="auto": fused vs composed over supervised-row densities, at 4k
+#      (commit the returned dispatch_table.json as causalattn/dispatch_table.json)
 #   5. per-kernel GPU time of one step (torch profiler)
 #   6. tile-config A/B of the backward and forward kernels (CAUSALATTN_TILES)
 # Ratios are printed against sdpa-flash and against the fastest SDPA backend of each shape.
@@ -14,8 +15,9 @@
 #   CAUSALATTN_GIT_COMMIT=<sha> ...                # stamp rows where the tree has no .git
 #
 # $OUT receives at most 8 files: summary.txt, session.tar.gz (every log and CSV of the work folder),
-# kernel-core.csv, all-features.csv, kernel_profile.csv, tiles.csv. Without CUDA every stage after
-# the machine line says "skipped" (a dry run: `bash benchmarks/gpu_session.sh` on a CPU machine).
+# kernel-core.csv, all-features.csv, dispatch.csv, dispatch_table.json, kernel_profile.csv, tiles.csv.
+# Without CUDA every stage after the machine line says "skipped" (a dry run: `bash
+# benchmarks/gpu_session.sh` on a CPU machine).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
@@ -26,6 +28,7 @@ KERNEL_CORE_BUDGET_S=${KERNEL_CORE_BUDGET_S:-80}
 ALL_FEATURES_BUDGET_S=${ALL_FEATURES_BUDGET_S:-80}
 PROFILE_TIMEOUT_S=${PROFILE_TIMEOUT_S:-45}
 TILES_BUDGET_S=${TILES_BUDGET_S:-60}
+DISPATCH_BUDGET_S=${DISPATCH_BUDGET_S:-45}
 CASE_GRACE_S=${CASE_GRACE_S:-15}  # a sweep is killed this long after its budget (a hung compile)
 REP_MS=${REP_MS:-25}
 # Every stage is cut to what is left of this (a sweep's budget shrinks, a stage that does not fit is
@@ -40,7 +43,7 @@ stage() { printf '\n### %s (at %d s)\n' "$1" "$SECONDS" | tee -a "$summary"; }
 note() { tee -a "$summary"; }
 pack() {  # after every stage: the archive of the work folder, the CSVs and the summary into $OUT
     tar -czf "$OUT/session.tar.gz" -C "$WORK" . 2>/dev/null
-    for file in summary.txt kernel-core.csv all-features.csv kernel_profile.csv tiles.csv; do
+    for file in summary.txt kernel-core.csv all-features.csv dispatch.csv dispatch_table.json kernel_profile.csv tiles.csv; do
         [ -f "$WORK/$file" ] && cp "$WORK/$file" "$OUT/"
     done
     return 0
@@ -109,9 +112,14 @@ if can_run 40; then
 fi
 pack
 
-# stage "4. dispatch table"
-# Slot for the dispatch-table stage that comes with the composed backend: regenerate the table
-# here (into $WORK, printed with `note`, budget checked with `can_run`), then `pack`.
+stage "4. dispatch table: fused vs composed over 5 densities of supervised rows (budget ${DISPATCH_BUDGET_S} s)"
+if can_run 30; then
+    sweep dispatch "$DISPATCH_BUDGET_S" --preset dispatch --seq-lens 4096 \
+        --providers sdpa-flash causalattn+all composed+all causalattn+cat composed+cat
+    cp causalattn/dispatch_table.json "$WORK/dispatch_table.json"
+    python3 -m benchmarks.dispatch_table "$WORK/dispatch.csv" --out "$WORK/dispatch_table.json" 2>&1 | note
+fi
+pack
 
 stage "5. per-kernel GPU time of one step (torch profiler, timeout ${PROFILE_TIMEOUT_S} s)"
 if can_run 25; then

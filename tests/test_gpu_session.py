@@ -44,6 +44,6 @@ def test_session_dry_run_skips_every_stage_without_cuda(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     summary = (tmp_path / "summary.txt").read_text()
     stages = [line for line in summary.splitlines() if line.startswith("### ")]
-    assert len(stages) == 7 and stages[-1].startswith("### done")
-    assert summary.count("skipped: no CUDA device") == 5
+    assert len(stages) == 8 and stages[-1].startswith("### done")  # machine, six stages, done
+    assert summary.count("skipped: no CUDA device") == 6
     assert 1 <= len(list(tmp_path.iterdir())) <= 8
