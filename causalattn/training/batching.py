@@ -12,11 +12,12 @@ variance (taken over each micro-batch, SPEC §3) and the step weights alike ever
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
-from causalattn.data import Example, make_splits, read_jsonl
+from causalattn.data import Example, make_splits, read_jsonl, shortcut, stg
+from causalattn.data.controls import with_random_causes
 from causalattn.data.stg import LABELS
 from causalattn.training.config import STG, ConfigError, TrainConfig
 
@@ -26,12 +27,14 @@ MAX_CANDIDATES = 64
 
 @dataclass(frozen=True)
 class JobData:
-    """Training examples, named evaluation sets ("iid"/"ood" for STG) and the candidate answers."""
+    """Training examples, named evaluation sets ("iid"/"ood" for STG) and the candidate answers;
+    `control_train` is the training set with random causes (generated data only)."""
 
     train: list[Example]
     evals: dict[str, list[Example]]
     candidates: tuple[str, ...]
     source: str
+    control_train: Optional[list[Example]] = None
 
     @property
     def closed_answers(self) -> bool:
@@ -41,10 +44,17 @@ class JobData:
 
 def load_data(config: TrainConfig) -> JobData:
     """The STG splits (seeded by --seed), or the JSONL files given by --data / --eval-data."""
+    if config.data == STG and config.task == "shortcut":
+        train, tests = shortcut.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
+                                            agreement=config.cue_agreement)
+        return JobData(train, tests, LABELS, f"Spurious Token Game, shortcut variant (seed {config.seed}, "
+                                             f"cue agreement {config.cue_agreement})",
+                       with_random_causes(train, shortcut.record_fields, seed=config.seed))
     if config.data == STG:
         splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
-                       f"Spurious Token Game (seed {config.seed})")
+                       f"Spurious Token Game, cancer-risk variant (seed {config.seed})",
+                       with_random_causes(splits.train, stg.record_fields, seed=config.seed))
     train = _read(config.data, "--data")
     evals = {"eval": _read(config.eval_data, "--eval-data")} if config.eval_data is not None else {}
     # Accuracy is exact match of the best-scoring answer among those the training data uses.

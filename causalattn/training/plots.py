@@ -32,29 +32,43 @@ def _pyplot():
 
 
 def plot_curves(history_rows: Sequence[dict], accuracy_rows: Sequence[dict], path: str | Path) -> Path:
-    """Loss per step (total and CE) of every run, and accuracy per epoch and split; one PNG."""
+    """Loss per step (total and CE) of every run and seed, and accuracy per epoch and split; one PNG.
+    One color per run; with several seeds every seed is its own thin line, so the spread shows."""
     plt = _pyplot()
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_run = defaultdict(list)
     for row in history_rows:
-        by_run[row["run"]].append(row)
-    for index, (run, rows) in enumerate(by_run.items()):
-        color = f"C{index}"
+        by_run[(row["run"], row.get("seed", 0))].append(row)
+    runs = list(dict.fromkeys(run for run, _ in by_run))
+    labelled: set = set()
+    for (run, seed), rows in by_run.items():
+        color = f"C{runs.index(run)}"
         steps = [r["step"] for r in rows]
-        loss_axes.plot(steps, [r["loss"] for r in rows], color=color, label=f"{run}: total")
-        loss_axes.plot(steps, [r["ce"] for r in rows], color=color, linestyle=":", label=f"{run}: CE")
-    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="training loss")
+        first = run not in labelled
+        labelled.add(run)
+        loss_axes.plot(steps, [r["loss"] for r in rows], color=color, linewidth=0.8,
+                       label=f"{run}: total" if first else None)
+        loss_axes.plot(steps, [r["ce"] for r in rows], color=color, linewidth=0.8, linestyle=":",
+                       label=f"{run}: CE" if first else None)
+    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="training loss (one line per seed)")
     loss_axes.legend(fontsize=7)
     curves = defaultdict(list)
     for row in accuracy_rows:
-        curves[(row["run"], row["split"])].append((row["epoch"], row["accuracy"]))
-    runs = list(dict.fromkeys(run for run, _ in curves))
-    for (run, split), points in curves.items():
+        curves[(row["run"], row.get("seed", 0), row["split"])].append((row["epoch"], row["accuracy"]))
+    splits = list(dict.fromkeys(split for _, _, split in curves))
+    styles = ["-", "--", ":", "-."]
+    labelled = set()
+    for (run, seed, split), points in curves.items():
         points.sort()
-        accuracy_axes.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
-                           color=f"C{runs.index(run)}", linestyle="-" if split == "iid" else "--", label=f"{run} ({split})")
-    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title="answer accuracy: IID solid, OOD dashed", ylim=(0, 100))
-    accuracy_axes.legend(fontsize=7)
+        key = (run, split)
+        accuracy_axes.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3,
+                           linewidth=0.8, color=f"C{runs.index(run)}", linestyle=styles[splits.index(split) % 4],
+                           label=f"{run} ({split})" if key not in labelled else None)
+        labelled.add(key)
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", ylim=(0, 100),
+                      title="answer accuracy per split (" + ", ".join(
+                          f"{split} {styles[i % 4]}" for i, split in enumerate(splits)) + "); one line per seed")
+    accuracy_axes.legend(fontsize=6)
     figure.tight_layout()
     return _save(figure, path, plt)
 
