@@ -41,6 +41,27 @@ def standard_error(p: float, n: int) -> float:
 
 def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
     """What the embedded default shows, and what it does not (printed under the table)."""
+    if not results:
+        return "This is a toy (no run finished)."
+    if config.task != "shortcut":
+        return _cancer_risk_note(model_info, data, results)
+    steps = results[0].history[-1]["step"] if results[0].history else 0
+    trained = "adapter and q/k" if config.train_qk else "adapter"
+    return (
+        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
+        "task's text with random answers: it knows the format, not the rule. Each run trains "
+        f"{results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
+        f"{len(data.train)} examples. In training the one-word cue (Fingers=yellow/clean) agrees with the label on "
+        f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Exercise) decide it always. A run that "
+        f"reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped (the cue always contradicts "
+        "the label) and 50% on independent; a run that reads the causes scores alike on all three. 'cause attn' shows "
+        "whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
+        "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
+        "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
+        "(use --model with a real checkpoint for that).")
+
+
+def _cancer_risk_note(model_info: dict, data: JobData, results: Sequence[RunResult]) -> str:
     n_eval = min(len(v) for v in data.evals.values())
     se = 100 * standard_error(0.75, n_eval)
     steps = results[0].history[-1]["step"] if results and results[0].history else 0
@@ -55,8 +76,7 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"{n_eval} test examples an accuracy near 75% has a standard error of about {se:.1f} points: differences "
         "under ~2 standard errors are noise, and one seed is one sample. It shows the pipeline end to end and how "
         "the losses move attention and accuracy on this toy; it does not reproduce the CAT or DCA papers' results "
-        "on real LLMs (use --model with a real checkpoint for that)."
-        if results else "This is a toy (no run finished).")
+        "on real LLMs (use --model with a real checkpoint for that).")
 
 
 def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
