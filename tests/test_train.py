@@ -119,6 +119,15 @@ def test_train_qk_trains_and_checkpoints_the_query_key_weights(small_model, tmp_
     assert run["parameters"]["trainable"] > run["parameters"]["adapter"]
 
 
+def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):
+    config = TrainConfig(model=str(small_model), task="cancer-risk", train_examples=16, eval_examples=6, epochs=1,
+                         batch_size=4, adapter_len=4, backend="reference", output_dir=str(tmp_path / "job"),
+                         quiet=True).validate()
+    report = train(config)
+    assert set(report["runs"][0]["final_accuracy"]) == {"iid", "ood"}
+    assert "cancer-risk" in report["data"]["source"]
+
+
 def test_jsonl_data_with_eval_file(small_model, tmp_path):
     train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     write_jsonl(train_file, generate(16, seed=1))
