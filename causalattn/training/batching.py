@@ -43,7 +43,7 @@ class JobData:
 
 
 def load_data(config: TrainConfig) -> JobData:
-    """The STG splits (seeded by --seed), or the JSONL files given by --data / --eval-data."""
+    """The generated STG splits of --task (seeded by --seed), or the JSONL files of --data / --eval-data."""
     if config.data == STG and config.task == "shortcut":
         train, tests = shortcut.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
                                             agreement=config.cue_agreement)

@@ -1,13 +1,14 @@
 """`causalattn train`: train causal adapters (CE, CAT, XG) on a LLaMA-family model and compare runs.
 
-    causalattn train                                   # the embedded default: a tiny LLaMA, STG data,
-                                                       # runs ce, ce+cat, ce+cat+xg; IID/OOD table
+    causalattn train                                   # the embedded default: a tiny LLaMA, the shortcut
+                                                       # STG, runs ce, ce+cat, ce+cat+xg, ce+cat-random
+                                                       # on 3 seeds; iid/flipped/independent table
     causalattn train --model DIR --data train.jsonl --eval-data test.jsonl --output-dir out
     torchrun --nproc_per_node=4 -m causalattn.cli train --model DIR ...   # data parallel (or --fsdp)
 
 Without `--model` the tiny base is built once and cached (see `causalattn.training.tiny`). Each run
-writes `<output-dir>/<run>/checkpoints/epoch-NNN` every epoch and `<output-dir>/<run>/adapter` at
-the end; the job writes `<output-dir>/report.json` and plots, and prints the table.
+writes `<output-dir>/[seed-K/]<run>/checkpoints/epoch-NNN` every epoch and `.../<run>/adapter` at
+the end (the `seed-K` level when `--seeds` > 1); the job writes `<output-dir>/report.json` and plots, and prints the table.
 """
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 
 Every check raises `ConfigError` naming the flag (`--batch-size: ...`), so a bad command fails before
 any model is loaded. The loss terms a run optimises are a `RunSpec`; a job is one or more runs trained
-one after the other from the same base model, data and seed (the embedded default compares three).
+one after the other from the same base model, data and seed, repeated for each of `--seeds` seeds (the
+embedded default compares four runs over three seeds).
 """
 from __future__ import annotations
 
