@@ -20,7 +20,7 @@ from torch import Tensor
 
 from causalattn.masks import CausalMask
 
-CAT_LOSS_KINDS = ("div", "div2", "nll", "hinge")
+CAT_LOSS_KINDS = ("div", "div2", "nll", "hinge", "mass")
 XG_SPACES = ("output", "head")
 
 TensorOrLayers = Union[Tensor, Sequence[Tensor]]
@@ -73,7 +73,8 @@ def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, k
     """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (SPEC §2).
 
     a1 = m / n1 is the mean attention on a cause, a0 = (1 - m) / n0 on a visible non-cause. Rows where
-    a1 / a0 >= alpha already attend enough and cost 0.
+    a1 / a0 >= alpha already attend enough and cost 0. `kind="mass"` is not CAT's: l = -log m on every
+    valid row (no alpha cut-off), so it keeps pulling until all the row's attention is on the causes.
     """
     _check_mask(mask)
     _check_mass(mean_mass, "mean_mass")
@@ -84,6 +85,11 @@ def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, k
     n1 = mask.cause_count.to(mean_mass.dtype)
     n0 = mask.non_cause_count.to(mean_mass.dtype)
     valid = mask.valid_rows()
+    if kind == "mass":
+        # m > 0 wherever a cause is visible; the floor only keeps invalid rows (m = 0) finite.
+        safe = torch.where(valid, mean_mass, torch.ones_like(mean_mass))
+        row = -torch.log(safe.clamp_min(torch.finfo(safe.dtype).tiny))
+        return torch.where(valid, row, torch.zeros_like(row)), valid
     a1 = mean_mass / n1.clamp_min(1)
     a0 = (1 - mean_mass) / n0.clamp_min(1)
     active = valid & (a1 < alpha * a0)

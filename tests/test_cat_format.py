@@ -102,7 +102,7 @@ def test_train_with_named_eval_files(small_model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert code == 0
     assert f"annotations: {train}: 12 examples, 12 with CAT supervision" in printed
-    assert "IID acc" in printed and "OOD acc" in printed and "This is a toy" not in printed
+    assert "iid acc" in printed and "ood acc" in printed and "This is a toy" not in printed
     report = report_of(out)
     assert report["data"]["eval"] == {"iid": 3, "ood": 2}
     assert {row["split"] for row in report["runs"][0]["accuracy"]} == {"iid", "ood"}

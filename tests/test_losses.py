@@ -36,6 +36,9 @@ def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind):
                 continue
             valid += 1
             mean_mass = sum(float(mass_layers[l, b, h, i]) for l in range(num_layers) for h in range(heads)) / (num_layers * heads)
+            if kind == "mass":  # no alpha cut-off: every valid row pulls
+                total += -math.log(mean_mass)
+                continue
             a1, a0 = mean_mass / n1, (1 - mean_mass) / n0
             if a1 / a0 >= alpha:
                 continue
@@ -50,7 +53,7 @@ def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind):
     return total / max(valid, 1)
 
 
-@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge"])
+@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge", "mass"])
 @pytest.mark.parametrize("alpha", [2.0, 5.0])
 def test_cat_loss_matches_row_loop(kind, alpha):
     dense, key_mask, mask = supervision_problem(seed=0)
@@ -76,7 +79,7 @@ def test_cat_loss_float32_mass_matches_loop():
     assert cat_loss(mass, mask).item() == pytest.approx(expected, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge"])
+@pytest.mark.parametrize("kind", ["div", "div2", "nll", "hinge", "mass"])
 def test_cat_loss_gradient_through_attention_is_finite(kind):
     # Real masses from attention, with padding rows, rows without causes and inactive rows in the graph.
     dense, key_mask, mask = supervision_problem(seed=4)
@@ -86,11 +89,30 @@ def test_cat_loss_gradient_through_attention_is_finite(kind):
     v = torch.randn(3, 2, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
     masses = [attention_dense(q * scale, k, v, key_mask=key_mask, supervision=mask).mass for scale in (1.0, 0.5)]
     loss = cat_loss(masses, mask, kind=kind, alpha=3.0)
-    assert loss.item() < 0 if kind != "hinge" else loss.item() > 0
+    assert loss.item() < 0 if kind not in ("hinge", "mass") else loss.item() > 0
     q_grad, k_grad, v_grad = torch.autograd.grad(loss, (q, k, v), allow_unused=True)
     assert torch.isfinite(q_grad).all() and torch.isfinite(k_grad).all()
     assert q_grad.abs().sum() > 0 and k_grad.abs().sum() > 0
     assert v_grad is None  # the mass does not depend on the values
+
+
+def test_mass_kind_gradient_matches_float64_finite_differences():
+    # Through attention (so padding, cause-free and valid rows are all in the graph), the whole
+    # -log m-bar path: layer/head mean, row selection, mean over valid rows.
+    dense, key_mask, mask = supervision_problem(seed=7)
+    gen = generator(8)
+    q = torch.randn(3, 4, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(3, 2, 12, DIM, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(3, 2, 12, DIM, generator=gen, dtype=torch.float64)
+
+    def loss_of(q, k):
+        masses = [attention_dense(q * scale, k, v, key_mask=key_mask, supervision=mask).mass for scale in (1.0, 0.5)]
+        return cat_loss(masses, mask, kind="mass")
+
+    assert torch.autograd.gradcheck(loss_of, (q, k), eps=1e-6, atol=1e-7, rtol=1e-5)
+    # and directly on the mass, where -d/dm log m = -1/m is easy to state
+    mass = torch.rand(2, 3, 4, 12, generator=generator(9), dtype=torch.float64).mul(0.9).add(0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m: cat_loss(m, mask, kind="mass"), (mass,), eps=1e-6, atol=1e-7)
 
 
 def test_cat_loss_without_valid_rows_is_zero_and_differentiable():

@@ -70,11 +70,11 @@ def test_cli_runs_to_report_checkpoints_and_adapters(small_model, tmp_path, caps
                  "--output-dir", str(out), *FAST])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "IID acc" in printed and "OOD acc" in printed and "ce+cat+xg" in printed
+    assert all(f"{split} acc" in printed for split in ("iid", "flipped", "independent")) and "ce+cat+xg" in printed
     report = report_of(out)
     assert [run["name"] for run in report["runs"]] == ["ce", "ce+cat+xg"]
     for run in report["runs"]:
-        expected = {(epoch, split) for epoch in range(3) for split in ("iid", "ood")}
+        expected = {(epoch, split) for epoch in range(3) for split in ("iid", "flipped", "independent")}
         assert {(row["epoch"], row["split"]) for row in run["accuracy"]} == expected
         assert len(run["history"]) == 2 * 32 // 8  # two epochs of 32 examples, 8 per optimizer step
         assert all(set(row) >= {"run", "step", "loss", "ce", "cat", "xg"} for row in run["history"])
@@ -86,6 +86,47 @@ def test_cli_runs_to_report_checkpoints_and_adapters(small_model, tmp_path, caps
     ce, both = report["runs"]
     assert all(row["cat_weight"] == 0 for row in ce["history"])
     assert both["history"][0]["loss"] != both["history"][0]["ce"]  # CAT and XG are in the loss
+
+
+def test_seeds_and_the_random_cause_control_give_mean_and_standard_error(small_model, tmp_path, capsys):
+    out = tmp_path / "job"
+    code = main(["train", "--model", str(small_model), "--runs", "ce+cat,ce+cat-random", "--seeds", "2",
+                 "--output-dir", str(out), *FAST, "--epochs", "1"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "mean ± standard error over 2 seeds" in printed and "ce+cat-random" in printed and "±" in printed
+    report = report_of(out)
+    assert [(run["name"], run["seed"]) for run in report["runs"]] == [
+        ("ce+cat", 0), ("ce+cat-random", 0), ("ce+cat", 1), ("ce+cat-random", 1)]
+    assert (out / "seed-1" / "ce-cat-random" / "adapter").is_dir()
+    summary = report["summary"]["ce+cat"]
+    values = [run["final_accuracy"]["flipped"] for run in report["runs"] if run["name"] == "ce+cat"]
+    assert summary["seeds"] == [0, 1] and summary["acc_flipped"]["values"] == values
+    assert summary["acc_flipped"]["mean"] == pytest.approx(sum(values) / 2)
+    assert summary["acc_flipped"]["se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+    # the control supervises other tokens than the causes, so its CAT statistics differ
+    real, control = report["runs"][0]["history"][0], report["runs"][1]["history"][0]
+    assert real["cause_attn"] != control["cause_attn"]
+
+
+def test_train_qk_trains_and_checkpoints_the_query_key_weights(small_model, tmp_path):
+    args = ["train", "--model", str(small_model), "--runs", "ce+cat", "--train-qk", *FAST]
+    assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
+    run = report_of(tmp_path / "straight")["runs"][0]
+    weights = load_file(str(Path(run["adapter_dir"]) / checkpoint.BASE_WEIGHTS_NAME))
+    assert weights and all(".q_proj." in k or ".k_proj." in k for k in weights)
+    base = load_file(str(small_model / "model.safetensors"))
+    assert any(not torch.equal(weights[k], base[k]) for k in weights)  # they moved
+    assert run["parameters"]["trainable"] > run["parameters"]["adapter"]
+
+
+def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):
+    config = TrainConfig(model=str(small_model), task="cancer-risk", train_examples=16, eval_examples=6, epochs=1,
+                         batch_size=4, adapter_len=4, backend="reference", output_dir=str(tmp_path / "job"),
+                         quiet=True).validate()
+    report = train(config)
+    assert set(report["runs"][0]["final_accuracy"]) == {"iid", "ood"}
+    assert "cancer-risk" in report["data"]["source"]
 
 
 def test_jsonl_data_with_eval_file(small_model, tmp_path):
@@ -102,7 +143,8 @@ def test_jsonl_data_with_eval_file(small_model, tmp_path):
 
 # ------------------------------------------------------------------------------ resume
 def test_resume_continues_the_identical_trajectory(small_model, tmp_path, monkeypatch):
-    args = ["train", "--model", str(small_model), "--runs", "ce+cat+xg", *FAST]
+    # --train-qk: the trained q/k weights must come back too, not only the adapters
+    args = ["train", "--model", str(small_model), "--runs", "ce+cat+xg", "--train-qk", *FAST]
     assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
 
     real_save = checkpoint.save_checkpoint

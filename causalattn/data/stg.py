@@ -90,3 +90,8 @@ def make_splits(train: int = 2000, iid_test: int = 400, ood_test: int = 400, *, 
         iid_test=generate(iid_test, seed=seed * 1000 + 2),
         ood_test=generate(ood_test, seed=seed * 1000 + 3, ood=True),
     )
+
+
+def record_fields(example: Example) -> list[str]:
+    """The `name: value` pairs of an example's record, in the order they appear."""
+    return example.input.split(". ")[0].split(", ")

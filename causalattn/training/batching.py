@@ -16,8 +16,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from causalattn.data import Example, make_splits
+from causalattn.data import Example, make_splits, shortcut, stg
 from causalattn.data.annotations import check_annotations
+from causalattn.data.controls import with_random_causes
 from causalattn.data.jsonl import DataFile, read_file
 from causalattn.data.stg import LABELS
 from causalattn.training.config import STG, ConfigError, TrainConfig
@@ -28,13 +29,15 @@ MAX_CANDIDATES = 64
 
 @dataclass(frozen=True)
 class JobData:
-    """Training examples, named evaluation sets ("iid"/"ood" for STG) and the candidate answers."""
+    """Training examples, named evaluation sets ("iid"/"ood" for STG) and the candidate answers;
+    `control_train` is the training set with random causes (generated data only)."""
 
     train: list[Example]
     evals: dict[str, list[Example]]
     candidates: tuple[str, ...]
     source: str
     annotations: dict = field(default_factory=dict)  # file role -> AnnotationReport.to_dict() (JSONL data)
+    control_train: Optional[list[Example]] = None  # the training data with random "causes" (the control run)
 
     @property
     def closed_answers(self) -> bool:
@@ -60,13 +63,20 @@ def read_data_files(config: TrainConfig) -> Optional[DataFiles]:
 
 def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=None,
               log: Callable[[str], None] = print) -> JobData:
-    """The STG splits (seeded by --seed), or the JSONL files with every annotation checked on the tokens of
-    `tokenizer` (pairs that cannot supervise skipped and counted, one summary line per file, or a file:line
-    ConfigError with --strict)."""
+    """The generated STG splits of --task (seeded by --seed), or the JSONL files with every annotation
+    checked on the tokens of `tokenizer` (pairs that cannot supervise skipped and counted, one summary
+    line per file, or a file:line ConfigError with --strict)."""
+    if config.data == STG and config.task == "shortcut":
+        train, tests = shortcut.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
+                                            agreement=config.cue_agreement)
+        return JobData(train, tests, LABELS, f"Spurious Token Game, shortcut variant (seed {config.seed}, "
+                                             f"cue agreement {config.cue_agreement})",
+                       control_train=with_random_causes(train, shortcut.record_fields, seed=config.seed))
     if config.data == STG:
         splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
-                       f"Spurious Token Game (seed {config.seed})")
+                       f"Spurious Token Game, cancer-risk variant (seed {config.seed})",
+                       control_train=with_random_causes(splits.train, stg.record_fields, seed=config.seed))
     if tokenizer is None:
         raise ValueError("tokenizer: JSONL data needs the model's tokenizer to check its annotations")
     files = files if files is not None else read_data_files(config)

@@ -2,6 +2,7 @@
 
     <run dir>/checkpoints/epoch-002/adapter_model.safetensors   causalattn.hf.save_adapters
                                     adapter_config.json
+                                    base_weights.safetensors    trained base weights (--train-qk only)
                                     trainer_state.pt            optimizer, scheduler, RNG states by rank
                                     progress.json               epoch, step, loss history, accuracies,
                                                                 the options that shape the trajectory
@@ -29,11 +30,13 @@ import torch
 from torch import nn
 
 from causalattn.hf import load_adapters, save_adapters
+from causalattn.hf.attention import ADAPTER_ATTR
 from causalattn.training.config import ConfigError
 
 STATE_NAME = "trainer_state.pt"
 PROGRESS_NAME = "progress.json"
 LATEST_NAME = "latest"
+BASE_WEIGHTS_NAME = "base_weights.safetensors"
 
 
 @dataclass
@@ -69,6 +72,38 @@ def _write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trained_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """{name: tensor} of the trainable parameters outside the adapters (the q/k weights of --train-qk)."""
+    return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()
+            if p.requires_grad and ADAPTER_ATTR not in name}
+
+
+def save_trained_base_weights(model: nn.Module, directory: Path) -> None:
+    """Write `trained_base_weights` beside the adapters (atomically); nothing when there are none."""
+    from safetensors.torch import save_file
+
+    tensors = trained_base_weights(model)
+    if tensors:
+        tmp = directory / f".{BASE_WEIGHTS_NAME}.{uuid.uuid4().hex}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, directory / BASE_WEIGHTS_NAME)
+
+
+def load_trained_base_weights(model: nn.Module, directory: Path) -> None:
+    """Copy the weights `save_trained_base_weights` wrote into `model` (when the file is there)."""
+    from safetensors.torch import load_file
+
+    path = directory / BASE_WEIGHTS_NAME
+    if not path.is_file():
+        return
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in load_file(str(path)).items():
+            if name not in parameters:
+                raise ValueError(f"{path}: holds {name!r}, which the model does not have")
+            parameters[name].copy_(tensor)
+
+
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
@@ -102,6 +137,7 @@ def save_checkpoint(run_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     staging = root / f".{name}.{uuid.uuid4().hex}.tmp"
     try:
         save_adapters(model, staging)
+        save_trained_base_weights(model, staging)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_states},
                    staging / STATE_NAME)
         (staging / PROGRESS_NAME).write_text(json.dumps(progress.__dict__, indent=1) + "\n", encoding="utf-8")
@@ -140,6 +176,7 @@ def read_progress(checkpoint: Path, options: dict) -> Progress:
 def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, rank: int) -> None:
     """Load adapters, optimizer, scheduler and this rank's RNG state from `checkpoint`."""
     load_adapters(model, checkpoint)
+    load_trained_base_weights(model, checkpoint)
     state = torch.load(checkpoint / STATE_NAME, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

@@ -1,17 +1,19 @@
 """`causalattn train`: train causal adapters (CE, CAT, XG) on a LLaMA-family model and compare runs.
 
-    causalattn train                                   # the embedded default: a tiny LLaMA, STG data,
-                                                       # runs ce, ce+cat, ce+cat+xg; IID/OOD table
+    causalattn train                                   # the embedded default: a tiny LLaMA, the shortcut
+                                                       # STG, runs ce, ce+cat, ce+cat+xg, ce+cat-random
+                                                       # on 3 seeds; iid/flipped/independent table
     causalattn train --model DIR --data train.jsonl --eval-data test.jsonl --output-dir out
     torchrun --nproc_per_node=4 -m causalattn.cli train --model DIR ...   # data parallel (or --fsdp)
 
 Without `--model` the tiny base is built once and cached (see `causalattn.training.tiny`). Each run
-writes `<output-dir>/<run>/checkpoints/epoch-NNN` every epoch and `<output-dir>/<run>/adapter` at
-the end; the job writes `<output-dir>/report.json` and plots, and prints the table.
+writes `<output-dir>/[seed-K/]<run>/checkpoints/epoch-NNN` every epoch and `.../<run>/adapter` at
+the end (the `seed-K` level when `--seeds` > 1); the job writes `<output-dir>/report.json` and plots, and prints the table.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import sys
 import time
@@ -68,7 +70,7 @@ def resolve_model(config: TrainConfig, context: DistContext, log: Callable[[str]
     """The base checkpoint directory (building the tiny one on rank 0 when needed) and a description."""
     if config.model is not None:
         return Path(config.model), {"path": config.model, "embedded": False}
-    settings = tiny.TinyBaseSettings()
+    settings = tiny.TinyBaseSettings(task=config.task)
     if context.is_main:
         tiny.ensure_tiny_base(settings, show_progress=not config.quiet and sys.stderr.isatty(), log=log)
     context.barrier()
@@ -134,7 +136,7 @@ class Plotter:
                    lambda path: self.module.plot_attention(model, self.job.tokenizer, examples, path, title))
 
     def curves(self, results: Sequence[RunResult]) -> None:
-        keys = ("run", "step", "loss", "ce", "cat", "xg")
+        keys = ("run", "seed", "step", "loss", "ce", "cat", "xg")
         history = [{k: row[k] for k in keys} for result in results for row in result.history]
         accuracy = [row for r in results for row in r.accuracy]
         self._call("curves", "curves.png", lambda path: self.module.plot_curves(history, accuracy, path))
@@ -150,30 +152,39 @@ def train(config: TrainConfig) -> Optional[dict]:
         torch.set_num_threads(config.threads)
     files = read_data_files(config)  # a bad record fails here, before any model or directory exists
     context = setup(config.device)
+    if config.threads is None and config.model is None and context.device.type == "cpu":
+        # The embedded model's matrices are too small to share between threads: on a busy 2-core machine
+        # one training step took 0.19 s with 1 thread and 3.8 s with 2 (threads waiting on each other).
+        torch.set_num_threads(1)
     try:
         log: Callable[[str], None] = print if context.is_main else (lambda message: None)
         quiet_log = (lambda message: None) if config.quiet else log
         model_path, model_info = resolve_model(config, context, log)
         tokenizer = load_tokenizer(model_path)
-        data = load_data(config, files, tokenizer, log)
-        _check_data(config, data, log)
-        output_dir = prepare_output_dir(config, context)
-        job = Job(config, model_path, tokenizer, data, context, output_dir, quiet_log)
-        log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) on {data.source}; "
-            f"{context.world_size} process(es) on {context.device}; output in {output_dir}")
-        plotter = Plotter(job)
+        results, plotter, data, output_dir = [], None, None, None
+        for seed in range(config.seed, config.seed + config.seeds):
+            seed_config = dataclasses.replace(config, seed=seed)
+            data = load_data(seed_config, files, tokenizer, log)
+            if plotter is None:  # the data is checked before the output directory exists
+                _check_data(config, data, log)
+                output_dir = prepare_output_dir(config, context)
+            runs_dir = output_dir / f"seed-{seed}" if config.seeds > 1 else output_dir
+            job = Job(seed_config, model_path, tokenizer, data, context, output_dir, quiet_log, runs_dir)
+            log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) on "
+                f"{data.source}; {context.world_size} process(es) on {context.device}; output in {output_dir}")
+            first_seed = plotter is None
+            plotter = plotter or Plotter(job)
 
-        def plot_before(model: nn.Module) -> None:
-            plotter.attention(model, "before", "before adapter training (gates 0)")
+            def plot_before(model: nn.Module) -> None:
+                plotter.attention(model, "before", "before adapter training (gates 0)")
 
-        results = []
-        for index, spec in enumerate(config.runs):
-            before = plot_before if index == 0 and context.is_main else None
-            result, model = Trainer(job, spec).run(before_training=before)
-            if context.is_main:
-                plotter.attention(model, spec.name, f"after training: {spec.name}")
-            del model
-            results.append(result)
+            for index, spec in enumerate(config.runs):
+                before = plot_before if index == 0 and first_seed and context.is_main else None
+                result, model = Trainer(job, spec).run(before_training=before)
+                if context.is_main and first_seed:
+                    plotter.attention(model, spec.name, f"after training: {spec.name} (seed {seed})")
+                del model
+                results.append(result)
         if not context.is_main:
             return None
         plotter.curves(results)

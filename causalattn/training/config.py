@@ -2,7 +2,8 @@
 
 Every check raises `ConfigError` naming the flag (`--batch-size: ...`), so a bad command fails before
 any model is loaded. The loss terms a run optimises are a `RunSpec`; a job is one or more runs trained
-one after the other from the same base model, data and seed (the embedded default compares three).
+one after the other from the same base model, data and seed, repeated for each of `--seeds` seeds (the
+embedded default compares four runs over three seeds).
 """
 from __future__ import annotations
 
@@ -24,8 +25,14 @@ GATE_SHAPES = ("head", "scalar")
 # fp16 autocast would also need a gradient scaler; bf16 has fp32's range and needs none.
 MIXED_PRECISION = ("no", "bf16")
 STG = "stg"
-# The comparison the embedded default runs: plain fine-tuning, then the causal losses added.
+# The generated Spurious Token Game variants: "shortcut" (a binary cue agrees with the label on most
+# training examples; causalattn.data.shortcut) and "cancer-risk" (CAT's layout; causalattn.data.stg).
+TASKS = ("shortcut", "cancer-risk")
+# The comparison the embedded default runs: plain fine-tuning, the causal losses added, and the control
+# (CAT onto random fields instead of the causes).
 DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
+CONTROL_RUN = "ce+cat-random"  # added to the default comparison on generated data
+DEFAULT_SEEDS = 3  # the embedded default's seeds per run: enough for a standard error
 
 
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -37,21 +44,26 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunSpec:
-    """The loss terms one run optimises: CE always, plus CAT and/or XG."""
+    """The loss terms one run optimises: CE always, plus CAT and/or XG. `random_causes` is the control:
+    CAT supervises attention onto as many random record fields as there are causes."""
 
     cat: bool
     xg: bool
+    random_causes: bool = False
 
     @property
     def name(self) -> str:
-        return "+".join(["ce"] + (["cat"] if self.cat else []) + (["xg"] if self.xg else []))
+        cat = ["cat-random" if self.random_causes else "cat"] if self.cat else []
+        return "+".join(["ce"] + cat + (["xg"] if self.xg else []))
 
     @classmethod
     def parse(cls, text: str) -> "RunSpec":
         terms = text.strip().lower().split("+")
-        if not terms or terms[0] != "ce" or len(set(terms)) != len(terms) or not set(terms[1:]) <= {"cat", "xg"}:
-            raise ConfigError(f"--runs: {text!r} is not a run; expected ce, ce+cat, ce+xg or ce+cat+xg")
-        return cls(cat="cat" in terms, xg="xg" in terms)
+        if (not terms or terms[0] != "ce" or len(set(terms)) != len(terms)
+                or not set(terms[1:]) <= {"cat", "cat-random", "xg"} or {"cat", "cat-random"} <= set(terms)):
+            raise ConfigError(f"--runs: {text!r} is not a run; expected ce, ce+cat, ce+xg, ce+cat+xg or "
+                              "ce+cat-random (the control: CAT onto random fields)")
+        return cls(cat="cat" in terms or "cat-random" in terms, xg="xg" in terms, random_causes="cat-random" in terms)
 
 
 @dataclass
@@ -61,8 +73,10 @@ class TrainConfig:
     model: Optional[str] = None
     data: str = STG
     eval_data: tuple[str, ...] = ()  # NAME=FILE or FILE, each --eval-data once (see eval_files)
-    train_examples: int = 8000
-    eval_examples: int = 400
+    task: str = "shortcut"
+    cue_agreement: float = 0.93
+    train_examples: int = 2000
+    eval_examples: int = 300
     max_length: Optional[int] = None
     # adapters (SPEC §1, §3)
     adapter_len: int = 10
@@ -70,6 +84,8 @@ class TrainConfig:
     xg_tokens: int = 2
     gate: str = "tanh"
     gate_shape: Optional[str] = None
+    train_qk: bool = False
+    qk_lr: float = 2e-3
     # losses (SPEC §2, §3)
     runs: tuple[RunSpec, ...] = field(default_factory=lambda: tuple(RunSpec.parse(r) for r in DEFAULT_COMPARISON))
     cat_alpha: float = 2.0
@@ -87,6 +103,7 @@ class TrainConfig:
     eval_batch_size: int = 32
     dtype: str = "float32"
     seed: int = 0
+    seeds: int = 1
     # where and how it runs
     output_dir: Optional[str] = None
     resume: bool = False
@@ -108,7 +125,7 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
-        positive = {"--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
+        positive = {"--seeds": self.seeds, "--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
                     "--adapter-len": self.adapter_len, "--epochs": self.epochs, "--batch-size": self.batch_size,
                     "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size}
         for flag, value in positive.items():
@@ -122,7 +139,7 @@ class TrainConfig:
             raise ConfigError(f"--adapter-len: at most {MAX_ADAPTER_TOKENS} prompt tokens, got {self.adapter_len}")
         if not 0 <= self.xg_tokens <= self.adapter_len:
             raise ConfigError(f"--xg-tokens: expected 0 to --adapter-len ({self.adapter_len}), got {self.xg_tokens}")
-        for flag, value in {"--lr": self.lr, "--cat-alpha": self.cat_alpha}.items():
+        for flag, value in {"--lr": self.lr, "--qk-lr": self.qk_lr, "--cat-alpha": self.cat_alpha}.items():
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"{flag}: expected a positive number, got {value}")
         for flag, value in {"--weight-decay": self.weight_decay, "--cat-decay": self.cat_decay,
@@ -134,6 +151,9 @@ class TrainConfig:
         names = [run.name for run in self.runs]
         if len(set(names)) != len(names):
             raise ConfigError(f"--runs: each run once, got {','.join(names)}")
+        if any(run.random_causes for run in self.runs) and self.data != STG:
+            raise ConfigError("--runs: the ce+cat-random control draws random record fields of the generated "
+                              "Spurious Token Game; it is not available with a JSONL --data file")
         if any(run.xg for run in self.runs):
             if self.xg_tokens == 0:
                 raise ConfigError("--xg-tokens: the XG loss needs at least one XG prompt token (or pass --no-xg)")
@@ -150,6 +170,8 @@ class TrainConfig:
         if self.data == STG and self.eval_data:
             raise ConfigError("--eval-data: goes with a JSONL --data file; the STG data makes its own IID and "
                               "OOD tests")
+        if not 0.5 <= self.cue_agreement <= 1:
+            raise ConfigError(f"--cue-agreement: expected a probability in [0.5, 1], got {self.cue_agreement}")
         if self.resume and self.output_dir is None:
             raise ConfigError("--resume: needs --output-dir, the directory of the job to continue")
         return self
@@ -210,6 +232,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--eval-data", action="append", default=[], metavar="[NAME=]FILE.jsonl",
                       help="an evaluation JSONL file for a JSONL --data, reported under NAME (default: the file's "
                            "name); give it once per file, e.g. --eval-data iid=test.jsonl --eval-data ood=ood.jsonl")
+    data.add_argument("--task", choices=TASKS, default=d.task,
+                      help="which generated Spurious Token Game: 'shortcut' (a one-word binary cue agrees with "
+                           "the label on --cue-agreement of the training examples; tests where it is flipped "
+                           "and independent) or 'cancer-risk' (CAT's layout: copies of the causes as spurious "
+                           "features) (default shortcut)")
+    data.add_argument("--cue-agreement", type=float, default=d.cue_agreement, metavar="P",
+                      help=f"shortcut task: how often the cue agrees with the label in training (default "
+                           f"{d.cue_agreement})")
     data.add_argument("--train-examples", type=int, default=d.train_examples,
                       help=f"STG training examples (default {d.train_examples})")
     data.add_argument("--eval-examples", type=int, default=d.eval_examples,
@@ -228,12 +258,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="gamma = tanh(g) or gamma = g (default tanh)")
     adapter.add_argument("--gate-shape", choices=GATE_SHAPES, default=None,
                          help="one gate per query head or one per layer (default: head for tanh, scalar for raw)")
+    adapter.add_argument("--train-qk", action=argparse.BooleanOptionalAction, default=None,
+                         help="also train the q_proj/k_proj weights of the adapted layers, so the CAT loss moves "
+                              "their attention directly (default: on with the embedded model, where the frozen "
+                              "tiny base's attention hardly moves otherwise; off with --model)")
+    adapter.add_argument("--qk-lr", type=float, default=d.qk_lr,
+                         help=f"AdamW peak learning rate of those q/k weights (default {d.qk_lr})")
 
     losses = parser.add_argument_group("losses")
     losses.add_argument("--runs", default=None, metavar="LIST",
                         help="comma-separated runs to train and compare, each ce, ce+cat, ce+xg or ce+cat+xg "
-                             f"(default: {','.join(DEFAULT_COMPARISON)} with the embedded model, otherwise the one "
-                             "run chosen by --cat/--xg)")
+                             f"(default: {','.join(DEFAULT_COMPARISON)} with the embedded model, plus the control "
+                             f"{CONTROL_RUN} on generated data; otherwise the one run chosen by --cat/--xg)")
     losses.add_argument("--cat", action=argparse.BooleanOptionalAction, default=None,
                         help="add the CAT attention loss (default on; a single run)")
     losses.add_argument("--cat-alpha", type=float, default=d.cat_alpha, help="CAT ratio target alpha (default 2)")
@@ -263,6 +299,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--dtype", choices=DTYPES, default=d.dtype,
                        help="dtype of the base model; adapters keep fp32 master weights (default float32)")
     optim.add_argument("--seed", type=int, default=d.seed, help="seed of the data, the adapter init and the order")
+    optim.add_argument("--seeds", type=int, default=None, metavar="S",
+                       help=f"train every run with seeds --seed ... --seed + S - 1 and report mean +- standard "
+                            f"error over them (default {DEFAULT_SEEDS} with the embedded model on generated data, "
+                            "otherwise 1)")
 
     where = parser.add_argument_group("where and how")
     where.add_argument("--output-dir", default=None, metavar="DIR",
@@ -313,8 +353,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     elif explicit_losses or args.model is not None:
         runs = (RunSpec(cat=args.cat is not False, xg=args.xg is not False),)
     else:
-        runs = tuple(RunSpec.parse(text) for text in DEFAULT_COMPARISON)
-    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"runs", "eval_data"}
-    config = TrainConfig(runs=runs, eval_data=tuple(args.eval_data),
+        control = (CONTROL_RUN,) if args.data == STG else ()
+        runs = tuple(RunSpec.parse(text) for text in DEFAULT_COMPARISON + control)
+    seeds = args.seeds if args.seeds is not None else (
+        DEFAULT_SEEDS if args.model is None and args.data == STG else 1)
+    train_qk = args.train_qk if args.train_qk is not None else args.model is None
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"runs", "eval_data", "seeds", "train_qk"}
+    config = TrainConfig(runs=runs, eval_data=tuple(args.eval_data), seeds=seeds, train_qk=train_qk,
                          **{name: getattr(args, name) for name in names})
     return config.validate()

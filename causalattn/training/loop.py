@@ -50,6 +50,7 @@ class Job:
     context: DistContext
     output_dir: Path
     log: Callable[[str], None]
+    runs_dir: Optional[Path] = None  # where the runs' folders go (default output_dir)
 
     @property
     def show_progress(self) -> bool:
@@ -61,6 +62,7 @@ class RunResult:
     """One run's numbers, as the report shows them."""
 
     name: str
+    seed: int
     history: list[dict]
     accuracy: list[dict]
     train_seconds: float
@@ -100,8 +102,19 @@ def add_job_adapters(model: nn.Module, config: TrainConfig) -> cah.AdapterSummar
     summary = cah.add_adapters(model, cah.AdapterConfig(
         length=config.adapter_len, layers=config.adapter_layers, xg_tokens=config.xg_tokens, gate=config.gate,
         gate_per_head=config.gate_per_head, xg_pool=config.xg_pool))
+    if config.train_qk:
+        for weight in query_key_weights(model):
+            weight.requires_grad_(True)
+        summary = cah.summarize(model)
     cah.set_backend(model, config.backend)
     return summary
+
+
+def query_key_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The q_proj/k_proj parameters of the adapted layers (what `--train-qk` trains)."""
+    adapted = cah.adapted_layers(model)
+    modules = [m for m in cah.attention_modules(model) if m.layer_idx in adapted]
+    return [p for m in modules for proj in (m.q_proj, m.k_proj) for p in proj.parameters()]
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
@@ -113,8 +126,10 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     for layer in cah.adapted_layers(model).values():
         prompts.append(layer.prompt)
         gates.append(layer.gate)
-    optimizer = torch.optim.AdamW([{"params": prompts, "weight_decay": config.weight_decay},
-                                   {"params": gates, "weight_decay": 0.0}], lr=config.lr)
+    groups = [{"params": prompts, "weight_decay": config.weight_decay}, {"params": gates, "weight_decay": 0.0}]
+    if config.train_qk:
+        groups.append({"params": query_key_weights(model), "weight_decay": 0.0, "lr": config.qk_lr})
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps), total_steps)
 
 
@@ -124,7 +139,8 @@ class Trainer:
     def __init__(self, job: Job, spec: RunSpec):
         self.job, self.spec, self.config = job, spec, job.config
         self.context = job.context
-        self.run_dir = job.output_dir / spec.name.replace("+", "-")
+        self.run_dir = (job.runs_dir or job.output_dir) / spec.name.replace("+", "-")
+        self.train_examples = job.data.control_train if spec.random_causes else job.data.train
         self.monitor_xg = self.config.xg_tokens > 0 and self.config.batch_size > 1
         world = self.context.world_size
         self.steps = steps_per_epoch(len(job.data.train), self.config, world)
@@ -134,7 +150,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def _micro_batch(self, parallel: ParallelModel, indices: list[int], amp: float, skip_sync: bool) -> Tensor:
         """Forward + backward of one micro-batch; returns its STAT_NAMES values for logging."""
-        examples = [self.job.data.train[i] for i in indices]
+        examples = [self.train_examples[i] for i in indices]
         batch = collate(examples, self.job.tokenizer, max_length=self.config.max_length).to(self.context.device)
         with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats, \
                 training_precision(self.config, self.context.device):
@@ -181,7 +197,8 @@ class Trainer:
             return accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
                             batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
 
-        return [{"run": self.spec.name, "epoch": epoch, "split": split, "accuracy": measure(examples)}
+        return [{"run": self.spec.name, "seed": self.config.seed, "epoch": epoch, "split": split,
+                 "accuracy": measure(examples)}
                 for split, examples in data.evals.items()]
 
     # ------------------------------------------------------------------ the run
@@ -221,9 +238,10 @@ class Trainer:
         adapter_dir = self.run_dir / ADAPTER_DIR
         if context.is_main:
             cah.save_adapters(model, adapter_dir)
+            ckpt.save_trained_base_weights(model, adapter_dir)
         context.barrier()
         examples = progress.step * global_batch_size(config, context.world_size)
-        result = RunResult(self.spec.name, progress.history, progress.accuracy, progress.train_seconds,
+        result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
                            examples / max(progress.train_seconds, 1e-9), adapter_dir, resumed_at,
                            {"adapter": summary.adapter_params, "trainable": summary.trainable_params,
                             "total": summary.total_params})
@@ -247,7 +265,7 @@ class Trainer:
             if not math.isfinite(means["loss"]):
                 raise FloatingPointError(f"[{self.spec.name}] loss became {means['loss']} at step {progress.step}; "
                                          "try a lower --lr")
-            progress.history.append({"run": self.spec.name, "epoch": epoch + 1, "step": progress.step, **means,
+            progress.history.append({"run": self.spec.name, "seed": config.seed, "epoch": epoch + 1, "step": progress.step, **means,
                                      "lr": lr, "cat_weight": amp if self.spec.cat else 0.0})
             seconds, tokens = time.perf_counter() - start, tokens + float(sums[-1])
             bar.update(1)

@@ -32,34 +32,44 @@ def _pyplot():
 
 
 def plot_curves(history_rows: Sequence[dict], accuracy_rows: Sequence[dict], path: str | Path) -> Path:
-    """Loss per step (total and CE) of every run, and accuracy per epoch and split; one PNG."""
+    """Loss per step (total and CE) of every run and seed, and accuracy per epoch and split; one PNG.
+    One color per run; with several seeds every seed is its own thin line, so the spread shows."""
     plt = _pyplot()
     figure, (loss_axes, accuracy_axes) = plt.subplots(1, 2, figsize=(12, 4.5))
     by_run = defaultdict(list)
     for row in history_rows:
-        by_run[row["run"]].append(row)
-    for index, (run, rows) in enumerate(by_run.items()):
-        color = f"C{index}"
+        by_run[(row["run"], row.get("seed", 0))].append(row)
+    runs = list(dict.fromkeys(run for run, _ in by_run))
+    labelled: set = set()
+    for (run, seed), rows in by_run.items():
+        color = f"C{runs.index(run)}"
         steps = [r["step"] for r in rows]
-        loss_axes.plot(steps, [r["loss"] for r in rows], color=color, label=f"{run}: total")
-        loss_axes.plot(steps, [r["ce"] for r in rows], color=color, linestyle=":", label=f"{run}: CE")
-    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="training loss")
+        first = run not in labelled
+        labelled.add(run)
+        loss_axes.plot(steps, [r["loss"] for r in rows], color=color, linewidth=0.8,
+                       label=f"{run}: total" if first else None)
+        loss_axes.plot(steps, [r["ce"] for r in rows], color=color, linewidth=0.8, linestyle=":",
+                       label=f"{run}: CE" if first else None)
+    loss_axes.set(xlabel="optimizer step", ylabel="loss", title="training loss (one line per seed)")
     loss_axes.legend(fontsize=7)
     curves = defaultdict(list)
     for row in accuracy_rows:
-        curves[(row["run"], row["split"])].append((row["epoch"], row["accuracy"]))
-    runs = list(dict.fromkeys(run for run, _ in curves))
+        curves[(row["run"], row.get("seed", 0), row["split"])].append((row["epoch"], row["accuracy"]))
+    runs += [run for run, _, _ in curves if run not in runs]
     # one line style per evaluation split, whatever the splits are named (iid/ood, or the --eval-data names)
-    styles = dict(zip(dict.fromkeys(split for _, split in curves), ("-", "--", ":", "-.") * 4))
-    for (run, split), points in curves.items():
+    styles = dict(zip(dict.fromkeys(split for _, _, split in curves), ("-", "--", ":", "-.") * 4))
+    labelled = set()
+    for (run, seed, split), points in curves.items():  # one line per seed, labelled once per run and split
         points.sort()
-        accuracy_axes.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o",
-                           color=f"C{runs.index(run)}", linestyle=styles[split], label=f"{run} ({split})")
+        accuracy_axes.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3,
+                           linewidth=0.8, color=f"C{runs.index(run)}", linestyle=styles[split],
+                           label=f"{run} ({split})" if (run, split) not in labelled else None)
+        labelled.add((run, split))
     names = {"-": "solid", "--": "dashed", ":": "dotted", "-.": "dash-dot"}
     title = "answer accuracy: " + ", ".join(f"{split} {names[style]}" for split, style in styles.items())
-    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title, ylim=(0, 100))
+    accuracy_axes.set(xlabel="epoch", ylabel="accuracy (%)", title=title + "; one line per seed", ylim=(0, 100))
     if curves:  # no evaluation files: no accuracy lines to name
-        accuracy_axes.legend(fontsize=7)
+        accuracy_axes.legend(fontsize=6)
     figure.tight_layout()
     return _save(figure, path, plt)
 

@@ -41,6 +41,27 @@ def standard_error(p: float, n: int) -> float:
 
 def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
     """What the embedded default shows, and what it does not (printed under the table)."""
+    if not results:
+        return "This is a toy (no run finished)."
+    if config.task != "shortcut":
+        return _cancer_risk_note(model_info, data, results)
+    steps = results[0].history[-1]["step"] if results[0].history else 0
+    trained = "adapter and q/k" if config.train_qk else "adapter"
+    return (
+        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
+        "task's text with random answers: it knows the format, not the rule. Each run trains "
+        f"{results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
+        f"{len(data.train)} examples. In training the one-word cue (Fingers=yellow/clean) agrees with the label on "
+        f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Exercise) decide it always. A run that "
+        f"reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped (the cue always contradicts "
+        "the label) and 50% on independent; a run that reads the causes scores alike on all three. 'cause attn' shows "
+        "whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
+        "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
+        "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
+        "(use --model with a real checkpoint for that).")
+
+
+def _cancer_risk_note(model_info: dict, data: JobData, results: Sequence[RunResult]) -> str:
     n_eval = min(len(v) for v in data.evals.values())
     se = 100 * standard_error(0.75, n_eval)
     steps = results[0].history[-1]["step"] if results and results[0].history else 0
@@ -55,44 +76,98 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"{n_eval} test examples an accuracy near 75% has a standard error of about {se:.1f} points: differences "
         "under ~2 standard errors are noise, and one seed is one sample. It shows the pipeline end to end and how "
         "the losses move attention and accuracy on this toy; it does not reproduce the CAT or DCA papers' results "
-        "on real LLMs (use --model with a real checkpoint for that)."
-        if results else "This is a toy (no run finished).")
+        "on real LLMs (use --model with a real checkpoint for that).")
+
+
+def mean_and_error(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)); the error is NaN for n = 1."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def last_epoch_means(result: RunResult) -> dict[str, float]:
+    """Means over the last epoch of the logged CE, CAT, XG and cause attention of one run."""
+    if not result.history:
+        return {}
+    last = [r for r in result.history if r["epoch"] == result.history[-1]["epoch"]]
+    return {name: sum(r[name] for r in last) / len(last) for name in ("ce", "cat", "xg", "cause_attn")}
+
+
+def run_metrics(result: RunResult) -> dict[str, float]:
+    """One run's numbers of the table: final accuracy per split, last-epoch losses, training seconds."""
+    return {**{f"acc_{split}": acc for split, acc in result.final_accuracy().items()},
+            **last_epoch_means(result), "train_seconds": result.train_seconds}
+
+
+def summarize_runs(results: Sequence[RunResult]) -> dict[str, dict]:
+    """{run name: {"seeds": [...], metric: {"mean", "se", "values"}}} over the seeds of each run."""
+    grouped: dict[str, list[RunResult]] = {}
+    for result in results:
+        grouped.setdefault(result.name, []).append(result)
+    summary = {}
+    for name, runs in grouped.items():
+        metrics = [run_metrics(r) for r in runs]
+        entry: dict = {"seeds": [r.seed for r in runs]}
+        for key in metrics[0]:
+            values = [m[key] for m in metrics if key in m]
+            mean, error = mean_and_error(values)
+            entry[key] = {"mean": mean, "se": None if math.isnan(error) else error, "values": values}
+        summary[name] = entry
+    return summary
+
+
+def _cell(entry: Optional[dict], spec: str) -> str:
+    if not entry:
+        return "-"
+    if entry["se"] is None:
+        return format(entry["mean"], spec)
+    return f"{format(entry['mean'], spec)}±{format(entry['se'], spec)}"
 
 
 def format_table(results: Sequence[RunResult], data: JobData) -> str:
-    """The side-by-side table of accuracies (before -> after) and final losses."""
+    """The side-by-side table: accuracy per split before (gates 0) and after training, final losses;
+    with several seeds each cell is mean ± standard error over them."""
     splits = list(data.evals)
     if not results:
         return "(no runs)"
-    before = {row["split"]: row["accuracy"] for row in results[0].accuracy if row["epoch"] == 0}
+    summary = summarize_runs(results)
+    seeds = max(len(entry["seeds"]) for entry in summary.values())
+    first_runs = [r for r in results if r.name == results[0].name]
+    before_values = {s: [row["accuracy"] for r in first_runs for row in r.accuracy if row["epoch"] == 0
+                         and row["split"] == s] for s in splits}
     majority = majority_accuracy(data)
-    head = ["run"] + [f"{s.upper()} acc" for s in splits] + ["CE", "CAT", "XG var", "cause attn", "train s"]
+    head = ["run"] + [f"{s} acc" for s in splits] + ["CE", "CAT", "XG var", "cause attn", "train s"]
     blank = [""] * (len(head) - 1 - len(splits))
     rows = [["majority answer"] + [f"{majority[s]:.3f}" for s in splits] + blank]
-    if before:
+    if all(before_values.values()):
         # The first step's forward runs with every gate still 0: the base model's attention.
-        first = results[0].history[0]["cause_attn"] if results[0].history else math.nan
-        rows.append(["before (gates 0)"] + [f"{before.get(s, math.nan):.3f}" for s in splits] + blank[:-2]
-                    + [f"{first:.3f}", ""])
-    for result in results:
-        final = result.final_accuracy()
-        last_epoch = [r for r in result.history if r["epoch"] == result.history[-1]["epoch"]] if result.history else []
-
-        def mean(name: str, spec: str) -> str:
-            return format(sum(r[name] for r in last_epoch) / len(last_epoch), spec) if last_epoch else "-"
-
-        rows.append([result.name] + [f"{final.get(s, math.nan):.3f}" for s in splits]
-                    + [mean("ce", ".4f"), mean("cat", ".4f"), mean("xg", ".2e"), mean("cause_attn", ".3f"),
-                       f"{result.train_seconds:.0f}"])
+        first = [r.history[0]["cause_attn"] for r in first_runs if r.history]
+        rows.append(["before (gates 0)"]
+                    + [_cell(dict(zip(("mean", "se"), _error_or_none(before_values[s]))), ".3f") for s in splits]
+                    + blank[:-2] + [_cell(dict(zip(("mean", "se"), _error_or_none(first))), ".3f") if first else "", ""])
+    for name, entry in summary.items():
+        rows.append([name] + [_cell(entry.get(f"acc_{s}"), ".3f") for s in splits]
+                    + [_cell(entry.get("ce"), ".3f"), _cell(entry.get("cat"), ".3f"), _cell(entry.get("xg"), ".1e"),
+                       _cell(entry.get("cause_attn"), ".3f"), f"{entry['train_seconds']['mean']:.0f}"])
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    sizes = ", ".join(f"{s.upper()} {len(data.evals[s])}" for s in splits)
-    lines.append(f"(accuracy on {sizes} examples; CE, CAT, XG variance and cause attn (the share of the answer "
-                 "rows' attention on the annotated causes) are means over the last epoch; all are logged for every "
-                 "run, in the loss only where the run name says so)")
+    sizes = ", ".join(f"{s} {len(data.evals[s])}" for s in splits)
+    spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the seed); "
+              if seeds > 1 else "one seed; ")
+    lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
+                 "of the answer rows' attention on the annotated causes) are means over the last epoch, logged for "
+                 "every run and in the loss only where the run name says so; train s is per run)")
     return "\n".join(lines)
+
+
+def _error_or_none(values: Sequence[float]) -> tuple[float, Optional[float]]:
+    mean, error = mean_and_error(values)
+    return mean, None if math.isnan(error) else error
 
 
 def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult], *, model_info: dict,
@@ -107,7 +182,8 @@ def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult
         "data": {"source": data.source, "train": len(data.train),
                  "eval": {k: len(v) for k, v in data.evals.items()}, "candidates": list(data.candidates),
                  "majority_accuracy": majority_accuracy(data)},
-        "runs": [{"name": r.name, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
+        "summary": summarize_runs(results),
+        "runs": [{"name": r.name, "seed": r.seed, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
                   "history": r.history, "train_seconds": r.train_seconds,
                   "examples_per_second": r.examples_per_second, "adapter_dir": str(r.adapter_dir),
                   "resumed_at_epoch": r.resumed_at_epoch, "parameters": r.parameters} for r in results],

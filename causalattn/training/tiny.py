@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from causalattn.data.stg import LABELS, generate
+from causalattn.data import shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -56,6 +56,7 @@ class TinyBaseSettings:
     lr: float = 3e-3
     warmup_steps: int = 30
     seed: int = 1234  # differs from the adapter job's default seed: base text and job data stay distinct
+    task: str = "shortcut"  # whose text format the base learns (see `causalattn.training.config.TASKS`)
 
     def key(self) -> str:
         """A short hash of the settings and the recipe version: the cache folder's name."""
@@ -76,19 +77,31 @@ def cached_path(settings: TinyBaseSettings, root: Optional[Path] = None) -> Path
 
 
 def base_texts(settings: TinyBaseSettings) -> list[str]:
-    """STG text with independent feature values and random answers (the format, not the rule)."""
+    """The task's text with independent feature values and random answers (the format, not the rule)."""
     rng = random.Random(settings.seed)
-    examples = generate(settings.examples, seed=settings.seed, ood=True)
-    return [f"{example.input} {rng.choice(LABELS)}" for example in examples]
+    if settings.task == "shortcut":
+        examples = shortcut.generate(settings.examples, seed=settings.seed, mode="random")
+    else:
+        examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
+    return [f"{example.input} {rng.choice(stg.LABELS)}" for example in examples]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE trained on `texts`, with a BOS template like LLaMA's, as a fast HF tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+def train_tokenizer(texts: list[str], vocab_size: int, *, split_on_spaces_only: bool = False):
+    """A byte-level BPE trained on `texts`, with a BOS template like LLaMA's, as a fast HF tokenizer.
+
+    By default words are pre-split GPT-2's way (letters, digits and punctuation apart), so
+    `Smoking: 7` is three tokens. `split_on_spaces_only` keeps every space-delimited word whole for
+    the merges, so a word seen often enough (each `Smoking=7` of the shortcut task) becomes one token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_on_spaces_only:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(r" ?[^ ]+"), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[PAD, BOS], show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -141,7 +154,7 @@ def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progres
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     texts = base_texts(settings)
-    tokenizer = train_tokenizer(texts, settings.vocab_size)
+    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task == "shortcut")
     model = build_model(settings, tokenizer)
     bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
                disable=not show_progress, dynamic_ncols=True)

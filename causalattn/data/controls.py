@@ -1,0 +1,29 @@
+"""The random-cause control: the same examples with each annotation's causes replaced by random fields.
+
+A CAT run trained on these tells whether a gain comes from supervising attention onto the *right*
+tokens or from supervising attention at all (an extra loss, another optimisation path). Following
+the random-target control of attention-supervision studies (Shrestha et al. 2020), every effect
+keeps its number of causes, drawn without replacement among the example's record fields (so the
+cue, or a true cause, is drawn as often as any other field), once per example with a seeded
+generator: the control supervision is fixed for the whole run, like the real one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Callable, Sequence
+
+from causalattn.data.stg import Example
+
+
+def with_random_causes(examples: Sequence[Example], fields_of: Callable[[Example], list[str]], *,
+                       seed: int) -> list[Example]:
+    """Copies of `examples` whose causes are as many random fields (`fields_of(example)`) as before."""
+    rng = random.Random(seed)
+    out = []
+    for example in examples:
+        fields = fields_of(example)
+        important = {effect: rng.sample(fields, min(len(causes), len(fields)))
+                     for effect, causes in example.important.items()}
+        out.append(dataclasses.replace(example, important=important))
+    return out

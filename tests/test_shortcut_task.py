@@ -1,0 +1,91 @@
+"""The shortcut variant of the Spurious Token Game, its tokenization and the random-cause control."""
+import pytest
+
+from causalattn.data import shortcut
+from causalattn.data.controls import with_random_causes
+from causalattn.data.stg import LABELS
+
+
+def agreeing(example):
+    return example.values[shortcut.CUE] == shortcut.CUE_VALUES[LABELS.index(example.target)]
+
+
+def test_labels_follow_the_rule_and_text_matches_values():
+    for example in shortcut.generate(300, seed=1) + shortcut.generate(300, seed=2, mode="flipped"):
+        fields = dict(field.split("=") for field in shortcut.record_fields(example))
+        assert fields == {name: str(value) for name, value in example.values.items()}
+        assert example.target == shortcut.label_of(example.values)
+        assert example.input.endswith("Answer:")
+
+
+@pytest.mark.parametrize("agreement", [0.9, 0.97])
+def test_cue_agrees_as_asked_in_training_and_is_flipped_or_independent_in_the_tests(agreement):
+    train = shortcut.generate(4000, seed=3, agreement=agreement)
+    share = sum(map(agreeing, train)) / len(train)
+    assert abs(share - agreement) < 0.015  # 4 standard errors at n = 4000
+    assert not any(map(agreeing, shortcut.generate(300, seed=4, mode="flipped")))
+    independent = shortcut.generate(2000, seed=5, mode="independent")
+    assert abs(sum(map(agreeing, independent)) / len(independent) - 0.5) < 0.045
+
+
+def test_both_labels_occur_and_the_rule_needs_every_cause():
+    examples = shortcut.generate(2000, seed=6, mode="random")
+    high = sum(e.target == LABELS[0] for e in examples) / len(examples)
+    assert 0.3 < high < 0.7
+    for cause in shortcut.CAUSAL:  # changing this cause alone flips some labels
+        flips = 0
+        for e in examples[:300]:
+            for value in shortcut.VALUES:
+                flips += shortcut.label_of({**e.values, cause: value}) != e.target
+        assert flips > 0
+
+
+def test_annotations_name_the_causes_as_written_and_generation_is_seeded():
+    examples = shortcut.generate(60, seed=7)
+    for example in examples:
+        (effect, causes), = example.important.items()
+        assert effect == example.target
+        assert [c.split("=")[0] for c in causes] == list(shortcut.CAUSAL)
+        assert all(cause in shortcut.record_fields(example) for cause in causes)
+    assert len({tuple(f.split("=")[0] for f in shortcut.record_fields(e)) for e in examples}) > 30
+    assert shortcut.generate(60, seed=7) == examples and shortcut.generate(60, seed=8) != examples
+
+
+def test_splits_are_seeded_apart_and_sized():
+    train, tests = shortcut.make_splits(200, 50, seed=1)
+    assert len(train) == 200 and set(tests) == {"iid", "flipped", "independent"}
+    assert all(len(split) == 50 for split in tests.values())
+    assert train != shortcut.make_splits(200, 50, seed=2)[0]
+
+
+@pytest.mark.parametrize("bad, message", [({"n": -1}, "n:"), ({"mode": "ood"}, "mode:"),
+                                          ({"agreement": 0.2}, "agreement:")])
+def test_bad_arguments_name_themselves(bad, message):
+    with pytest.raises(ValueError, match=message):
+        shortcut.generate(**{"n": 3, "seed": 0, **bad})
+
+
+def test_every_field_is_one_token_of_the_space_split_tokenizer():
+    from causalattn.training.tiny import train_tokenizer
+
+    texts = [f"{e.input} {e.target}" for e in shortcut.generate(1500, seed=9, mode="random")]
+    tokenizer = train_tokenizer(texts, 400, split_on_spaces_only=True)
+    example = shortcut.generate(1, seed=10)[0]
+    encoding = tokenizer(example.input, return_offsets_mapping=True)
+    words = [example.input[a:b].strip() for a, b in encoding["offset_mapping"][1:]]  # after BOS
+    for field in shortcut.record_fields(example):
+        assert field in words
+
+
+def test_random_cause_control_keeps_the_count_and_draws_record_fields():
+    examples = shortcut.generate(400, seed=11)
+    control = with_random_causes(examples, shortcut.record_fields, seed=3)
+    assert control == with_random_causes(examples, shortcut.record_fields, seed=3)
+    drawn_cue = 0
+    for real, fake in zip(examples, control):
+        assert (real.input, real.target) == (fake.input, fake.target)
+        (effect, causes), = fake.important.items()
+        assert effect == real.target and len(causes) == 3 and len(set(causes)) == 3
+        assert set(causes) <= set(shortcut.record_fields(real))
+        drawn_cue += any(c.startswith(shortcut.CUE) for c in causes)
+    assert 0.35 < drawn_cue / len(examples) < 0.65  # 3 of 6 fields: the cue half the time
