@@ -129,3 +129,16 @@ def test_spread_rows_mask_has_the_asked_density(fraction):
     assert abs(supervised - max(1, round(fraction * 512)) / 512) < 0.07  # rows below 32 carry no causes
     assert not dense.triu().any()  # causes lie strictly before their row
     assert torch.equal(dense[0], dense[1])
+
+
+def test_paired_ratios_are_per_round_against_the_baseline(tmp_path, capsys):
+    from benchmarks import paired
+
+    assert paired.main(["--seq-lens", "64", "--rounds", "5", "--heads", "2", "--head-dim", "16", "--out", str(tmp_path),
+                        "--providers", "composed", "composed+all"]) == 0
+    header, rows = _read(tmp_path / "paired-cpu.csv")
+    assert header == paired.FIELDS
+    by_provider = {row["provider"]: row for row in rows}
+    assert set(by_provider) == {"sdpa-flash", "composed", "composed+all"}
+    assert float(by_provider["sdpa-flash"]["ratio"]) == 1.0 and by_provider["composed"]["rounds"] == "5"
+    assert float(by_provider["composed+all"]["ratio_q20"]) <= float(by_provider["composed+all"]["ratio_q80"])
