@@ -61,7 +61,7 @@ def merge(existing: Sequence[dict[str, Any]], new: Sequence[dict[str, Any]]) -> 
     return sorted([*kept, *new], key=lambda r: tuple(str(r[f]) for f in KEY_FIELDS))
 
 
-def capability_of(rows: Sequence[dict[str, Any]], given: Optional[str]) -> str:
+def capability_of(given: Optional[str]) -> str:
     if given:
         return given
     import torch
@@ -82,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not rows:
         print("no CUDA rows in " + ", ".join(map(str, args.csv)) + ": table unchanged")
         return 0
-    new = rules_from_rows(rows, capability_of(rows, args.capability))
+    new = rules_from_rows(rows, capability_of(args.capability))
     table = json.loads(args.out.read_text()) if args.out.is_file() else {"rules": []}
     table["rules"] = merge(table.get("rules", []), new)
     scratch = args.out.with_name(args.out.name + ".tmp")

@@ -96,14 +96,12 @@ def _portable_attention(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tenso
                                          scale=scale, enable_gqa=group > 1)
 
     def logsumexp(q: Tensor, k: Tensor) -> Tensor:
-        batch, heads_kv = k.shape[:2]
-        scores = q.unflatten(1, (heads_kv, group)).float() @ k.float().unsqueeze(2).transpose(-1, -2) * scale
-        if visible is not None:
-            scores = scores.masked_fill(~visible.unsqueeze(1), float("-inf"))
-        elif causal:
-            n_q, n_k = q.shape[2], k.shape[2]
-            scores = scores.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q).logical_not(),
-                                        float("-inf"))
+        scores = q.unflatten(1, (k.shape[1], group)).float() @ k.float().unsqueeze(2).transpose(-1, -2) * scale
+        seen = visible
+        if seen is None and causal:  # plain causal self-attention (Nq == Nk)
+            seen = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        if seen is not None:
+            scores = scores.masked_fill(~seen.unsqueeze(-3), float("-inf"))
         return torch.logsumexp(scores, dim=-1).flatten(1, 2)
 
     lse = checkpoint(logsumexp, q, k, use_reentrant=False) if torch.is_grad_enabled() else logsumexp(q, k)
@@ -152,7 +150,7 @@ def _sequence_attention(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) ->
 
 def _per_sequence(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Packed sequences (B == 1, Nq == Nk) as one plain call each, on views of the packed tensors."""
-    bounds = p.cu_seqlens_host
+    bounds = p.cu_seqlens.tolist()  # only this path needs the offsets on the host
     outs, lses = [], []
     for start, end in zip(bounds[:-1], bounds[1:]):
         if end > start:

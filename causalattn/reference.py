@@ -59,7 +59,7 @@ class AttentionProblem:
         # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the end)
         # still get their (zero) row in the pooled XG output.
         self.num_sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else self.batch
-        self.cu_seqlens_host = cu_seqlens.tolist() if cu_seqlens is not None else None
+        self.cu_seqlens = cu_seqlens
         self.adapter = adapter
         self.supervision = supervision
         self.xg_tokens = xg_tokens
