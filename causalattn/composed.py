@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from causalattn.inputs import Adapter, AttentionOutput, gate_values
+from causalattn.inputs import Adapter, AttentionOutput
 from causalattn.masks import CausalMask, unpack_bits
 from causalattn.reference import AttentionProblem
 
@@ -162,18 +162,29 @@ def _per_sequence(p: AttentionProblem, q: Tensor, k: Tensor, v: Tensor) -> tuple
 
 # ------------------------------------------------------------------------------ adapter and XG
 def _adapter_branch(p: AttentionProblem, q: Tensor, adapter: Adapter) -> tuple[Tensor, Optional[Tensor]]:
-    """gamma * softmax(tau q Ka^T) Va (B, Hq, Nq, d) in the statistics dtype, and the XG statistic
-    (pooled (S, Hq, d) or per row (B, Hq, Nq, d)) when `xg_tokens` > 0. The prompt is never masked."""
+    """sum_s gamma_s softmax_s(tau q Ka_s^T) Va_s (B, Hq, Nq, d) in the statistics dtype, and the XG
+    statistic (pooled (S, Hq, d) or per row (B, Hq, Nq, d)) when `xg_tokens` > 0. The prompt is never
+    masked; each segment has its own softmax and gate (one segment: LLaMA-Adapter)."""
     dt = p.compute_dtype
     keys, values = adapter.keys.to(dt), adapter.values.to(dt)
     if keys.dim() == 3:  # shared prompt: broadcast over the batch (a view)
         keys, values = keys.unsqueeze(0), values.unsqueeze(0)
     grouped = q.to(dt).unflatten(1, (p.heads_kv, p.group))  # (B, Hkv, G, Nq, d), a view for fp32 input
-    probs = torch.softmax(grouped @ keys.unsqueeze(2).transpose(-1, -2) * p.scale, dim=-1)  # (B, Hkv, G, Nq, M)
-    gamma = gate_values(adapter.gate, adapter.gate_mode).to(dt).expand(p.heads_q).view(1, p.heads_kv, p.group, 1, 1)
-    gated = (gamma * probs) @ values.unsqueeze(2)
+    scores = grouped @ keys.unsqueeze(2).transpose(-1, -2) * p.scale  # (B, Hkv, G, Nq, M)
+    gammas = adapter.gammas(p.heads_q).to(dt)
+    gammas = gammas.reshape(gammas.shape[0], gammas.shape[1], p.heads_kv, p.group, 1, 1)  # (1 or B, S, Hkv, G, 1, 1)
+    bounds = adapter.segment_bounds()
+    if len(bounds) == 1:
+        probs = torch.softmax(scores, dim=-1)
+        gated_probs = gammas[:, 0] * probs
+    else:  # one softmax per segment, then one read-out of all the gated slots
+        probs = torch.cat([torch.softmax(scores[..., start:end], dim=-1) for start, end in bounds], dim=-1)
+        sizes = torch.tensor(adapter.segment_sizes, device=q.device)
+        gated_probs = gammas.movedim(1, -1).squeeze(-2).repeat_interleave(sizes, dim=-1) * probs
+    gated = gated_probs @ values.unsqueeze(2)
     if not p.xg_tokens:
         return gated.flatten(1, 2), None
+    gamma = gammas[:, 0]  # XG reads the first H_g slots of the first (invariant) segment
     xg_probs, xg_values = probs[..., : p.xg_tokens], values[..., : p.xg_tokens, :].unsqueeze(2)
     if p.xg_weight is None:  # per row: z_i = gamma sum_{m < H_g} Pa_im va_m
         return gated.flatten(1, 2), ((gamma * xg_probs) @ xg_values).flatten(1, 2)

@@ -12,10 +12,13 @@ key_mask     (B, Nk) bool              True marks a real token (left or right pa
 cu_seqlens   (S + 1,) int              packed sequences, B == 1, Nq == Nk == cu_seqlens[-1]
 Adapter.keys / .values  (Hkv, M, d) shared, or (B, Hkv, M, d) per sample;  M <= 64
                         (packed: B == 1, so one adapter for every sequence of the row)
-Adapter.gate            (Hq,) per query head, or () / (1,) one scalar
+Adapter.gate            (Hq,) per query head, or () / (1,) one scalar            (one segment)
+                        (S, Hq) / (S, 1) per segment, or (B, S, Hq) / (B, S, 1) per sample too
+Adapter.segments        (M_0, ..., M_{S-1}) slot counts summing to M, or None: one segment of M
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Optional
@@ -35,30 +38,63 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class Adapter:
-    """Zero-init gated adapter prompt of one layer (SPEC §1).
+    """Zero-init gated adapter prompt of one layer (SPEC §1), optionally in segments (SPEC §7).
 
     `keys`/`values` are the layer's frozen k/v projections of its prompt (no RoPE). The output gains
-    `gamma_h * softmax(scale * q Ka^T) Va` with its own softmax, `gamma = tanh(gate)` by default
-    (`gate_mode="raw"`: `gamma = gate`, PEFT's form).
+    `sum_s gamma_{s,h} softmax_s(scale * q Ka_s^T) Va_s`: each segment s (consecutive slots, sizes in
+    `segments`) has its own softmax and its own gate, `gamma = tanh(gate)` by default
+    (`gate_mode="raw"`: `gamma = gate`, PEFT's form). One segment is LLaMA-Adapter exactly.
+
+    Routed adapters (ICLM): an invariant segment shared by every sample and a domain segment gathered
+    per sample from a bank give per-sample keys (B, Hkv, M, d) and a per-sample gate (B, S, Hq); soft
+    routing puts every domain prompt in its own segment and scales its gate by the route weight.
     """
 
     keys: Tensor
     values: Tensor
     gate: Tensor
     gate_mode: str = "tanh"
+    segments: Optional[tuple[int, ...]] = None
 
     @property
     def num_tokens(self) -> int:
         return self.keys.shape[-2]
 
+    @property
+    def segment_sizes(self) -> tuple[int, ...]:
+        return tuple(self.segments) if self.segments is not None else (self.num_tokens,)
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.segment_sizes)
+
+    def segment_bounds(self) -> list[tuple[int, int]]:
+        """[(start, end)) slot range of each segment, in order."""
+        ends = list(itertools.accumulate(self.segment_sizes))
+        return list(zip([0] + ends[:-1], ends))
+
     def gamma(self) -> Tensor:
-        """The gate value multiplying the adapter branch, differentiable in `gate`."""
+        """The gate value multiplying the adapter branch, differentiable in `gate` (the gate's shape)."""
         return gate_values(self.gate, self.gate_mode)
+
+    def gammas(self, heads_q: int) -> Tensor:
+        """(1 or B, S, Hq) gate value of every (sample, segment, query head), differentiable in `gate`."""
+        return segment_gammas(self.gate, self.gate_mode, heads_q)
 
 
 def gate_values(gate: Tensor, gate_mode: str) -> Tensor:
     """gamma = tanh(gate) ("tanh", zero-init LLaMA-Adapter) or the gate itself ("raw", PEFT)."""
     return torch.tanh(gate) if gate_mode == "tanh" else gate
+
+
+def segment_gammas(gate: Tensor, gate_mode: str, heads_q: int) -> Tensor:
+    """(1 or B, S, Hq) gate values from any accepted gate shape (see `Adapter.gate`)."""
+    gamma = gate_values(gate, gate_mode)
+    if gamma.dim() <= 1:  # one segment: a scalar or one gate per query head
+        gamma = gamma.reshape(1, 1, -1)
+    elif gamma.dim() == 2:  # (S, Hq or 1) shared by the batch
+        gamma = gamma.unsqueeze(0)
+    return gamma.expand(gamma.shape[0], gamma.shape[1], heads_q)
 
 
 class AttentionOutput(NamedTuple):
@@ -200,8 +236,9 @@ def check_inputs(
     if xg_tokens:
         if adapter is None:
             raise ValueError(f"xg_tokens: the XG statistic reads adapter tokens, but adapter is None (xg_tokens={xg_tokens})")
-        if xg_tokens > adapter.num_tokens:
-            raise ValueError(f"xg_tokens: expected at most the adapter length {adapter.num_tokens}, got {xg_tokens}")
+        if xg_tokens > adapter.segment_sizes[0]:
+            first = "adapter length" if adapter.num_segments == 1 else "first (invariant) segment's length"
+            raise ValueError(f"xg_tokens: expected at most the {first} {adapter.segment_sizes[0]}, got {xg_tokens}")
         if n_q != n_k:
             raise ValueError(f"xg_tokens: the XG statistic needs Nq == Nk (training), got Nq={n_q}, Nk={n_k}")
     if xg_pool not in XG_POOLS:
@@ -230,10 +267,29 @@ def _check_adapter(adapter: Adapter, q: Tensor, heads_kv: int) -> None:
                          f"got {_shape(keys)}")
     if not 1 <= adapter.num_tokens <= MAX_ADAPTER_TOKENS:
         raise ValueError(f"adapter.keys: adapter length M must be in [1, {MAX_ADAPTER_TOKENS}], got {adapter.num_tokens}")
-    if adapter.gate.numel() not in (1, heads_q) or adapter.gate.dim() > 1:
-        raise ValueError(f"adapter.gate: expected shape ({heads_q},) or a scalar, got {_shape(adapter.gate)}")
+    _check_segments(adapter)
+    gate, segments = adapter.gate, adapter.num_segments
+    one_segment = segments == 1 and gate.dim() <= 1 and gate.numel() in (1, heads_q)
+    per_segment = gate.dim() == 2 and gate.shape[0] == segments and gate.shape[1] in (1, heads_q)
+    per_sample = gate.dim() == 3 and gate.shape[:2] == (batch, segments) and gate.shape[2] in (1, heads_q)
+    if not (one_segment or per_segment or per_sample):
+        expected = f"({heads_q},) or a scalar, " if segments == 1 else ""
+        raise ValueError(f"adapter.gate: expected shape {expected}({segments}, {heads_q}), ({segments}, 1), "
+                         f"({batch}, {segments}, {heads_q}) or ({batch}, {segments}, 1) for {segments} segment(s), "
+                         f"got {_shape(gate)}")
     if adapter.gate_mode not in GATE_MODES:
         raise ValueError(f"adapter.gate_mode: expected one of {GATE_MODES}, got {adapter.gate_mode!r}")
+
+
+def _check_segments(adapter: Adapter) -> None:
+    if adapter.segments is None:
+        return
+    sizes = adapter.segments
+    if not isinstance(sizes, tuple) or not sizes or not all(is_int(size) and size >= 1 for size in sizes):
+        raise ValueError(f"adapter.segments: expected a non-empty tuple of positive slot counts, got {sizes!r}")
+    if sum(sizes) != adapter.num_tokens:
+        raise ValueError(f"adapter.segments: expected slot counts summing to the adapter length "
+                         f"{adapter.num_tokens}, got {sizes} (sum {sum(sizes)})")
 
 
 def key_validity(n_k: int, key_lengths: Optional[Tensor], key_mask: Optional[Tensor]) -> Optional[Tensor]:

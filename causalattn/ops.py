@@ -23,7 +23,7 @@ from torch import Tensor
 
 from causalattn.autocast import follows_autocast
 from causalattn.composed import attention_composed
-from causalattn.inputs import Adapter, AttentionOutput, check_inputs, gate_values, key_validity, xg_row_weights
+from causalattn.inputs import Adapter, AttentionOutput, check_inputs, key_validity, xg_row_weights
 from causalattn.masks import CausalMask
 from causalattn.reference import attention_chunked
 
@@ -37,14 +37,21 @@ def _interpreting() -> bool:
     return interpreting()
 
 
-def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_fraction: float = 0.0) -> str:
+def fused_kernels_take(adapter: Optional[Adapter]) -> bool:
+    """Whether the Triton kernels take this adapter: one segment with a gate shared by the batch
+    (segments and per-sample gates, SPEC §7, run on the composed and reference backends)."""
+    return adapter is None or (adapter.num_segments == 1 and adapter.gate.dim() <= 2)
+
+
+def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_fraction: float = 0.0,
+                    adapter: Optional[Adapter] = None) -> str:
     """The backend `attention` runs for `backend` and a query tensor `q`; `features` ("adapter+cat+xg",
     "none", ...) and the fraction of supervised rows choose between the fused and the composed path
     on CUDA (see `causalattn.dispatch`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if not q.is_cuda or q.dtype not in TRITON_DTYPES:
+        if not q.is_cuda or q.dtype not in TRITON_DTYPES or not fused_kernels_take(adapter):
             return "composed"
         from causalattn.dispatch import choose_cuda_backend
 
@@ -54,6 +61,10 @@ def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_
             raise TypeError(f"q: the triton backend takes float16/bfloat16/float32, got {q.dtype} (use backend='reference')")
         if not (q.is_cuda or _interpreting()):
             raise ValueError(f"q: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
+        if not fused_kernels_take(adapter):
+            raise ValueError(f"adapter: the triton backend takes one segment with a gate shared by the batch, got "
+                             f"segments {adapter.segment_sizes} and gate shape {tuple(adapter.gate.shape)} "
+                             f"(use backend='composed' or 'auto')")
     return backend
 
 
@@ -187,7 +198,7 @@ def attention(
         supervised_fraction = supervision.supervised_rows()[1].numel() / max(1, supervision.batch_size * q.shape[2])
     else:
         supervised_fraction = 0.0
-    chosen = resolve_backend(backend, q, feature_label(adapter, supervision, xg_tokens), supervised_fraction)
+    chosen = resolve_backend(backend, q, feature_label(adapter, supervision, xg_tokens), supervised_fraction, adapter)
     if chosen != "triton":
         run = attention_chunked if chosen == "reference" else attention_composed
         return run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
@@ -208,7 +219,7 @@ def attention(
     adapter_keys = adapter_values = gamma = None
     if adapter is not None:
         adapter_keys, adapter_values = adapter.keys.contiguous(), adapter.values.contiguous()
-        gamma = gate_values(adapter.gate, adapter.gate_mode).float().expand(heads_q).contiguous()
+        gamma = adapter.gammas(heads_q)[0, 0].float().contiguous()
     xg_weight = None
     if xg_tokens and xg_pool == "sample":
         valid = key_validity(k.shape[2], key_lengths, key_mask)

@@ -19,7 +19,8 @@ q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); returns AttentionOutput:
   mass (B, Hq, Nq)     m_i = sum_j P_ij A_ij                               (supervision given)
   xg   (S, Hq, d)      mean over each sample's valid rows of z_i            (xg_tokens > 0)
        (B, Hq, Nq, d)  z_i per row with xg_pool="position"
-  z_i = gamma * sum_{m < xg_tokens} Pa_im va_m. S = B, or the number of packed sequences.
+  z_i = gamma_0 * sum_{m < xg_tokens} Pa^0_im va_m (the first segment). S = B, or the number of packed
+  sequences. With adapter segments (SPEC §7) each segment has its own softmax Pa^s and gate gamma_s.
 
 A row that sees no key (left padding) gets 0 from the sequence branch, lse = +inf and no NaN anywhere;
 the adapter prompt is never masked, so with an adapter such a row still reads gamma * Pa Va (as in
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from causalattn.inputs import (Adapter, AttentionOutput, check_inputs, gate_values, key_validity, sequence_ids,
+from causalattn.inputs import (Adapter, AttentionOutput, check_inputs, key_validity, segment_gammas, sequence_ids,
                                xg_row_weights)
 from causalattn.masks import CausalMask
 
@@ -125,16 +126,20 @@ def _attend_rows(problem: AttentionProblem, row_start: int, row_end: int, q: Ten
     if adapter_keys is not None:
         ka = adapter_keys.to(dt).expand(p.batch, *adapter_keys.shape[-3:]) if adapter_keys.dim() == 3 else adapter_keys.to(dt)
         va = adapter_values.to(dt).expand(p.batch, *adapter_values.shape[-3:]) if adapter_values.dim() == 3 else adapter_values.to(dt)
-        adapter_probs = torch.softmax(q_rows @ ka.transpose(-1, -2) * p.scale, dim=-1)  # never masked
-        gamma = gate_values(gate, p.adapter.gate_mode).to(dt).expand(p.heads_q).view(1, p.heads_kv, p.group, 1, 1)
-        adapter_out = (adapter_probs @ va).view(p.batch, p.heads_kv, p.group, rows, p.head_dim)
-        out = out + gamma * adapter_out
-        if p.xg_tokens:
-            g = p.xg_tokens
-            z = gamma * (adapter_probs[..., :g] @ va[:, :, :g]).view(p.batch, p.heads_kv, p.group, rows, p.head_dim)
-            z = z.reshape(p.batch, p.heads_q, rows, p.head_dim)
-            if p.xg_weight is not None:
-                z = _pool_rows(p, z, row_start, row_end)
+        adapter_scores = q_rows @ ka.transpose(-1, -2) * p.scale  # never masked
+        # (1 or B, S, Hkv, G, 1, 1): one gate per (sample, segment, query head)
+        gammas = segment_gammas(gate, p.adapter.gate_mode, p.heads_q).to(dt)
+        gammas = gammas.reshape(gammas.shape[0], gammas.shape[1], p.heads_kv, p.group, 1, 1)
+        for index, (start, end) in enumerate(p.adapter.segment_bounds()):
+            segment_probs = torch.softmax(adapter_scores[..., start:end], dim=-1)  # its own softmax
+            segment_out = (segment_probs @ va[:, :, start:end]).view(p.batch, p.heads_kv, p.group, rows, p.head_dim)
+            out = out + gammas[:, index] * segment_out
+            if index == 0 and p.xg_tokens:  # XG reads the first H_g slots of the first (invariant) segment
+                g = p.xg_tokens
+                z = gammas[:, 0] * (segment_probs[..., :g] @ va[:, :, :g]).view(p.batch, p.heads_kv, p.group, rows, p.head_dim)
+                z = z.reshape(p.batch, p.heads_q, rows, p.head_dim)
+                if p.xg_weight is not None:
+                    z = _pool_rows(p, z, row_start, row_end)
 
     def heads(t: Tensor) -> Tensor:  # (B, Hkv, G, rows, ...) -> (B, Hq, rows, ...)
         return t.reshape(p.batch, p.heads_q, rows, *t.shape[4:])
@@ -215,3 +220,25 @@ def attention_chunked(
     return _run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
                 adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool,
                 rows_per_block=rows_per_block, upcast=upcast)
+
+
+def segment_outputs(q: Tensor, adapter: Adapter, scale: Optional[float] = None) -> Tensor:
+    """(B, S, Hq, R, d) what each adapter segment adds to the output of the query rows `q`
+    (B, Hq, R, d): gamma_s softmax_s(scale q Ka_s^T) Va_s, in q's dtype, differentiable.
+
+    The read-outs the ICLM mutual-information term compares (SPEC §7), for a few rows (the label
+    positions) gathered by the caller: an R x M problem beside the fused pass, never N x N.
+    """
+    batch, heads_q, rows, head_dim = q.shape
+    heads_kv = adapter.keys.shape[-3]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    keys = adapter.keys if adapter.keys.dim() == 4 else adapter.keys.unsqueeze(0)
+    values = adapter.values if adapter.values.dim() == 4 else adapter.values.unsqueeze(0)
+    grouped = q.unflatten(1, (heads_kv, heads_q // heads_kv))  # (B, Hkv, G, R, d)
+    scores = grouped @ keys.unsqueeze(2).transpose(-1, -2) * scale
+    gammas = adapter.gammas(heads_q).to(q.dtype)  # (1 or B, S, Hq)
+    outputs = []
+    for index, (start, end) in enumerate(adapter.segment_bounds()):
+        read = torch.softmax(scores[..., start:end], dim=-1) @ values[:, :, start:end].unsqueeze(2)
+        outputs.append(gammas[:, index, :, None, None] * read.flatten(1, 2))
+    return torch.stack(outputs, dim=1)

@@ -34,7 +34,8 @@ class Case:
     dtype: torch.dtype = torch.float32
     adapter_len: int = 0  # 0: no adapter
     per_sample_adapter: bool = False
-    gate: str = "head"  # "head", "scalar" or "zero"
+    gate: str = "head"  # "head", "scalar", "zero" or "sample" (per sample, segment and head)
+    segments: Optional[tuple[int, ...]] = None  # adapter slot counts per segment (SPEC §7); None: one
     gate_mode: str = "tanh"
     padding: Optional[str] = None  # None, "lengths", "left"
     cu_seqlens: Optional[tuple[int, ...]] = None
@@ -113,7 +114,12 @@ def build_inputs(case: Case, device: str):
         prefix = (batch,) if case.per_sample_adapter else ()
         leaves["adapter_keys"] = randn(*prefix, case.heads_kv, case.adapter_len, case.head_dim)
         leaves["adapter_values"] = randn(*prefix, case.heads_kv, case.adapter_len, case.head_dim)
-        gate_shape = () if case.gate == "scalar" else (case.heads_q,)
+        per_head = 1 if case.gate == "scalar" else case.heads_q
+        if case.segments is None and case.gate != "sample":
+            gate_shape = (per_head,) if per_head > 1 else ()
+        else:
+            segments = len(case.segments or (case.adapter_len,))
+            gate_shape = (batch, segments, per_head) if case.gate == "sample" else (segments, per_head)
         leaves["gate"] = torch.zeros(gate_shape, dtype=torch.float64) if case.gate == "zero" else randn(*gate_shape)
         kwargs["xg_tokens"] = case.xg_tokens
         kwargs["xg_pool"] = case.xg_pool
@@ -133,7 +139,8 @@ def run_attention(fn, leaves, kwargs, upstream, case: Case, dtype, device):
     inputs = {name: t.detach().to(device=device, dtype=dtype).requires_grad_() for name, t in leaves.items()}
     adapter = None
     if "adapter_keys" in inputs:
-        adapter = causalattn.Adapter(inputs["adapter_keys"], inputs["adapter_values"], inputs["gate"], case.gate_mode)
+        adapter = causalattn.Adapter(inputs["adapter_keys"], inputs["adapter_values"], inputs["gate"], case.gate_mode,
+                                     case.segments)
     result = fn(inputs["q"], inputs["k"], inputs["v"], adapter=adapter, **kwargs)
     loss = torch.zeros((), dtype=torch.float64, device=device)
     if case.use_out:
