@@ -8,6 +8,7 @@ Shapes
 cat_loss     mass: (B, Hq, N) of one layer, or a sequence of them / (L, B, Hq, N) for L layers
 xg_variance  xg:   (B, Hq, d) pooled or (B, Hq, N, d) per position, one per layer (or a sequence)
              o_proj_weight: (C, Hq * d), one for all layers or one per layer
+mutual_information  invariant, domain: (B, F) read-outs at label rows (ICLM, SPEC §7)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor
 from causalattn.masks import CausalMask
 
 CAT_LOSS_KINDS = ("div", "div2", "nll", "hinge", "mass")
+MI_KINDS = ("code", "textbook")
 XG_SPACES = ("output", "head")
 
 TensorOrLayers = Union[Tensor, Sequence[Tensor]]
@@ -172,3 +174,29 @@ def cat_amp(epoch: float, rate: float = 1.0) -> float:
     if rate < 0:
         raise ValueError(f"rate: expected a non-negative decay rate, got {rate}")
     return math.exp(-rate * epoch)
+
+
+def mutual_information(invariant: Tensor, domain: Tensor, *, kind: str = "code") -> Tensor:
+    """ICLM's MI term between the invariant and the domain read-outs at label rows (SPEC §7).
+
+    Each row (B, F) is softmaxed into a categorical over the F features; P_X, P_Y are the batch means and
+    P_XY the mean outer product, formed as one (F, B) @ (B, F) matmul (never a (B, F, F) tensor).
+    kind "code": the official `KLDivLoss(log P_XY, log P_X P_Y, log_target=True).sum()`, i.e.
+    sum P_X P_Y (log P_X P_Y - log P_XY) = KL(P_X P_Y || P_XY); "textbook": KL(P_XY || P_X P_Y), the
+    mutual information itself. Both are >= 0 and 0 when the two read-outs are independent over the batch.
+    """
+    if kind not in MI_KINDS:
+        raise ValueError(f"kind: expected one of {MI_KINDS}, got {kind!r}")
+    if invariant.dim() != 2 or invariant.shape != domain.shape:
+        raise ValueError(f"invariant, domain: expected two (B, F) read-outs of one shape, got "
+                         f"{tuple(invariant.shape)} and {tuple(domain.shape)}")
+    # the F x F joint of fp16/bf16 read-outs has entries near 1 / F^2: take the logs in at least fp32
+    dtype = torch.promote_types(invariant.dtype, torch.float32)
+    p_u = torch.softmax(invariant.to(dtype), dim=-1)
+    p_w = torch.softmax(domain.to(dtype), dim=-1)
+    joint = p_u.transpose(0, 1) @ p_w / p_u.shape[0]                     # (F, F) P_XY
+    product = p_u.mean(dim=0)[:, None] * p_w.mean(dim=0)[None, :]        # (F, F) P_X P_Y
+    log_joint, log_product = joint.log(), product.log()
+    if kind == "code":
+        return (product * (log_product - log_joint)).sum()
+    return (joint * (log_joint - log_product)).sum()

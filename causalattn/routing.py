@@ -1,0 +1,138 @@
+"""The ICLM router: which domain prompt each sample reads (SPEC §7, arXiv 2402.02636).
+
+    router = Router(hidden_size=C, domains=K, mode="vq")
+    route = router(hidden, token_mask)            # hidden (B, N, C) adapter-free, token_mask (B, N)
+    route.weights (B, K), route.index (B,), route.vq_loss (), route.distances (B, K)
+
+The router reads the model's own hidden states below the first adapted layer, so it needs no second
+model and no second forward (the official code runs a whole LM copy as the router). Every mode
+projects each valid token with `Linear(C -> code_dim)` + `BatchNorm1d` (the official layers, code_dim 64)
+and measures its squared L2 distance to K codewords; a sample's distance to codeword k is the sum over
+its valid tokens (padding excluded, also from the batch-norm statistics).
+
+    "vq"      ICLM exactly: one-hot of the argmin, no gradient through the route; the projection and the
+              codebook learn only from the VQ loss 0.25 * ||sg(e_r) - z||^2 + ||e_r - sg(z)||^2
+    "vq-ste"  the same one-hot forward; the gradient flows through softmax(-distance) (straight through)
+    "soft"    weights softmax(-distance): every domain prompt read, weighted; VQ loss as for "vq"
+    "oracle"  the given domain ids, one-hot; no router parameters are used and the VQ loss is 0
+
+The softmax of "vq-ste"/"soft" takes the per-token mean distance rather than the sum: the argmin is the
+same, and a sum over ~100 tokens of 64-dim distances makes the softmax one-hot and its gradient vanish.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ROUTE_MODES = ("vq", "vq-ste", "soft", "oracle")
+DEFAULT_CODE_DIM = 64       # the official router's Linear(H -> 64)
+COMMITMENT = 0.25           # the official VQ loss: 0.25 * commitment + codebook MSE
+
+
+@dataclass(frozen=True)
+class Route:
+    """One forward's routing: weights (B, K) (one-hot for hard modes), index (B,) the chosen domain,
+    vq_loss () and distances (B, K) summed over each sample's valid tokens (zeros for "oracle")."""
+
+
+    weights: Tensor
+    index: Tensor
+    vq_loss: Tensor
+    distances: Tensor
+    hard: bool  # each sample reads only its chosen domain prompt ("vq", "oracle"): no gradient needs the others
+
+
+class Router(nn.Module):
+    """Chooses a domain per sample from adapter-free hidden states; see the module docstring."""
+
+    def __init__(self, hidden_size: int, domains: int, *, mode: str = "vq", code_dim: int = DEFAULT_CODE_DIM,
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        if mode not in ROUTE_MODES:
+            raise ValueError(f"mode: expected one of {ROUTE_MODES}, got {mode!r}")
+        if not isinstance(domains, int) or domains < 2:
+            raise ValueError(f"domains: expected an int >= 2 (K domain prompts to choose from), got {domains!r}")
+        if not isinstance(code_dim, int) or code_dim < 1:
+            raise ValueError(f"code_dim: expected a positive int, got {code_dim!r}")
+        self.mode, self.domains = mode, domains
+        self.project = nn.Linear(hidden_size, code_dim, device=device, dtype=dtype)
+        self.norm = nn.BatchNorm1d(code_dim, device=device, dtype=dtype)
+        # VQ-VAE's codebook init U(-1/K, 1/K): the codewords start near the batch-normed tokens' mean
+        self.codebook = nn.Parameter(torch.empty(domains, code_dim, device=device, dtype=dtype).uniform_(
+            -1.0 / domains, 1.0 / domains))
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, domains={self.domains}"
+
+    def forward(self, hidden: Tensor, token_mask: Optional[Tensor] = None,
+                domain_ids: Optional[Tensor] = None) -> Route:
+        """Route a batch: hidden (B, N, C), token_mask (B, N) bool (True = a real token; None = all),
+        domain_ids (B,) int, required by "oracle" and ignored otherwise."""
+        if hidden.dim() != 3:
+            raise ValueError(f"hidden: expected (B, N, C) hidden states, got shape {tuple(hidden.shape)}")
+        batch, length, _ = hidden.shape
+        if token_mask is None:
+            token_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
+        if token_mask.shape != (batch, length):
+            raise ValueError(f"token_mask: expected shape {(batch, length)}, got {tuple(token_mask.shape)}")
+        if self.mode == "oracle":
+            return self._oracle(domain_ids, batch, hidden.device)
+        token_mask = token_mask.bool()
+        if not bool(token_mask.any(dim=1).all()):
+            raise ValueError("token_mask: every sample needs at least one real token to be routed")
+        rows = token_mask.flatten().nonzero().squeeze(1)  # valid tokens only, batch-norm included
+        owner = rows // length                           # (T,) the sample of each valid token
+        z = self.norm(self.project(hidden.reshape(batch * length, -1)[rows].to(self.project.weight.dtype)))
+        token_distances = torch.cdist(z, self.codebook).square()  # (T, K)
+        distances = torch.zeros(batch, self.domains, dtype=z.dtype, device=z.device).index_add(0, owner, token_distances)
+        index = distances.argmin(dim=1)
+        chosen = self.codebook[index[owner]]              # (T, code_dim) the chosen codeword of each token
+        vq_loss = COMMITMENT * F.mse_loss(z, chosen.detach()) + F.mse_loss(chosen, z.detach())
+        one_hot = F.one_hot(index, self.domains).to(z.dtype)
+        if self.mode == "vq":
+            weights = one_hot
+        else:
+            counts = token_mask.sum(dim=1, keepdim=True).to(z.dtype)
+            soft = torch.softmax(-distances / counts, dim=1)
+            weights = soft if self.mode == "soft" else one_hot + (soft - soft.detach())  # exactly one-hot forward
+        return Route(weights, index, vq_loss, distances, hard=self.mode == "vq")
+
+    def _oracle(self, domain_ids: Optional[Tensor], batch: int, device: torch.device) -> Route:
+        if domain_ids is None:
+            raise ValueError('domain_ids: route mode "oracle" needs the (B,) domain id of every sample, got None')
+        ids = torch.as_tensor(domain_ids, device=device).long().reshape(-1)
+        if ids.shape != (batch,) or bool(((ids < 0) | (ids >= self.domains)).any()):
+            raise ValueError(f"domain_ids: expected {batch} ids in [0, {self.domains}), got {ids.tolist()}")
+        dtype = self.codebook.dtype
+        return Route(F.one_hot(ids, self.domains).to(dtype), ids, torch.zeros((), dtype=dtype, device=device),
+                     torch.zeros(batch, self.domains, dtype=dtype, device=device), hard=True)
+
+
+def route_distribution(index: Tensor, domains: int) -> list[float]:
+    """Fraction of samples routed to each of `domains` domains."""
+    counts = torch.bincount(index.reshape(-1).long().cpu(), minlength=domains).double()
+    return (counts / counts.sum().clamp_min(1)).tolist()
+
+
+def normalized_mutual_information(route: Tensor, truth: Tensor) -> float:
+    """NMI between two labelings of the same samples, I(R; D) / sqrt(H(R) H(D)) (1 = the route is the
+    domain up to a renaming, 0 = independent); 1.0 when both are constant, 0.0 when one only is."""
+    route, truth = route.reshape(-1).long().cpu(), truth.reshape(-1).long().cpu()
+    if route.shape != truth.shape:
+        raise ValueError(f"truth: expected {route.numel()} labels like route, got {truth.numel()}")
+    _, r = torch.unique(route, return_inverse=True)
+    _, t = torch.unique(truth, return_inverse=True)
+    joint = torch.zeros(int(r.max()) + 1, int(t.max()) + 1, dtype=torch.float64)
+    joint.index_put_((r, t), torch.ones(r.numel(), dtype=torch.float64), accumulate=True)
+    joint /= joint.sum()
+    p_r, p_t = joint.sum(1), joint.sum(0)
+    nonzero = joint > 0
+    mutual = (joint[nonzero] * (joint[nonzero] / (p_r[:, None] * p_t[None, :])[nonzero]).log()).sum()
+    h_r, h_t = -(p_r * p_r.log()).sum(), -(p_t * p_t.log()).sum()
+    if h_r == 0 or h_t == 0:
+        return 1.0 if h_r == h_t else 0.0
+    return float(mutual / (h_r * h_t).sqrt())
