@@ -13,7 +13,9 @@ on first use, so PEFT stays optional and this import stays cheap.
 """
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, GatedPrompt, adapted_layers, add_adapters, summarize
 from causalattn.hf.attention import (
+    DOMAINS_KWARG,
     IMPLEMENTATION,
+    LABEL_ROWS_KWARG,
     SUPERVISION_KWARG,
     attention_forward,
     attention_modules,
@@ -23,6 +25,7 @@ from causalattn.hf.attention import (
     use_causalattn,
 )
 from causalattn.hf.io import load_adapters, save_adapters
+from causalattn.hf.routed import find_router, invariant_only
 from causalattn.hf.stats import Statistics, collect
 
 register()
@@ -42,7 +45,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "DOMAINS_KWARG",
     "IMPLEMENTATION",
+    "LABEL_ROWS_KWARG",
     "SUPERVISION_KWARG",
     "AdapterConfig",
     "AdapterSummary",
@@ -57,6 +62,8 @@ __all__ = [
     "attention_modules",
     "bridge_adaption_prompt",
     "collect",
+    "find_router",
+    "invariant_only",
     "key_padding_mask",
     "load_adapters",
     "register",

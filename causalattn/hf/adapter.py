@@ -13,6 +13,12 @@ The attention function (`causalattn.hf.attention`) projects the prompt through t
 `k_proj`/`v_proj` at every call, so nothing here reads projection weights. The base model is frozen;
 only prompts and gates train. State-dict keys stay the model's own
 (`...layers.29.self_attn.causalattn_adapter.prompt`), so checkpoints of the whole model keep working.
+
+Routed adapters (ICLM, SPEC §7; `domains=K >= 2`): each layer also holds a bank of K domain prompts
+`bank (K, M_dom, C)` (N(0, 1) init) with zero-init gates `domain_gate (K, Hq)` or `(K, 1)`; the `prompt`
+and `gate` above are the invariant mechanism. One `Router` on the model (`causalattn.hf.routed`) picks
+each sample's domain from the hidden states entering the first adapted layer, and every adapted layer
+reads its invariant prompt and the chosen domain prompt(s), each segment with its own softmax and gate.
 """
 from __future__ import annotations
 
@@ -27,7 +33,10 @@ from causalattn.hf.attention import ADAPTER_ATTR, attention_modules, use_causala
 from causalattn.hf.guards import guard_adapted_model
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import XG_SPACES
+from causalattn.routing import DEFAULT_CODE_DIM, ROUTE_MODES
 
+HARD_ROUTES = ("vq", "oracle")  # one domain prompt per sample: the gathered (per-sample keys) path
+ROUTING_FIELDS = ("domains", "domain_length", "route", "router_dim")
 DEFAULT_MAX_LAYERS = 30  # the official LLaMA-Adapter scripts adapt 30 of LLaMA-7B's 32 layers
 
 
@@ -43,6 +52,11 @@ class AdapterConfig:
                    scalar for "raw" (PEFT's shape), as SPEC §1 pairs them
     xg_pool        "sample" (mean over each sample's tokens) or "position" (official code)
     xg_space       "output" (through o_proj, official) or "head"
+    domains        K domain prompts chosen by a router (ICLM); 0: one unrouted prompt (the fields below
+                   unused, and absent from saved configs, which stay as they were)
+    domain_length  M_dom, prompt tokens of each domain prompt
+    route          "vq" (ICLM), "vq-ste", "soft" or "oracle" (given domain ids), see causalattn.routing
+    router_dim     the router's code dimension (64 in the official code)
     """
 
     length: int = 10
@@ -52,6 +66,10 @@ class AdapterConfig:
     gate_per_head: Optional[bool] = None
     xg_pool: str = "sample"
     xg_space: str = "output"
+    domains: int = 0
+    domain_length: int = 10
+    route: str = "vq"
+    router_dim: int = DEFAULT_CODE_DIM
 
     def __post_init__(self) -> None:
         if not isinstance(self.length, int) or not 1 <= self.length <= MAX_ADAPTER_TOKENS:
@@ -70,9 +88,41 @@ class AdapterConfig:
             raise ValueError(f"xg_pool: expected one of {XG_POOLS}, got {self.xg_pool!r}")
         if self.xg_space not in XG_SPACES:
             raise ValueError(f"xg_space: expected one of {XG_SPACES}, got {self.xg_space!r}")
+        if not isinstance(self.domains, int) or self.domains == 1 or self.domains < 0:
+            raise ValueError(f"domains: expected 0 (unrouted) or an int >= 2, got {self.domains!r}")
+        if self.routed:
+            self._check_routing()
+
+    @property
+    def routed(self) -> bool:
+        return self.domains > 0
+
+    @property
+    def total_slots(self) -> int:
+        """Adapter slots one attention call reads: hard routes gather one domain prompt per sample,
+        "soft"/"vq-ste" read all K (their gradient needs every domain's output)."""
+        if not self.routed:
+            return self.length
+        return self.length + self.domain_length * (1 if self.route in HARD_ROUTES else self.domains)
+
+    def _check_routing(self) -> None:
+        if self.route not in ROUTE_MODES:
+            raise ValueError(f"route: expected one of {ROUTE_MODES}, got {self.route!r}")
+        if not isinstance(self.domain_length, int) or self.domain_length < 1:
+            raise ValueError(f"domain_length: expected a positive int, got {self.domain_length!r}")
+        if not isinstance(self.router_dim, int) or self.router_dim < 1:
+            raise ValueError(f"router_dim: expected a positive int, got {self.router_dim!r}")
+        if self.total_slots > MAX_ADAPTER_TOKENS:
+            raise ValueError(f"domain_length: route {self.route!r} reads {self.total_slots} adapter slots (length "
+                             f"{self.length} + domain_length {self.domain_length} x "
+                             f"{1 if self.route in HARD_ROUTES else self.domains}); expected <= {MAX_ADAPTER_TOKENS}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        if not self.routed:  # unrouted configs are saved exactly as before routing existed
+            for name in ROUTING_FIELDS:
+                values.pop(name)
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "AdapterConfig":
@@ -95,10 +145,22 @@ class GatedPrompt(nn.Module):
         self.xg_tokens = config.xg_tokens
         self.xg_pool = config.xg_pool
         self.xg_space = config.xg_space
+        self.routing = None  # the RouteState shared with the model's router (causalattn.hf.routed), if routed
+        if config.routed:
+            self.bank = nn.Parameter(torch.randn(config.domains, config.domain_length, hidden_size,
+                                                 device=device, dtype=dtype))
+            self.domain_gate = nn.Parameter(torch.zeros(config.domains, self.gate.numel(), device=device, dtype=dtype))
+
+    @property
+    def routed(self) -> bool:
+        return self.routing is not None
 
     def extra_repr(self) -> str:
-        return (f"length={self.prompt.shape[0]}, hidden={self.prompt.shape[1]}, gate={self.gate_mode} "
+        text = (f"length={self.prompt.shape[0]}, hidden={self.prompt.shape[1]}, gate={self.gate_mode} "
                 f"x{self.gate.numel()}, xg_tokens={self.xg_tokens}")
+        if self.routed:
+            text += f", domains={self.bank.shape[0]}x{self.bank.shape[1]}"
+        return text
 
 
 @dataclass(frozen=True)
@@ -144,6 +206,10 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None) -> Ad
         dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
         setattr(module, ADAPTER_ATTR, GatedPrompt(
             module.k_proj.in_features, module.config.num_attention_heads, config, device=weight.device, dtype=dtype))
+    if config.routed:
+        from causalattn.hf.routed import add_router
+
+        add_router(model, config)
     guard_adapted_model(model)
     return summarize(model)
 
@@ -152,8 +218,12 @@ def summarize(model: nn.Module) -> AdapterSummary:
     """Parameter counts of `model` and its adapters."""
     layers = adapted_layers(model)
     params = list(model.parameters())  # each shared parameter once
+    from causalattn.hf.routed import find_router
+
+    router = find_router(model)
     return AdapterSummary(
         layer_indices=tuple(sorted(layers)),
-        adapter_params=sum(p.numel() for prompt in layers.values() for p in prompt.parameters()),
+        adapter_params=sum(p.numel() for prompt in layers.values() for p in prompt.parameters())
+        + (sum(p.numel() for p in router.parameters()) if router is not None else 0),
         trainable_params=sum(p.numel() for p in params if p.requires_grad),
         total_params=sum(p.numel() for p in params))

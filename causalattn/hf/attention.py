@@ -16,7 +16,9 @@ What `attention_forward` adds on top of plain attention, all read from the call:
   own `k_proj`/`v_proj` applied to the prompt, without RoPE: `(Hkv, M, d)`;
 * CAT supervision: the `supervision=CausalMask` keyword of `model(...)`, which transformers forwards
   to every layer unchanged;
-* a statistics collector: the `causalattn_stats` keyword that `causalattn.hf.collect` injects.
+* a statistics collector: the `causalattn_stats` keyword that `causalattn.hf.collect` injects;
+* routed adapters (ICLM, `causalattn.hf.routed`): the invariant prompt and the route's domain prompt(s)
+  as segments; with a collector and `causalattn_label_rows=(B,)` rows, each segment's read-out there.
 
 Cases mapped onto `causalattn.attention`'s key masking:
 
@@ -38,9 +40,10 @@ from typing import Callable, Optional, Protocol
 import torch
 from torch import Tensor, nn
 
-from causalattn.inputs import Adapter
+from causalattn.inputs import Adapter, gate_values
 from causalattn.masks import CausalMask
 from causalattn.ops import BACKENDS, attention
+from causalattn.reference import segment_outputs
 
 IMPLEMENTATION = "causalattn"
 ADAPTER_ATTR = "causalattn_adapter"  # the GatedPrompt submodule of an adapted attention module
@@ -48,6 +51,8 @@ BACKEND_ATTR = "causalattn_backend"  # per attention module; "auto" when unset
 PROMPT_KWARG = "causalattn_prompt"   # a LayerPrompt handed to one attention call (PEFT bridge)
 STATS_KWARG = "causalattn_stats"     # the Statistics collector injected by `collect`
 SUPERVISION_KWARG = "supervision"    # the CausalMask given to model(...)
+DOMAINS_KWARG = "causalattn_domains"          # (B,) domain ids given to model(...) for route="oracle"
+LABEL_ROWS_KWARG = "causalattn_label_rows"    # (B,) the row of each sample whose read-outs MI compares
 
 
 class LayerPrompt(Protocol):
@@ -64,6 +69,8 @@ class LayerPrompt(Protocol):
 class StatisticsSink(Protocol):
     def record(self, layer_idx: int, *, mass: Optional[Tensor], xg: Optional[Tensor],
                supervision: Optional[CausalMask]) -> None: ...
+
+    def record_readouts(self, layer_idx: int, *, invariant: Tensor, domain: Tensor) -> None: ...
 
 
 # ------------------------------------------------------------------------------ mask function
@@ -173,7 +180,29 @@ def attention_forward(
         if xg is not None and prompt.xg_space == "output":
             xg = _through_o_proj(module, xg, query.dtype)
         stats.record(module.layer_idx, mass=result.mass, xg=xg, supervision=supervision)
+        rows = kwargs.get(LABEL_ROWS_KWARG)
+        if rows is not None and adapter is not None and adapter.num_segments > 1 and packed is None:
+            invariant, domain = _segment_readouts(module, query, adapter, rows, scaling)
+            stats.record_readouts(module.layer_idx, invariant=invariant, domain=domain)
     return out.transpose(1, 2), None
+
+
+def _segment_readouts(module: nn.Module, query: Tensor, adapter: Adapter, rows: Tensor,
+                      scaling: Optional[float]) -> tuple[Tensor, Tensor]:
+    """(u, w) (B, C): what the invariant segment and the domain segments together add at each sample's
+    row `rows[b]`, through o_proj (SPEC §7): a (B, Hq, 1, M) side problem beside the fused pass."""
+    batch = query.shape[0]
+    rows = torch.as_tensor(rows, device=query.device).long().reshape(-1)
+    if rows.shape != (batch,) or bool(((rows < 0) | (rows >= query.shape[2])).any()):
+        raise ValueError(f"{LABEL_ROWS_KWARG}: expected {batch} row indices in [0, {query.shape[2]}), got {rows.tolist()}")
+    picked = query[torch.arange(batch, device=query.device), :, rows]          # (B, Hq, d)
+    parts = segment_outputs(picked[:, :, None], adapter, scaling)[:, :, :, 0]  # (B, S, Hq, d)
+    features = torch.cat([parts[:, 0].flatten(1), parts[:, 1:].sum(1).flatten(1)])
+    projected = module.o_proj(features.to(query.dtype))
+    if getattr(module.o_proj, "bias", None) is not None:  # a read-out is W o: the bias is not the segment's
+        projected = projected - module.o_proj.bias
+    projected = projected.to(torch.promote_types(projected.dtype, torch.float32))
+    return projected[:batch], projected[batch:]
 
 
 def _refuse_unsupported(module: nn.Module, n_k: int, dropout: float, kwargs: dict) -> None:
@@ -207,13 +236,44 @@ def _layer_prompt(module: nn.Module, kwargs: dict) -> Optional[LayerPrompt]:
 def _adapter(module: nn.Module, prompt: LayerPrompt, query: Tensor, heads_kv: int) -> Adapter:
     """Adapter K/V through the layer's own k_proj/v_proj (no RoPE): calling the modules, not reading their
     weights, keeps sharded (FSDP/ZeRO) or quantised projections working the normal way."""
-    tokens, head_dim = prompt.prompt.shape[0], query.shape[-1]
-    hidden = prompt.prompt.to(query.dtype)
+    head_dim = query.shape[-1]
 
     def heads(projected: Tensor) -> Tensor:  # (M, Hkv * d) -> (Hkv, M, d)
-        return projected.to(query.dtype).view(tokens, heads_kv, head_dim).transpose(0, 1)
+        return projected.to(query.dtype).view(projected.shape[0], heads_kv, head_dim).transpose(0, 1)
 
-    return Adapter(heads(module.k_proj(hidden)), heads(module.v_proj(hidden)), prompt.gate, prompt.gate_mode)
+    routing = getattr(prompt, "routing", None)
+    if routing is None or routing.invariant_only:
+        hidden = prompt.prompt.to(query.dtype)
+        return Adapter(heads(module.k_proj(hidden)), heads(module.v_proj(hidden)), prompt.gate, prompt.gate_mode)
+    return _routed_adapter(prompt, routing.route, query.shape[0], lambda hidden: (
+        heads(module.k_proj(hidden.to(query.dtype))), heads(module.v_proj(hidden.to(query.dtype)))))
+
+
+def _routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -> Adapter:
+    """The segmented Adapter of a routed layer (SPEC §7): the invariant prompt, then either each sample's
+    chosen domain prompt (hard routes: per-sample keys, gate (B, 2, Hq)) or every domain prompt with its
+    gamma scaled by the route weight ("soft", "vq-ste": shared keys, gate (B, 1 + K, Hq))."""
+    if route is None:
+        raise RuntimeError(f"layer: routed adapter without a route; the router hook in front of the first "
+                           "adapted layer did not run (was the model called through its own forward?)")
+    if route.index.shape[0] != batch:
+        raise ValueError(f"route: has {route.index.shape[0]} samples, the attention call {batch}")
+    length = prompt.prompt.shape[0]
+    domains, domain_length = prompt.bank.shape[:2]
+    # one projection of every prompt token: the invariant prompt and the whole bank
+    keys, values = project(torch.cat([prompt.prompt, prompt.bank.flatten(0, 1)]))  # (Hkv, M + K M_dom, d)
+    invariant_gamma = gate_values(prompt.gate, prompt.gate_mode)                  # (Hq or 1,)
+    domain_gamma = gate_values(prompt.domain_gate, prompt.gate_mode)              # (K, Hq or 1)
+    if route.hard:
+        def gather(t: Tensor) -> Tensor:  # (Hkv, M + K M_dom, d) -> (B, Hkv, M + M_dom, d)
+            bank = t[:, length:].unflatten(1, (domains, domain_length))[:, route.index].transpose(0, 1)
+            return torch.cat([t[:, :length].expand(batch, -1, -1, -1), bank], dim=2)
+
+        gate = torch.stack([invariant_gamma.expand(batch, -1), domain_gamma[route.index]], dim=1)
+        return Adapter(gather(keys), gather(values), gate, "raw", (length, domain_length))
+    weights = route.weights.to(domain_gamma.dtype)
+    gate = torch.cat([invariant_gamma.expand(batch, 1, -1), domain_gamma[None] * weights[:, :, None]], dim=1)
+    return Adapter(keys, values, gate, "raw", (length,) + (domain_length,) * domains)
 
 
 # (weak reference to the tensor the packing was read from, its key, the result): every layer of one

@@ -9,6 +9,8 @@ file in the same directory and moved into place with `os.replace`, so a crash le
 or the new file, never a torn one. The config is also stored in the safetensors metadata; loading
 checks that both agree, which catches a save interrupted between the two files.
 Inference needs no merge step: the adapters run inside the attention function as in training.
+Routed adapters add `layers.29.bank`, `layers.29.domain_gate` and the router's state (`router.codebook`,
+`router.project.weight`, ..., batch-norm running statistics included); unrouted files are as before.
 """
 from __future__ import annotations
 
@@ -25,11 +27,13 @@ from torch import nn
 
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
 from causalattn.hf.attention import attention_modules
+from causalattn.hf.routed import find_router
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 FORMAT = "causalattn-adapter"
 FORMAT_VERSION = 1
+ROUTER_PREFIX = "router."
 
 PathLike = Union[str, os.PathLike]
 
@@ -70,10 +74,19 @@ def _config_of(model: nn.Module) -> tuple[AdapterConfig, dict]:
         raise ValueError("model: has no causalattn adapters to save (use causalattn.hf.add_adapters)")
     prompts = list(layers.values())
     first = prompts[0]
+    routing = {}
+    router = find_router(model)
+    if first.routed and router is not None:
+        routing = dict(domains=first.bank.shape[0], domain_length=first.bank.shape[1], route=router.mode,
+                       router_dim=router.project.out_features)
     config = AdapterConfig(length=first.prompt.shape[0], layers=len(layers), xg_tokens=first.xg_tokens,
                            gate=first.gate_mode, gate_per_head=first.gate.numel() > 1,
-                           xg_pool=first.xg_pool, xg_space=first.xg_space)
+                           xg_pool=first.xg_pool, xg_space=first.xg_space, **routing)
     return config, layers
+
+
+def _tensor_names(config: AdapterConfig) -> tuple[str, ...]:
+    return ("prompt", "gate") + (("bank", "domain_gate") if config.routed else ())
 
 
 def save_adapters(model: nn.Module, directory: PathLike) -> Path:
@@ -84,8 +97,11 @@ def save_adapters(model: nn.Module, directory: PathLike) -> Path:
     description = json.dumps(_describe(model, config, sorted(layers)), indent=2, sort_keys=True)
     tensors = {}
     for index, prompt in layers.items():
-        tensors[f"layers.{index}.prompt"] = prompt.prompt.detach().contiguous().cpu()
-        tensors[f"layers.{index}.gate"] = prompt.gate.detach().contiguous().cpu()
+        for name in _tensor_names(config):
+            tensors[f"layers.{index}.{name}"] = getattr(prompt, name).detach().contiguous().cpu()
+    if config.routed:
+        for name, value in find_router(model).state_dict().items():
+            tensors[ROUTER_PREFIX + name] = value.detach().contiguous().cpu()
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"config": description}))
 
     def write_config(tmp: str) -> None:
@@ -125,12 +141,19 @@ def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
                          + "; ".join(f"{k}: saved {description[k]!r}, model {current[k]!r}" for k in mismatched))
 
     layers = adapted_layers(model)
-    expected = {f"layers.{i}.{name}" for i in layers for name in ("prompt", "gate")}
+    names = _tensor_names(config)
+    router = find_router(model) if config.routed else None
+    expected = {f"layers.{i}.{name}" for i in layers for name in names}
+    if router is not None:
+        expected |= {ROUTER_PREFIX + name for name in router.state_dict()}
     if set(tensors) != expected:
         raise ValueError(f"{weights_path}: expected tensors {sorted(expected)}, got {sorted(tensors)}")
+    if router is not None:
+        router_state = {name[len(ROUTER_PREFIX):]: t for name, t in tensors.items() if name.startswith(ROUTER_PREFIX)}
+        router.load_state_dict(router_state)
     with torch.no_grad():
         for index, prompt in layers.items():
-            for name in ("prompt", "gate"):
+            for name in names:
                 target, source = getattr(prompt, name), tensors[f"layers.{index}.{name}"]
                 if target.shape != source.shape:
                     raise ValueError(f"{weights_path}: layers.{index}.{name} has shape {tuple(source.shape)}, "

@@ -14,6 +14,10 @@ layer records what `causalattn.attention` returned:
           (S, Hq, d)   with xg_space="head"; per position (B, 1, N, C) / (B, Hq, N, d)
 
 Both are differentiable outputs of the op, so the losses below backpropagate into the fused backward.
+With routed adapters (`causalattn.hf.routed`) it also keeps the batch's `route` (its VQ loss) and, when
+`causalattn_label_rows=` is given, each routed layer's invariant and domain read-outs at those rows:
+
+    readouts  {layer: (u (B, C), w (B, C))}   for `mi_loss` (ICLM's MI term, SPEC §7)
 
 Gradient checkpointing: a checkpointed layer runs its forward again during backward with the same
 keywords, so it calls `record` a second time. The collector keeps the first record of each layer per
@@ -30,8 +34,9 @@ from typing import Iterator, Optional
 from torch import Tensor, nn
 
 from causalattn.hf.attention import STATS_KWARG
-from causalattn.losses import cat_loss, xg_variance
+from causalattn.losses import cat_loss, mutual_information, xg_variance
 from causalattn.masks import CausalMask
+from causalattn.routing import Route
 
 XG_LAYER_SETS = ("adapted", "last")
 
@@ -44,6 +49,8 @@ class Statistics:
         self._mass: dict[int, Tensor] = {}
         self._xg: dict[int, Tensor] = {}
         self._supervision: Optional[CausalMask] = None
+        self._readouts: dict[int, tuple[Tensor, Tensor]] = {}
+        self._route: Optional[Route] = None
 
     def begin_forward(self) -> None:
         """Forget the previous forward's statistics (called by `collect` as each forward starts)."""
@@ -51,6 +58,47 @@ class Statistics:
         self._mass.clear()
         self._xg.clear()
         self._supervision = None
+        self._readouts.clear()
+        self._route = None
+
+    def record_route(self, route: Route) -> None:
+        """Store the batch's route (the first one of a forward, see the module docstring)."""
+        if self._route is None:
+            self._route = route
+
+    def record_readouts(self, layer_idx: int, *, invariant: Tensor, domain: Tensor) -> None:
+        """Store one routed layer's read-outs at the label rows (first record per forward)."""
+        self._readouts.setdefault(layer_idx, (invariant, domain))
+
+    @property
+    def route(self) -> Optional[Route]:
+        """The route of the last forward (routed adapters), or None."""
+        return self._route
+
+    @property
+    def readouts(self) -> dict[int, tuple[Tensor, Tensor]]:
+        """{layer index: (invariant, domain) read-outs (B, C) at the label rows} of the last forward."""
+        return dict(self._readouts)
+
+    def vq_loss(self) -> Tensor:
+        """The router's VQ loss of the last forward (0 for route="oracle")."""
+        if self._route is None:
+            raise RuntimeError("vq_loss: no route was recorded; it needs routed adapters "
+                               "(AdapterConfig(domains=K >= 2)) and a forward inside collect(model)")
+        return self._route.vq_loss
+
+    def mi_loss(self, *, kind: str = "code", layers: str = "last") -> Tensor:
+        """ICLM's MI term of the last forward (`causalattn.mutual_information`) between the invariant and
+        the domain read-outs at the label rows: of the top routed layer (`"last"`, the official code
+        compares last-layer states) or averaged over every routed layer (`"adapted"`)."""
+        if layers not in XG_LAYER_SETS:
+            raise ValueError(f"layers: expected one of {XG_LAYER_SETS}, got {layers!r}")
+        if not self._readouts:
+            raise RuntimeError("mi_loss: no read-outs were recorded; they need routed adapters, "
+                               "causalattn_label_rows=(B,) rows given to model(...) and a forward inside collect(model)")
+        chosen = sorted(self._readouts)[-1:] if layers == "last" else sorted(self._readouts)
+        values = [mutual_information(*self._readouts[i], kind=kind) for i in chosen]
+        return sum(values) / len(values)
 
     def record(self, layer_idx: int, *, mass: Optional[Tensor], xg: Optional[Tensor],
                supervision: Optional[CausalMask]) -> None:

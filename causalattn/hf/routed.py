@@ -1,0 +1,111 @@
+"""Routed adapters on a transformers model (ICLM, SPEC §7): the router, where it reads, what it hands on.
+
+    add_adapters(model, AdapterConfig(length=6, domains=2, domain_length=6, route="vq"))
+    with collect(model) as stats:
+        out = model(input_ids, attention_mask=mask, labels=labels,
+                    causalattn_label_rows=rows,        # (B,) row whose read-outs the MI term compares
+                    causalattn_domains=domain_ids)     # (B,) only for route="oracle"
+    loss = out.loss + 0.1 * stats.vq_loss() + 0.01 * stats.mi_loss()
+    with invariant_only(model): ...                    # the domain segments switched off
+
+One `Router` (`causalattn.routing`) is added to the model as `model.causalattn_router`. A forward
+pre-hook on the decoder layer holding the first adapted attention routes the batch from the hidden
+states entering that layer: the base model's own, adapter-free states (no second model, no second
+forward). The route goes into a `RouteState` shared by every adapted layer's `GatedPrompt`, whose
+attention call then builds its segmented `Adapter` from it (`causalattn.hf.attention`).
+
+During cached decoding (the first adapted layer's cache already holds tokens) the route of the prompt
+is kept: a sample's domain is decided once, from its prompt. Under gradient checkpointing the
+recomputed first adapted layer routes again (same route in training mode: batch-norm uses batch
+statistics) and `Statistics` keeps the first forward's route, the one in the loss's graph.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+from causalattn.hf.attention import ADAPTER_ATTR, DOMAINS_KWARG, STATS_KWARG, attention_modules
+from causalattn.routing import Route, Router
+
+ROUTER_ATTR = "causalattn_router"  # the Router submodule of a model with routed adapters
+
+
+class RouteState:
+    """The current batch's route, shared by the router hook and every routed layer; `invariant_only`
+    switches the domain segments off (the layers then read the invariant prompt alone)."""
+
+    def __init__(self) -> None:
+        self.route: Optional[Route] = None
+        self.invariant_only = False
+
+
+def find_router(model: nn.Module) -> Optional[Router]:
+    """The model's Router, or None for unrouted (or no) adapters."""
+    return next((m for m in model.modules() if isinstance(m, Router)), None)
+
+
+def add_router(model: nn.Module, config) -> Router:
+    """Add the Router of `config` (an AdapterConfig with domains >= 2) to `model`, whose adapted layers
+    already hold their banks, and hook it in front of the first adapted decoder layer."""
+    adapted = [m for m in attention_modules(model) if getattr(m, ADAPTER_ATTR, None) is not None]
+    if not adapted:
+        raise ValueError("model: has no causalattn adapters to route between (add_adapters adds both)")
+    first = adapted[0]
+    weight = first.k_proj.weight
+    dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
+    router = Router(first.k_proj.in_features, config.domains, mode=config.route, code_dim=config.router_dim,
+                    device=weight.device, dtype=dtype)
+    router.routing = RouteState()  # a plain attribute: deep copies keep it shared with the copied layers
+    model.add_module(ROUTER_ATTR, router)
+    for module in adapted:
+        getattr(module, ADAPTER_ATTR).routing = router.routing
+    decoder_layer = _decoder_layer_of(model, first)
+    decoder_layer.register_forward_pre_hook(functools.partial(_route_batch, router, first.layer_idx),
+                                            with_kwargs=True)
+    return router
+
+
+def _decoder_layer_of(model: nn.Module, attention: nn.Module) -> nn.Module:
+    for module in model.modules():
+        if any(child is attention for child in module.children()) and module is not model:
+            return module
+    raise ValueError(f"model: found no decoder layer holding attention layer {attention.layer_idx}")
+
+
+def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook of the first adapted decoder layer: route the batch from its input states."""
+    hidden = args[0] if args else kwargs["hidden_states"]
+    state = router.routing
+    cache = kwargs.get("past_key_values")
+    if cache is not None and state.route is not None and cache.get_seq_length(layer_idx) > 0:
+        return None  # decoding: keep the route of the prompt
+    token_mask = kwargs.get("attention_mask")  # the (B, N) key mask of causalattn's mask function, or None
+    if token_mask is not None and token_mask.shape[-1] != hidden.shape[1]:
+        raise ValueError(f"attention_mask: routing reads one key mask per token, got width {token_mask.shape[-1]} "
+                         f"for {hidden.shape[1]} tokens")
+    domain_ids = kwargs.get(DOMAINS_KWARG)
+    route = router(hidden, token_mask, domain_ids)
+    state.route = route
+    stats = kwargs.get(STATS_KWARG)
+    if stats is not None:
+        stats.record_route(route)
+    return None
+
+
+@contextlib.contextmanager
+def invariant_only(model: nn.Module) -> Iterator[None]:
+    """Inside the block every routed layer reads only its invariant prompt: the invariant mechanism
+    alone, as if every domain gate were zero (the router still runs, so statistics stay available)."""
+    router = find_router(model)
+    if router is None:
+        raise ValueError("model: invariant_only needs routed adapters (AdapterConfig(domains=K >= 2))")
+    before = router.routing.invariant_only
+    router.routing.invariant_only = True
+    try:
+        yield
+    finally:
+        router.routing.invariant_only = before
