@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from causalattn.data import shortcut, stg
+from causalattn.data import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -81,6 +81,8 @@ def base_texts(settings: TinyBaseSettings) -> list[str]:
     rng = random.Random(settings.seed)
     if settings.task == "shortcut":
         examples = shortcut.generate(settings.examples, seed=settings.seed, mode="random")
+    elif settings.task == "dialects":
+        examples = dialects.base_examples(settings.examples, seed=settings.seed)
     else:
         examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
     return [f"{example.input} {rng.choice(stg.LABELS)}" for example in examples]
@@ -154,7 +156,7 @@ def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progres
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     texts = base_texts(settings)
-    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task == "shortcut")
+    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task in ("shortcut", "dialects"))
     model = build_model(settings, tokenizer)
     bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
                disable=not show_progress, dynamic_ncols=True)
