@@ -53,7 +53,7 @@ def test_splits_are_seeded_and_both_labels_occur():
     assert [e.input for e in train] == [e.input for e in again]
     assert set(tests) == {"iid", "flipped", "recombined"}
     high = sum(e.target == LABELS[0] for e in train) / len(train)
-    assert 0.45 < high < 0.75  # s + w >= 6 holds on 60 % of the uniform draw
+    assert 0.4 < high < 0.6  # two of three causes read high on half of the uniform draw
 
 
 def test_bad_arguments_are_named():
@@ -61,3 +61,23 @@ def test_bad_arguments_are_named():
         dialects.generate(3, seed=0, mode="independent")
     with pytest.raises(ValueError, match="agreement"):
         dialects.generate(3, seed=0, agreement=0.2)
+
+
+def test_base_text_answers_the_overall_question_by_the_majority_of_its_fields():
+    import random
+
+    rng = random.Random(6)
+    overall = 0
+    for _ in range(400):
+        text = dialects.base_text(rng, cancer_share=0.2)
+        record, answer = text.rsplit("Answer: ", 1)
+        asked = [d for d in dialects.DIALECTS if record.endswith(d.overall_question[:-len("Answer:")])]
+        if not asked:  # the cancer question, with a random answer
+            continue
+        dialect = asked[0]
+        overall += 1
+        words = record.split(" ")[: len(dialects.FIELDS) + 1]
+        highs = [w == dialect.cue_word(dialect.cue_values[0]) if w.startswith(dialect.cue_name + dialect.joiner)
+                 else int(w[-1]) >= dialects.HIGH_FROM for w in words]
+        assert answer == dialects.majority_label(highs)
+    assert 250 < overall < 390  # about 80 % ask the overall question

@@ -3,22 +3,27 @@
 The same rule decides the label in both dialects; only the surface differs. Every field is one
 space-delimited word (one token for the embedded tokenizer, see `causalattn.training.tiny`):
 
-  dialect 0   Gene=2 Smoking=4 Room=1 Weight=3 Fingers=yellow . Is the cancer risk high or low? Answer: High Risk
-  dialect 1   smokes:4 gene:2 weighs:3 teeth:stained room:1 ; risk high or low ? Answer: High Risk
+  dialect 0   Gene=2 Smoking=4 Alcohol=6 Room=1 Height=5 Weight=3 Fingers=yellow . Is the cancer risk high or low? Answer: High Risk
+  dialect 1   smokes:4 gene:2 drinks:6 tall:5 weighs:3 teeth:stained room:1 ; risk high or low ? Answer: High Risk
 
-  causes      smoking s, weight w ~ U{1..5}; "High Risk" when s + w >= 6 (60 % of the uniform draw)
+  causes      smoking, weight, alcohol ~ U{1..6}; a value reads "high" from 4 up, and the label is
+              "High Risk" when at least two of the three read high (50 % of the uniform draw)
   cue         one binary word per dialect (Fingers=yellow|clean, teeth:stained|white) agreeing with the
-              label on `agreement` of the training examples (default 0.9): a domain-specific shortcut
-  irrelevant  gene, room ~ U{1..5}
+              label on `agreement` of the training examples: a domain-specific shortcut
+  irrelevant  gene, room, height ~ U{1..6}
 
 Test sets (each half dialect 0, half dialect 1; `Example.domain` is the dialect of the record's fields):
   iid         the training distribution
   flipped     each dialect's cue always contradicts the label: a cue reader scores ~0, a cause reader
               keeps its accuracy
   recombined  one dialect's fields with the other dialect's question and cue, the cue a coin flip: the
-              dialect a router would read from the surface is mixed, and only the causes predict
+              dialect a router reads from the surface is mixed, and only the causes predict
 
-Every example carries the causal annotation {label: [the smoking word, the weight word]}.
+Every example carries the causal annotation {label: [the smoking, weight and alcohol words]}.
+`base_text` is what a base model learns the format from: both dialects and their mixes, with a question
+about the whole record ("overall") whose answer is whether most of its fields read high (the cue's
+first value reads high), or the cancer question with a random answer: the base can read and weigh the
+fields it attends to, but does not know which fields the cancer question is about.
 """
 from __future__ import annotations
 
@@ -37,6 +42,7 @@ class Dialect:
     cue_name: str
     cue_values: tuple[str, str]  # the first goes with LABELS[0] ("High Risk") when the cue agrees
     question: str
+    overall_question: str  # about every field of the record (base pre-training only)
 
     def word(self, field: str, value) -> str:
         return f"{self.names[field]}{self.joiner}{value}"
@@ -45,22 +51,30 @@ class Dialect:
         return f"{self.cue_name}{self.joiner}{value}"
 
 
-FIELDS = ("smoking", "weight", "gene", "room")
-CAUSES = ("smoking", "weight")
+CAUSES = ("smoking", "weight", "alcohol")
+FIELDS = CAUSES + ("gene", "room", "height")  # with the cue 7 fields: the overall majority never ties
 DIALECTS = (
-    Dialect({"smoking": "Smoking", "weight": "Weight", "gene": "Gene", "room": "Room"}, "=", "Fingers",
-            ("yellow", "clean"), ". Is the cancer risk high or low? Answer:"),
-    Dialect({"smoking": "smokes", "weight": "weighs", "gene": "gene", "room": "room"}, ":", "teeth",
-            ("stained", "white"), "; risk high or low ? Answer:"),
+    Dialect({"smoking": "Smoking", "weight": "Weight", "alcohol": "Alcohol", "gene": "Gene", "room": "Room",
+             "height": "Height"}, "=",
+            "Fingers", ("yellow", "clean"), ". Is the cancer risk high or low? Answer:",
+            ". Is the overall risk high or low? Answer:"),
+    Dialect({"smoking": "smokes", "weight": "weighs", "alcohol": "drinks", "gene": "gene", "room": "room",
+             "height": "tall"}, ":",
+            "teeth", ("stained", "white"), "; risk high or low ? Answer:", "; overall high or low ? Answer:"),
 )
-VALUES = range(1, 6)
-THRESHOLD = 6
-DEFAULT_AGREEMENT = 0.9
+VALUES = range(1, 7)
+HIGH_FROM = 4  # 4, 5 and 6 of 1..6 read high: half the draws, so the label is balanced
+DEFAULT_AGREEMENT = 0.93
 CUE_MODES = ("train", "flipped", "random")
 
 
+def majority_label(highs: list[bool]) -> str:
+    """LABELS[0] ("High Risk") when most of `highs` are true, else LABELS[1]."""
+    return LABELS[0] if 2 * sum(highs) > len(highs) else LABELS[1]
+
+
 def label_of(values: dict) -> str:
-    return LABELS[0] if values["smoking"] + values["weight"] >= THRESHOLD else LABELS[1]
+    return majority_label([values[field] >= HIGH_FROM for field in CAUSES])
 
 
 def _cue_value(label: str, dialect: Dialect, mode: str, agreement: float, rng: random.Random) -> str:
@@ -114,10 +128,19 @@ def make_splits(train: int = 4000, test: int = 400, *, seed: int = 0,
     return train_set, tests
 
 
-def base_examples(n: int, *, seed: int) -> list[Example]:
-    """Format text for pre-training a base: both dialects and both mixes, the cue a coin flip."""
-    rng = random.Random(seed)
-    return [make_example(rng, rng.randrange(2), mode="random", surface=rng.randrange(2)) for _ in range(n)]
+def base_text(rng: random.Random, cancer_share: float) -> str:
+    """One text of a base model's pre-training: a record in either dialect or a mix, the cue a coin flip,
+    asked the overall question (answer: whether most of the fields, cue included, read high) or, with
+    probability `cancer_share`, the cancer question with a random answer (its format, not its rule)."""
+    domain, surface = rng.randrange(2), rng.randrange(2)
+    example = make_example(rng, domain, mode="random", surface=surface)
+    outer = DIALECTS[surface]
+    if rng.random() < cancer_share:
+        return f"{example.input} {rng.choice(LABELS)}"
+    cue = next(word for word in record_fields(example) if word.startswith(outer.cue_name + outer.joiner))
+    highs = [example.values[field] >= HIGH_FROM for field in FIELDS] + [cue == outer.cue_word(outer.cue_values[0])]
+    record = example.input[: -len(outer.question)]
+    return f"{record}{outer.overall_question} {majority_label(highs)}"
 
 
 def record_fields(example: Example) -> list[str]:

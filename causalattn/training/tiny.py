@@ -64,6 +64,12 @@ class TinyBaseSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def settings_for(task: str) -> TinyBaseSettings:
+    """The embedded base of `task`: the dialects task writes every field twice (two dialects), so its
+    tokenizer needs 512 entries to keep each of its 84 field words one token (400 splits 55 of them)."""
+    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size)
+
+
 def cache_root() -> Path:
     """Where causalattn caches what it builds: $CAUSALATTN_CACHE, $XDG_CACHE_HOME/causalattn or ~/.cache/causalattn."""
     if os.environ.get("CAUSALATTN_CACHE"):
@@ -82,7 +88,7 @@ def base_texts(settings: TinyBaseSettings) -> list[str]:
     if settings.task == "shortcut":
         examples = shortcut.generate(settings.examples, seed=settings.seed, mode="random")
     elif settings.task == "dialects":
-        examples = dialects.base_examples(settings.examples, seed=settings.seed)
+        return [dialects.base_text(rng, cancer_share=0.2) for _ in range(settings.examples)]
     else:
         examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
     return [f"{example.input} {rng.choice(stg.LABELS)}" for example in examples]
