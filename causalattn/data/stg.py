@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
+from typing import Optional
 
 CAUSAL = ("Smoking", "Weight", "Exercise")
 SPURIOUS = ("Yellow fingers", "Clothing size", "Hormones")
@@ -36,6 +37,7 @@ class Example:
     important: dict = field(hash=False)
     values: dict = field(hash=False, compare=False, repr=False)
     separator: str = " "
+    domain: Optional[int] = field(default=None, compare=False)  # which domain (dialect) it comes from, if known
 
 
 def risk_score(values: dict) -> float:

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from causalattn.data import Example, make_splits, shortcut, stg
+from causalattn.data import Example, dialects, make_splits, shortcut, stg
 from causalattn.data.annotations import check_annotations
 from causalattn.data.controls import with_random_causes
 from causalattn.data.jsonl import DataFile, read_file
@@ -72,6 +72,12 @@ def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=
         return JobData(train, tests, LABELS, f"Spurious Token Game, shortcut variant (seed {config.seed}, "
                                              f"cue agreement {config.cue_agreement})",
                        control_train=with_random_causes(train, shortcut.record_fields, seed=config.seed))
+    if config.data == STG and config.task == "dialects":
+        train, tests = dialects.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
+                                            agreement=config.cue_agreement)
+        return JobData(train, tests, LABELS, f"two-dialect Spurious Token Game (seed {config.seed}, "
+                                             f"cue agreement {config.cue_agreement})",
+                       control_train=with_random_causes(train, dialects.record_fields, seed=config.seed))
     if config.data == STG:
         splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,

@@ -70,7 +70,7 @@ def resolve_model(config: TrainConfig, context: DistContext, log: Callable[[str]
     """The base checkpoint directory (building the tiny one on rank 0 when needed) and a description."""
     if config.model is not None:
         return Path(config.model), {"path": config.model, "embedded": False}
-    settings = tiny.TinyBaseSettings(task=config.task)
+    settings = tiny.settings_for(config.task)
     if context.is_main:
         tiny.ensure_tiny_base(settings, show_progress=not config.quiet and sys.stderr.isatty(), log=log)
     context.barrier()

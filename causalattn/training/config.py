@@ -27,7 +27,7 @@ MIXED_PRECISION = ("no", "bf16")
 STG = "stg"
 # The generated Spurious Token Game variants: "shortcut" (a binary cue agrees with the label on most
 # training examples; causalattn.data.shortcut) and "cancer-risk" (CAT's layout; causalattn.data.stg).
-TASKS = ("shortcut", "cancer-risk")
+TASKS = ("shortcut", "cancer-risk", "dialects")
 # The comparison the embedded default runs: plain fine-tuning, the causal losses added, and the control
 # (CAT onto random fields instead of the causes).
 DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
@@ -236,9 +236,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="which generated Spurious Token Game: 'shortcut' (a one-word binary cue agrees with "
                            "the label on --cue-agreement of the training examples; tests where it is flipped "
                            "and independent) or 'cancer-risk' (CAT's layout: copies of the causes as spurious "
-                           "features) (default shortcut)")
+                           "features) or 'dialects' (two dialects of one task, each with its own cue: the routed-"
+                           "adapter demo; tests iid, flipped and recombined) (default shortcut)")
     data.add_argument("--cue-agreement", type=float, default=d.cue_agreement, metavar="P",
-                      help=f"shortcut task: how often the cue agrees with the label in training (default "
+                      help=f"shortcut and dialects tasks: how often the cue agrees with the label in training (default "
                            f"{d.cue_agreement})")
     data.add_argument("--train-examples", type=int, default=d.train_examples,
                       help=f"STG training examples (default {d.train_examples})")

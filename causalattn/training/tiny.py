@@ -32,7 +32,7 @@ from typing import Callable, Optional
 
 import torch
 
-from causalattn.data import shortcut, stg
+from causalattn.data import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
 RECIPE_VERSION = 1
@@ -64,6 +64,12 @@ class TinyBaseSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
+def settings_for(task: str) -> TinyBaseSettings:
+    """The embedded base of `task`: the dialects task writes every field twice (two dialects), so its
+    tokenizer needs 512 entries to keep each of its 84 field words one token (400 splits 55 of them)."""
+    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size)
+
+
 def cache_root() -> Path:
     """Where causalattn caches what it builds: $CAUSALATTN_CACHE, $XDG_CACHE_HOME/causalattn or ~/.cache/causalattn."""
     if os.environ.get("CAUSALATTN_CACHE"):
@@ -81,6 +87,8 @@ def base_texts(settings: TinyBaseSettings) -> list[str]:
     rng = random.Random(settings.seed)
     if settings.task == "shortcut":
         examples = shortcut.generate(settings.examples, seed=settings.seed, mode="random")
+    elif settings.task == "dialects":
+        return [dialects.base_text(rng, cancer_share=0.2) for _ in range(settings.examples)]
     else:
         examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
     return [f"{example.input} {rng.choice(stg.LABELS)}" for example in examples]
@@ -154,7 +162,7 @@ def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progres
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
     texts = base_texts(settings)
-    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task == "shortcut")
+    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task in ("shortcut", "dialects"))
     model = build_model(settings, tokenizer)
     bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
                disable=not show_progress, dynamic_ncols=True)
