@@ -5,6 +5,7 @@ Shapes
 input_ids, attention_mask, labels   (B, N) int64; labels are -100 except on the answer tokens
 causal_mask                         CausalMask over (B, N, N): rows predicting the answer attend to
                                     the annotated causes (SPEC §2)
+domains                             (B,) int64 `Example.domain` of each example, None unless all have one
 """
 from __future__ import annotations
 
@@ -26,10 +27,19 @@ class Batch:
     attention_mask: Tensor
     labels: Tensor
     causal_mask: CausalMask
+    domains: Optional[Tensor] = None
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                     self.causal_mask.to(device))
+                     self.causal_mask.to(device), self.domains.to(device) if self.domains is not None else None)
+
+    def label_rows(self) -> Tensor:
+        """(B,) the row predicting each example's first answer token (row t predicts token t + 1): where
+        the ICLM MI term compares the invariant and domain read-outs."""
+        answer = self.labels != IGNORE_INDEX
+        if not bool(answer.any(dim=1).all()):
+            raise ValueError("labels: every example needs an answer token to have a label row")
+        return answer.int().argmax(dim=1) - 1
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -68,4 +78,6 @@ def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int]
     answer_first_char = torch.tensor([len(e.input) + len(e.separator) for e in examples])[:, None]
     is_answer = (ends > answer_first_char) & (ends > starts)
     labels = torch.where(is_answer, encoding["input_ids"], torch.full_like(encoding["input_ids"], IGNORE_INDEX))
-    return Batch(encoding["input_ids"], encoding["attention_mask"], labels, mask)
+    domains = [e.domain for e in examples]
+    known = torch.tensor(domains, dtype=torch.long) if all(d is not None for d in domains) else None
+    return Batch(encoding["input_ids"], encoding["attention_mask"], labels, mask, known)

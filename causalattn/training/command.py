@@ -4,6 +4,7 @@
                                                        # STG, runs ce, ce+cat, ce+cat+xg, ce+cat-random
                                                        # on 3 seeds; iid/flipped/independent table
     causalattn train --model DIR --data train.jsonl --eval-data test.jsonl --output-dir out
+    causalattn train --task dialects --runs ce,ce+routed --domains 2 --route vq   # ICLM's routed adapters
     torchrun --nproc_per_node=4 -m causalattn.cli train --model DIR ...   # data parallel (or --fsdp)
 
 Without `--model` the tiny base is built once and cached (see `causalattn.training.tiny`). Each run
@@ -200,6 +201,12 @@ def train(config: TrainConfig) -> Optional[dict]:
 
 
 def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) -> None:
+    if config.routed and config.route == "oracle":
+        unknown = [split for split, examples in [("train", data.train), *data.evals.items()]
+                   if any(example.domain is None for example in examples)]
+        if unknown:
+            raise ConfigError(f"--route: oracle routing reads each example's domain id, which the {unknown[0]} data "
+                              "does not give (use --task dialects, or vq / vq-ste / soft)")
     if any(run.cat for run in config.runs) and not any(example.important for example in data.train):
         log("warning: --cat: no training example has a causal annotation ('important'), so the CAT loss is 0")
     if not data.evals:

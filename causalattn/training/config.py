@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Optional
 
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
-from causalattn.losses import CAT_LOSS_KINDS
+from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
+from causalattn.routing import DEFAULT_CODE_DIM, ROUTE_MODES
 from causalattn.ops import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float64")
@@ -35,6 +36,7 @@ CONTROL_RUN = "ce+cat-random"  # added to the default comparison on generated da
 DEFAULT_SEEDS = 3  # the embedded default's seeds per run: enough for a standard error
 
 
+ROUTING_OPTIONS = ("domains", "domain_len", "route", "router_dim", "vq_lambda", "mi_lambda", "mi_kind")
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -45,25 +47,29 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunSpec:
     """The loss terms one run optimises: CE always, plus CAT and/or XG. `random_causes` is the control:
-    CAT supervises attention onto as many random record fields as there are causes."""
+    CAT supervises attention onto as many random record fields as there are causes. `routed`: ICLM's
+    routed adapters (--domains prompts chosen by a router) with their VQ and MI terms, else one adapter."""
 
     cat: bool
     xg: bool
     random_causes: bool = False
+    routed: bool = False
 
     @property
     def name(self) -> str:
         cat = ["cat-random" if self.random_causes else "cat"] if self.cat else []
-        return "+".join(["ce"] + cat + (["xg"] if self.xg else []))
+        return "+".join(["ce"] + cat + (["xg"] if self.xg else []) + (["routed"] if self.routed else []))
 
     @classmethod
     def parse(cls, text: str) -> "RunSpec":
         terms = text.strip().lower().split("+")
         if (not terms or terms[0] != "ce" or len(set(terms)) != len(terms)
-                or not set(terms[1:]) <= {"cat", "cat-random", "xg"} or {"cat", "cat-random"} <= set(terms)):
+                or not set(terms[1:]) <= {"cat", "cat-random", "xg", "routed"} or {"cat", "cat-random"} <= set(terms)):
             raise ConfigError(f"--runs: {text!r} is not a run; expected ce, ce+cat, ce+xg, ce+cat+xg or "
-                              "ce+cat-random (the control: CAT onto random fields)")
-        return cls(cat="cat" in terms or "cat-random" in terms, xg="xg" in terms, random_causes="cat-random" in terms)
+                              "ce+cat-random (the control: CAT onto random fields), each optionally +routed "
+                              "(ICLM's routed adapters, e.g. ce+routed)")
+        return cls(cat="cat" in terms or "cat-random" in terms, xg="xg" in terms, random_causes="cat-random" in terms,
+                   routed="routed" in terms)
 
 
 @dataclass
@@ -93,6 +99,14 @@ class TrainConfig:
     cat_decay: float = 1.0
     xg_lambda: float = 1.0
     xg_pool: str = "sample"
+    # routed adapters (ICLM, SPEC §7), for the +routed runs; defaults are the official code's weights
+    domains: int = 2
+    domain_len: int = 10
+    route: str = "vq"
+    router_dim: int = DEFAULT_CODE_DIM
+    vq_lambda: float = 0.1
+    mi_lambda: float = 0.01
+    mi_kind: str = "code"
     # optimisation
     lr: float = 2e-2
     weight_decay: float = 0.02
@@ -148,6 +162,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
         if not self.runs:
             raise ConfigError("--runs: expected at least one run")
+        if self.routed:
+            self._check_routing()
         names = [run.name for run in self.runs]
         if len(set(names)) != len(names):
             raise ConfigError(f"--runs: each run once, got {','.join(names)}")
@@ -194,6 +210,27 @@ class TrainConfig:
         return files
 
     @property
+    def routed(self) -> bool:
+        """Whether any run trains routed adapters (only then do the routing options matter)."""
+        return any(run.routed for run in self.runs)
+
+    def _check_routing(self) -> None:
+        if self.domains < 2:
+            raise ConfigError(f"--domains: routed runs choose between at least 2 domain prompts, got {self.domains}")
+        if self.domain_len < 1:
+            raise ConfigError(f"--domain-len: expected a positive integer, got {self.domain_len}")
+        if self.router_dim < 1:
+            raise ConfigError(f"--router-dim: expected a positive integer, got {self.router_dim}")
+        for flag, value in {"--vq-lambda": self.vq_lambda, "--mi-lambda": self.mi_lambda}.items():
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
+        slots = self.adapter_len + self.domain_len * (1 if self.route in ("vq", "oracle") else self.domains)
+        if slots > MAX_ADAPTER_TOKENS:
+            raise ConfigError(f"--domain-len: --route {self.route} reads {slots} adapter slots per layer (--adapter-len "
+                              f"{self.adapter_len} + --domain-len {self.domain_len} x "
+                              f"{1 if self.route in ('vq', 'oracle') else self.domains}); at most {MAX_ADAPTER_TOKENS}")
+
+    @property
     def gate_per_head(self) -> Optional[bool]:
         return None if self.gate_shape is None else self.gate_shape == "head"
 
@@ -204,6 +241,9 @@ class TrainConfig:
         values["eval_data"] = list(self.eval_data)  # as the JSON of a checkpoint reads it back
         for name in ("output_dir", "resume", "threads", "quiet"):
             values.pop(name)
+        if not self.routed:  # jobs without routed runs keep the options (and checkpoints) they had before
+            for name in ROUTING_OPTIONS:
+                values.pop(name)
         return values
 
 
@@ -282,6 +322,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     losses.add_argument("--xg-lambda", type=float, default=d.xg_lambda, help=f"XG weight (default {d.xg_lambda})")
     losses.add_argument("--xg-pool", choices=XG_POOLS, default=d.xg_pool,
                         help="XG read-out pooled per sample or taken per position (default sample)")
+
+    routed = parser.add_argument_group("routed adapters (ICLM; the +routed runs, e.g. --runs ce,ce+routed)")
+    routed.add_argument("--domains", type=int, default=d.domains, metavar="K",
+                        help=f"domain prompts per adapted layer, one chosen per sample by the router (default {d.domains})")
+    routed.add_argument("--domain-len", type=int, default=d.domain_len, metavar="M",
+                        help=f"prompt tokens of each domain prompt (default {d.domain_len}); --adapter-len is the "
+                             "invariant prompt's")
+    routed.add_argument("--route", choices=ROUTE_MODES, default=d.route,
+                        help="vq (ICLM: argmin of the codeword distances, no gradient through the route), vq-ste "
+                             "(straight through a softmax), soft (softmax weights), oracle (the data's domain ids) "
+                             "(default vq)")
+    routed.add_argument("--router-dim", type=int, default=d.router_dim,
+                        help=f"the router's code dimension (default {d.router_dim}, the official code's)")
+    routed.add_argument("--vq-lambda", type=float, default=d.vq_lambda,
+                        help=f"weight of the router's VQ loss (default {d.vq_lambda}, ICLM's)")
+    routed.add_argument("--mi-lambda", type=float, default=d.mi_lambda,
+                        help=f"weight of the MI term between invariant and domain read-outs (default {d.mi_lambda}, "
+                             "ICLM's)")
+    routed.add_argument("--mi-kind", choices=MI_KINDS, default=d.mi_kind,
+                        help="code (the official KLDivLoss form) or textbook (KL(P_XY || P_X P_Y)) (default code)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--lr", type=float, default=d.lr, help=f"AdamW peak learning rate (default {d.lr})")

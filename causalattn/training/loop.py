@@ -3,12 +3,18 @@
 Each optimizer step runs this process's micro-batches (`batching.micro_batches`) with
 
     loss = CE + [cat] exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
+               + [routed] vq_lambda * VQ + mi_lambda * MI                 (SPEC §7, ICLM)
 
 per micro-batch, scaled by 1 / grad_accum (data parallelism averages over processes), then one AdamW
 step with warm-up + cosine. CAT and XG are computed for every run, also when they are not in the loss,
 so the history shows how much attention a plain CE run puts on the causes. After every epoch the run
 is evaluated (IID/OOD accuracy for the STG) and checkpointed; a resumed run continues from the last
 checkpoint with the same loss trajectory.
+
+Routed runs (`+routed`) also log, per epoch on the last step's history row, the share of training
+samples routed to each domain (`route_fractions`) and the NMI between route and true domain
+(`route_nmi`, when the data has domain ids), and are evaluated twice: with the full adapters and with
+the invariant mechanism alone (`<split>-invariant`, domain segments off).
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ from torch import Tensor, nn
 import causalattn.hf as cah
 from causalattn.data.batches import collate
 from causalattn.losses import cat_amp
+from causalattn.routing import normalized_mutual_information, route_distribution
 from causalattn.training import checkpoint as ckpt
 from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.training.config import ConfigError, RunSpec, TrainConfig
@@ -34,9 +41,10 @@ from causalattn.training.evaluate import accuracy, generation_accuracy
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
 # causes (mass averaged over layers and heads, then over supervised rows): the quantity CAT pushes up.
-STAT_NAMES = ("loss", "ce", "cat", "xg", "cause_attn", "tokens")
+STAT_NAMES = ("loss", "ce", "cat", "xg", "cause_attn", "mi", "vq", "tokens")
 LOGGED = STAT_NAMES[:-1]
 ADAPTER_DIR = "adapter"
+INVARIANT_SUFFIX = "-invariant"  # the evaluation split of a routed run with the domain segments off
 
 
 @dataclass
@@ -94,14 +102,17 @@ def training_precision(config: TrainConfig, device: torch.device) -> torch.autoc
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.mixed_precision == "bf16")
 
 
-def add_job_adapters(model: nn.Module, config: TrainConfig) -> cah.AdapterSummary:
-    """Zero-init gated prompts as the adapter flags ask, on the chosen attention backend."""
+def add_job_adapters(model: nn.Module, config: TrainConfig, routed: bool = False) -> cah.AdapterSummary:
+    """Zero-init gated prompts as the adapter flags ask (routed ones for a +routed run), on the chosen
+    attention backend."""
     layers = len(cah.attention_modules(model))
     if config.adapter_layers is not None and config.adapter_layers > layers:
         raise ConfigError(f"--adapter-layers: the model has {layers} layers, got {config.adapter_layers}")
+    routing = dict(domains=config.domains, domain_length=config.domain_len, route=config.route,
+                   router_dim=config.router_dim) if routed else {}
     summary = cah.add_adapters(model, cah.AdapterConfig(
         length=config.adapter_len, layers=config.adapter_layers, xg_tokens=config.xg_tokens, gate=config.gate,
-        gate_per_head=config.gate_per_head, xg_pool=config.xg_pool))
+        gate_per_head=config.gate_per_head, xg_pool=config.xg_pool, **routing))
     if config.train_qk:
         for weight in query_key_weights(model):
             weight.requires_grad_(True)
@@ -117,15 +128,28 @@ def query_key_weights(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in modules for proj in (m.q_proj, m.k_proj) for p in proj.parameters()]
 
 
+def routing_inputs(batch) -> dict:
+    """The keywords a routed model's forward takes from a batch: the MI label rows, the domain ids."""
+    inputs = {cah.LABEL_ROWS_KWARG: batch.label_rows()}
+    if batch.domains is not None:
+        inputs[cah.DOMAINS_KWARG] = batch.domains
+    return inputs
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
-    """AdamW with weight decay on the prompts only (decaying a gate pulls it back to 0, i.e. off) and a
-    linear warm-up then cosine decay to 0 over `total_steps`."""
+    """AdamW with weight decay on the prompts only (decaying a gate pulls it back to 0, i.e. off; the
+    router is not a prompt either) and a linear warm-up then cosine decay to 0 over `total_steps`."""
     from transformers import get_cosine_schedule_with_warmup
 
     prompts, gates = [], []
     for layer in cah.adapted_layers(model).values():
         prompts.append(layer.prompt)
         gates.append(layer.gate)
+        if layer.routed:
+            prompts.append(layer.bank)
+            gates.append(layer.domain_gate)
+    router = cah.find_router(model)
+    gates += list(router.parameters()) if router is not None else []
     groups = [{"params": prompts, "weight_decay": config.weight_decay}, {"params": gates, "weight_decay": 0.0}]
     if config.train_qk:
         groups.append({"params": query_key_weights(model), "weight_decay": 0.0, "lr": config.qk_lr})
@@ -146,26 +170,39 @@ class Trainer:
         self.steps = steps_per_epoch(len(job.data.train), self.config, world)
         self.total_steps = min(self.steps * self.config.epochs, self.config.max_steps or math.inf)
         self.options = {**self.config.trajectory_options(), "world_size": world, "run": spec.name}
+        self._routes: list[Tensor] = []   # this epoch's route index of every training sample (routed runs)
+        self._domains: list[Tensor] = []  # and their true domains, when the data has them
 
     # ------------------------------------------------------------------ one optimizer step
     def _micro_batch(self, parallel: ParallelModel, indices: list[int], amp: float, skip_sync: bool) -> Tensor:
         """Forward + backward of one micro-batch; returns its STAT_NAMES values for logging."""
         examples = [self.train_examples[i] for i in indices]
         batch = collate(examples, self.job.tokenizer, max_length=self.config.max_length).to(self.context.device)
+        routing = routing_inputs(batch) if self.spec.routed else {}
         with parallel.no_sync(skip_sync), cah.collect(parallel.module) as stats, \
                 training_precision(self.config, self.context.device):
             out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                          labels=batch.labels, supervision=batch.causal_mask, use_cache=False)
+                                          labels=batch.labels, supervision=batch.causal_mask, use_cache=False,
+                                          **routing)
             cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind)
             xg = stats.xg_loss() if self.monitor_xg else torch.zeros((), device=self.context.device)
+            zero = torch.zeros((), device=self.context.device)
+            mi = stats.mi_loss(kind=self.config.mi_kind) if self.spec.routed and stats.readouts else zero
+            vq = stats.vq_loss() if self.spec.routed else zero
             loss = out.loss
             if self.spec.cat:
                 loss = loss + amp * cat
             if self.spec.xg:
                 loss = loss + self.config.xg_lambda * xg
+            if self.spec.routed:
+                loss = loss + self.config.vq_lambda * vq + self.config.mi_lambda * mi
             (loss / self.config.grad_accum).backward()
+        if self.spec.routed:
+            self._routes.append(stats.route.index.detach().cpu())
+            if batch.domains is not None:
+                self._domains.append(batch.domains.cpu())
         tokens = batch.attention_mask.sum()
-        values = (loss, out.loss, cat, xg, self._cause_attention(stats), tokens)
+        values = (loss, out.loss, cat, xg, self._cause_attention(stats), mi, vq, tokens)
         return torch.stack([t.detach().double() for t in values]).cpu()
 
     @staticmethod
@@ -197,16 +234,21 @@ class Trainer:
             return accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
                             batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
 
-        return [{"run": self.spec.name, "seed": self.config.seed, "epoch": epoch, "split": split,
-                 "accuracy": measure(examples)}
-                for split, examples in data.evals.items()]
+        def row(split: str, value: float) -> dict:
+            return {"run": self.spec.name, "seed": self.config.seed, "epoch": epoch, "split": split, "accuracy": value}
+
+        rows = [row(split, measure(examples)) for split, examples in data.evals.items()]
+        if self.spec.routed:  # the invariant mechanism alone, as ICLM evaluates it
+            with cah.invariant_only(model):
+                rows += [row(split + INVARIANT_SUFFIX, measure(examples)) for split, examples in data.evals.items()]
+        return rows
 
     # ------------------------------------------------------------------ the run
     def run(self, before_training: Optional[Callable[[nn.Module], None]] = None) -> tuple[RunResult, nn.Module]:
         config, context, job = self.config, self.context, self.job
         torch.manual_seed(config.seed)  # the same adapter init in every run and on every process
         model = load_model(job.model_path, config, context.device)
-        summary = add_job_adapters(model, config)
+        summary = add_job_adapters(model, config, routed=self.spec.routed)
         optimizer, scheduler = make_optimizer(model, config, self.total_steps)
         progress = ckpt.Progress(epoch=0, step=0, history=[], accuracy=[], train_seconds=0.0, options=self.options)
         resumed_at = None
@@ -274,6 +316,18 @@ class Trainer:
                             refresh=False)
         bar.close()
         progress.train_seconds += time.perf_counter() - start
+        if self.spec.routed and progress.history:
+            progress.history[-1].update(self._route_statistics())
+
+    def _route_statistics(self) -> dict:
+        """This process's epoch of routes: the share of samples per domain and, with true domains, their NMI
+        (with several processes, each logs its own share of the samples)."""
+        routes, domains = torch.cat(self._routes), torch.cat(self._domains) if self._domains else None
+        self._routes, self._domains = [], []
+        values = {"route_fractions": route_distribution(routes, self.config.domains)}
+        if domains is not None and domains.numel() == routes.numel():
+            values["route_nmi"] = normalized_mutual_information(routes, domains)
+        return values
 
     def _save(self, model: nn.Module, optimizer, scheduler, progress: ckpt.Progress) -> None:
         states = self.context.gather(ckpt.rng_state())
@@ -286,7 +340,12 @@ class Trainer:
         mean = {name: sum(r[name] for r in rows) / len(rows) for name in LOGGED}
         accs = "  ".join(f"{r['split'].upper()} {r['accuracy']:.3f}" for r in progress.accuracy
                          if r["epoch"] == progress.epoch)
+        routing = ""
+        if self.spec.routed:
+            fractions = "/".join(f"{f:.2f}" for f in rows[-1].get("route_fractions", []))
+            nmi = f"  nmi {rows[-1]['route_nmi']:.2f}" if "route_nmi" in rows[-1] else ""
+            routing = f"mi {mean['mi']:.2e}  vq {mean['vq']:.3f}  route {fractions}{nmi}  "
         return (f"[{self.spec.name}] epoch {progress.epoch}/{self.config.epochs}  loss {mean['loss']:.4f}  "
                 f"ce {mean['ce']:.4f}  cat {mean['cat']:.3f}  xg {mean['xg']:.2e}  "
-                f"cause attn {mean['cause_attn']:.3f}  {accs}  "
+                f"cause attn {mean['cause_attn']:.3f}  {routing}{accs}  "
                 f"({progress.train_seconds:.0f} s training)")

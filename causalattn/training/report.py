@@ -20,7 +20,7 @@ import torch
 
 from causalattn.training.batching import JobData
 from causalattn.training.config import TrainConfig
-from causalattn.training.loop import RunResult
+from causalattn.training.loop import INVARIANT_SUFFIX, RunResult
 
 REPORT_NAME = "report.json"
 
@@ -93,13 +93,30 @@ def last_epoch_means(result: RunResult) -> dict[str, float]:
     if not result.history:
         return {}
     last = [r for r in result.history if r["epoch"] == result.history[-1]["epoch"]]
-    return {name: sum(r[name] for r in last) / len(last) for name in ("ce", "cat", "xg", "cause_attn")}
+    names = ("ce", "cat", "xg", "cause_attn") + (("mi", "vq") if "route_fractions" in last[-1] else ())
+    means = {name: sum(r[name] for r in last) / len(last) for name in names}
+    if "route_nmi" in last[-1]:  # routed runs: the last epoch's NMI between route and true domain
+        means["route_nmi"] = last[-1]["route_nmi"]
+    return means
 
 
 def run_metrics(result: RunResult) -> dict[str, float]:
-    """One run's numbers of the table: final accuracy per split, last-epoch losses, training seconds."""
+    """One run's numbers of the table: final accuracy per split (routed runs: also invariant-only), last-epoch
+    losses (routed runs: also MI, VQ and route NMI), training seconds."""
     return {**{f"acc_{split}": acc for split, acc in result.final_accuracy().items()},
             **last_epoch_means(result), "train_seconds": result.train_seconds}
+
+
+def _routing_lines(summary: dict) -> list[str]:
+    """One line per routed run: its route NMI with the true domain, MI and VQ over the last epoch."""
+    lines = []
+    for name, entry in summary.items():
+        if "vq" not in entry:
+            continue
+        nmi = f"route NMI {_cell(entry['route_nmi'], '.2f')}, " if "route_nmi" in entry else ""
+        lines.append(f"{name}: {nmi}MI {_cell(entry['mi'], '.1e')}, VQ {_cell(entry['vq'], '.3f')} (last epoch); "
+                     f"'{name} invariant' is the same adapters with the domain segments off")
+    return lines
 
 
 def summarize_runs(results: Sequence[RunResult]) -> dict[str, dict]:
@@ -152,6 +169,9 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
         rows.append([name] + [_cell(entry.get(f"acc_{s}"), ".3f") for s in splits]
                     + [_cell(entry.get("ce"), ".3f"), _cell(entry.get("cat"), ".3f"), _cell(entry.get("xg"), ".1e"),
                        _cell(entry.get("cause_attn"), ".3f"), f"{entry['train_seconds']['mean']:.0f}"])
+        if any(f"acc_{s}{INVARIANT_SUFFIX}" in entry for s in splits):
+            rows.append([f"{name} invariant"] + [_cell(entry.get(f"acc_{s}{INVARIANT_SUFFIX}"), ".3f") for s in splits]
+                        + blank)
     widths = [max(len(str(r[i])) for r in [head] + rows) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
              for r in [head] + rows]
@@ -162,7 +182,7 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
     lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
                  "of the answer rows' attention on the annotated causes) are means over the last epoch, logged for "
                  "every run and in the loss only where the run name says so; train s is per run)")
-    return "\n".join(lines)
+    return "\n".join(lines + _routing_lines(summary))
 
 
 def _error_or_none(values: Sequence[float]) -> tuple[float, Optional[float]]:
