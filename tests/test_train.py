@@ -129,6 +129,31 @@ def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):
     assert "cancer-risk" in report["data"]["source"]
 
 
+def test_routed_run_logs_routes_mi_vq_and_invariant_accuracy(small_model, tmp_path, capsys):
+    out = tmp_path / "job"
+    code = main(["train", "--model", str(small_model), "--task", "dialects", "--runs", "ce,ce+routed",
+                 "--domains", "2", "--domain-len", "3", "--route", "oracle", "--output-dir", str(out), *FAST])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ce+routed invariant" in printed and "route NMI 1.00" in printed
+    report = report_of(out)
+    plain, routed = report["runs"]
+    assert "route_fractions" not in plain["history"][-1] and "iid-invariant" not in plain["final_accuracy"]
+    epochs = [row for row in routed["history"] if "route_fractions" in row]
+    assert [row["epoch"] for row in epochs] == [1, 2]
+    assert all(row["route_nmi"] == pytest.approx(1.0) for row in epochs)  # the oracle route is the dialect
+    assert sum(epochs[-1]["route_fractions"]) == pytest.approx(1.0)
+    assert set(routed["final_accuracy"]) == {f"{s}{suffix}" for s in ("iid", "flipped", "recombined")
+                                             for suffix in ("", "-invariant")}
+    assert routed["history"][0]["vq"] == 0.0 and "mi" in routed["history"][0]  # oracle: no VQ loss
+    assert set(report["summary"]["ce+routed"]) >= {"mi", "vq", "route_nmi", "acc_iid-invariant"}
+    weights = adapter_weights(out / "ce-routed" / "adapter")
+    assert any(k.endswith(".bank") for k in weights) and "router.codebook" in weights
+    assert not any(k.endswith(".bank") or k.startswith("router.") for k in adapter_weights(out / "ce" / "adapter"))
+    assert report["config"]["domains"] == 2 and report["config"]["route"] == "oracle"
+    assert "domains" not in TrainConfig().trajectory_options()  # unrouted jobs resume as before
+
+
 def test_jsonl_data_with_eval_file(small_model, tmp_path):
     train_file, eval_file = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     write_jsonl(train_file, generate(16, seed=1))
@@ -252,6 +277,9 @@ def test_two_gloo_processes_match_one_process_with_grad_accum(small_model, tmp_p
     (["--data", "missing.jsonl"], "--data"),
     (["--eval-data", "x.jsonl"], "--eval-data"),
     (["--train-examples", "8", "--batch-size", "4", "--grad-accum", "4"], "--batch-size: one optimizer step takes 16"),
+    (["--runs", "ce+routed", "--domains", "1"], "--domains"),
+    (["--runs", "ce+routed", "--route", "soft", "--domains", "6", "--domain-len", "10"], "--domain-len"),
+    (["--runs", "ce+routed", "--route", "oracle", "--task", "cancer-risk"], "--route: oracle"),
 ])
 def test_bad_options_name_the_flag(options, flag, small_model, tmp_path, capsys):
     base = ["train", "--output-dir", str(tmp_path / "job"), "--quiet"]
