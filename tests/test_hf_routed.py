@@ -207,3 +207,5 @@ def test_errors_name_the_argument():
         model(ids, attention_mask=mask, causalattn_label_rows=torch.tensor([0, 99, 1]))
     with pytest.raises(ValueError, match="invariant_only"), cah.invariant_only(build(llama_config())):
         pass
+    with pytest.raises(NotImplementedError, match="packed"):  # one route per row would mix packed sequences
+        routed_model("vq")(ids[:1], position_ids=torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4, 5]]))
