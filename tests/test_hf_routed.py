@@ -172,6 +172,32 @@ def test_cached_generation_keeps_the_prompt_route():
     assert torch.equal(cached, uncached)
 
 
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
+    """The recomputed first adapted layer routes again; the loss and every gradient stay those without it."""
+    ids, mask, rows = batch()
+    results = []
+    for checkpointing in (False, True):
+        model = routed_model("vq-ste")
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        with cah.collect(model) as stats:
+            out = model(ids, attention_mask=mask, labels=ids, causalattn_label_rows=rows, use_cache=False)
+            loss = out.loss + stats.vq_loss() + stats.mi_loss()
+        loss.backward()
+        results.append((loss.detach(), model.causalattn_router.codebook.grad, cah.adapted_layers(model)[1].bank.grad))
+    for plain, recomputed in zip(*results):
+        torch.testing.assert_close(recomputed, plain, **TIGHT)
+
+
+def test_oracle_routes_train_no_router_weights():
+    model = routed_model("oracle")
+    assert not any(p.requires_grad for p in model.causalattn_router.parameters())
+    summary = cah.summarize(model)
+    assert summary.adapter_params > summary.trainable_params
+
+
 def test_save_load_round_trip(tmp_path):
     ids, mask, _ = batch()
     model = routed_model("vq", domains=3)

@@ -60,6 +60,8 @@ def add_router(model: nn.Module, config) -> Router:
     router = Router(first.k_proj.in_features, config.domains, mode=config.route, code_dim=config.router_dim,
                     device=weight.device, dtype=dtype)
     router.routing = RouteState()  # a plain attribute: deep copies keep it shared with the copied layers
+    if config.route == "oracle":  # the given ids route: untrained router weights (DDP needs every trainable one used)
+        router.requires_grad_(False)
     model.add_module(ROUTER_ATTR, router)
     for module in adapted:
         getattr(module, ADAPTER_ATTR).routing = router.routing
