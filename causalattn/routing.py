@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROUTE_MODES = ("vq", "vq-ste", "soft", "oracle")
+HARD_ROUTES = ("vq", "oracle")  # each sample reads only its chosen domain prompt: no gradient needs the others
 DEFAULT_CODE_DIM = 64       # the official router's Linear(H -> 64)
 COMMITMENT = 0.25           # the official VQ loss: 0.25 * commitment + codebook MSE
 
@@ -99,7 +100,7 @@ class Router(nn.Module):
             counts = token_mask.sum(dim=1, keepdim=True).to(z.dtype)
             soft = torch.softmax(-distances / counts, dim=1)
             weights = soft if self.mode == "soft" else one_hot + (soft - soft.detach())  # exactly one-hot forward
-        return Route(weights, index, vq_loss, distances, hard=self.mode == "vq")
+        return Route(weights, index, vq_loss, distances, hard=self.mode in HARD_ROUTES)
 
     def _oracle(self, domain_ids: Optional[Tensor], batch: int, device: torch.device) -> Route:
         if domain_ids is None:

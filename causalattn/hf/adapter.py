@@ -33,9 +33,9 @@ from causalattn.hf.attention import ADAPTER_ATTR, attention_modules, use_causala
 from causalattn.hf.guards import guard_adapted_model
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import XG_SPACES
-from causalattn.routing import DEFAULT_CODE_DIM, ROUTE_MODES
+from causalattn.hf.routed import add_router, find_router
+from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 
-HARD_ROUTES = ("vq", "oracle")  # one domain prompt per sample: the gathered (per-sample keys) path
 ROUTING_FIELDS = ("domains", "domain_length", "route", "router_dim")
 DEFAULT_MAX_LAYERS = 30  # the official LLaMA-Adapter scripts adapt 30 of LLaMA-7B's 32 layers
 
@@ -207,8 +207,6 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None) -> Ad
         setattr(module, ADAPTER_ATTR, GatedPrompt(
             module.k_proj.in_features, module.config.num_attention_heads, config, device=weight.device, dtype=dtype))
     if config.routed:
-        from causalattn.hf.routed import add_router
-
         add_router(model, config)
     guard_adapted_model(model)
     return summarize(model)
@@ -218,8 +216,6 @@ def summarize(model: nn.Module) -> AdapterSummary:
     """Parameter counts of `model` and its adapters."""
     layers = adapted_layers(model)
     params = list(model.parameters())  # each shared parameter once
-    from causalattn.hf.routed import find_router
-
     router = find_router(model)
     return AdapterSummary(
         layer_indices=tuple(sorted(layers)),

@@ -17,7 +17,7 @@ from typing import Optional
 
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
-from causalattn.routing import DEFAULT_CODE_DIM, ROUTE_MODES
+from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
 
 DTYPES = ("float32", "bfloat16", "float64")
@@ -224,11 +224,12 @@ class TrainConfig:
         for flag, value in {"--vq-lambda": self.vq_lambda, "--mi-lambda": self.mi_lambda}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
-        slots = self.adapter_len + self.domain_len * (1 if self.route in ("vq", "oracle") else self.domains)
+        read = 1 if self.route in HARD_ROUTES else self.domains  # domain prompts one attention call reads
+        slots = self.adapter_len + self.domain_len * read
         if slots > MAX_ADAPTER_TOKENS:
             raise ConfigError(f"--domain-len: --route {self.route} reads {slots} adapter slots per layer (--adapter-len "
                               f"{self.adapter_len} + --domain-len {self.domain_len} x "
-                              f"{1 if self.route in ('vq', 'oracle') else self.domains}); at most {MAX_ADAPTER_TOKENS}")
+                              f"{read}); at most {MAX_ADAPTER_TOKENS}")
 
     @property
     def gate_per_head(self) -> Optional[bool]:
