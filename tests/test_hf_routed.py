@@ -82,6 +82,26 @@ def test_oracle_route_reads_the_given_domain_prompt():
             torch.testing.assert_close(routed[chosen], alone[chosen], **TIGHT)
 
 
+def test_the_route_reads_only_the_marked_tokens():
+    """Tokens outside `causalattn_route_tokens` (the answer, in training and in candidate scoring) do not
+    move the route; without the mask they do."""
+    ids, mask, _ = batch()
+    model = routed_model("soft")
+    prompt = mask.bool().clone()
+    prompt[:, -2:] = False
+    other = ids.clone()
+    other[:, -2:] = (ids[:, -2:] + 7) % 300
+    distances = []
+    for tokens in (ids, other):
+        with torch.no_grad(), cah.collect(model) as stats:
+            model(tokens, attention_mask=mask, causalattn_route_tokens=prompt)
+            masked = stats.route.distances
+            model(tokens, attention_mask=mask)
+            distances.append((masked, stats.route.distances))
+    torch.testing.assert_close(distances[0][0], distances[1][0], **TIGHT)
+    assert not torch.allclose(distances[0][1], distances[1][1])
+
+
 def test_router_gradients_by_mode():
     ids, mask, rows = batch()
     for route, router_learns_from_ce in (("vq", False), ("vq-ste", True), ("soft", True)):

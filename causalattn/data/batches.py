@@ -41,6 +41,10 @@ class Batch:
             raise ValueError("labels: every example needs an answer token to have a label row")
         return answer.int().argmax(dim=1) - 1
 
+    def prompt_tokens(self) -> Tensor:
+        """(B, N) bool, the real tokens before the answer: what a router may read without seeing the label."""
+        return self.attention_mask.bool() & (self.labels == IGNORE_INDEX)
+
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 

@@ -53,6 +53,7 @@ STATS_KWARG = "causalattn_stats"     # the Statistics collector injected by `col
 SUPERVISION_KWARG = "supervision"    # the CausalMask given to model(...)
 DOMAINS_KWARG = "causalattn_domains"          # (B,) domain ids given to model(...) for route="oracle"
 LABEL_ROWS_KWARG = "causalattn_label_rows"    # (B,) the row of each sample whose read-outs MI compares
+ROUTE_TOKENS_KWARG = "causalattn_route_tokens"  # (B, N) bool, the tokens the router reads (the prompts)
 
 
 class LayerPrompt(Protocol):

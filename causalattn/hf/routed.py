@@ -4,6 +4,7 @@
     with collect(model) as stats:
         out = model(input_ids, attention_mask=mask, labels=labels,
                     causalattn_label_rows=rows,        # (B,) row whose read-outs the MI term compares
+                    causalattn_route_tokens=prompts,   # (B, N) bool: route from the prompt, not the answer
                     causalattn_domains=domain_ids)     # (B,) only for route="oracle"
     loss = out.loss + 0.1 * stats.vq_loss() + 0.01 * stats.mi_loss()
     with invariant_only(model): ...                    # the domain segments switched off
@@ -11,7 +12,9 @@
 One `Router` (`causalattn.routing`) is added to the model as `model.causalattn_router`. A forward
 pre-hook on the decoder layer holding the first adapted attention routes the batch from the hidden
 states entering that layer: the base model's own, adapter-free states (no second model, no second
-forward). The route goes into a `RouteState` shared by every adapted layer's `GatedPrompt`, whose
+forward), from the real tokens or only those `causalattn_route_tokens` marks. Give it the prompt
+tokens when the sequence holds the answer: a route read from the answer tokens would carry the label
+(and scoring candidate answers would route each candidate its own way). The route goes into a `RouteState` shared by every adapted layer's `GatedPrompt`, whose
 attention call then builds its segmented `Adapter` from it (`causalattn.hf.attention`).
 
 During cached decoding (the first adapted layer's cache already holds tokens) the route of the prompt
@@ -28,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from causalattn.hf.attention import ADAPTER_ATTR, DOMAINS_KWARG, STATS_KWARG, attention_modules
+from causalattn.hf.attention import ADAPTER_ATTR, DOMAINS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG, attention_modules
 from causalattn.routing import Route, Router
 
 ROUTER_ATTR = "causalattn_router"  # the Router submodule of a model with routed adapters
@@ -92,8 +95,14 @@ def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple,
     if token_mask is not None and token_mask.shape[-1] != hidden.shape[1]:
         raise ValueError(f"attention_mask: routing reads one key mask per token, got width {token_mask.shape[-1]} "
                          f"for {hidden.shape[1]} tokens")
-    domain_ids = kwargs.get(DOMAINS_KWARG)
-    route = router(hidden, token_mask, domain_ids)
+    chosen = kwargs.get(ROUTE_TOKENS_KWARG)
+    if chosen is not None:
+        if chosen.shape != hidden.shape[:2]:
+            raise ValueError(f"{ROUTE_TOKENS_KWARG}: expected a (B, N) = {tuple(hidden.shape[:2])} bool mask, got "
+                             f"shape {tuple(chosen.shape)}")
+        chosen = chosen.to(hidden.device).bool()
+        token_mask = chosen if token_mask is None else chosen & token_mask
+    route = router(hidden, token_mask, kwargs.get(DOMAINS_KWARG))
     state.route = route
     stats = kwargs.get(STATS_KWARG)
     if stats is not None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from causalattn.data import Example
 from causalattn.data.batches import IGNORE_INDEX, collate
-from causalattn.hf.attention import DOMAINS_KWARG
+from causalattn.hf.attention import DOMAINS_KWARG, ROUTE_TOKENS_KWARG
 from causalattn.hf.routed import find_router
 from causalattn.training.batching import evaluation_shard
 from causalattn.training.distributed import DistContext
@@ -38,10 +38,13 @@ def score_candidates(model: nn.Module, tokenizer, examples: Sequence[Example], c
     first = int(positions[answer].min()) - 1
     last = int(positions[answer].max()) - 1
     keep = torch.arange(first, last + 1, device=device)
-    # a routed model with route="oracle" reads each example's domain id; any other model ignores them
-    domains = {DOMAINS_KWARG: batch.domains} if batch.domains is not None and find_router(model) is not None else {}
+    routing = {}
+    if find_router(model) is not None:  # routed: route from the prompt (every candidate the same way)
+        routing[ROUTE_TOKENS_KWARG] = batch.prompt_tokens()
+        if batch.domains is not None:  # route="oracle" reads them
+            routing[DOMAINS_KWARG] = batch.domains
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=keep,
-                   use_cache=False, **domains).logits.float()
+                   use_cache=False, **routing).logits.float()
     targets = labels[:, keep + 1]
     log_probs = torch.log_softmax(logits, dim=-1).gather(-1, targets.clamp_min(0)[..., None])[..., 0]
     scores = (log_probs * (targets != IGNORE_INDEX)).sum(-1, dtype=torch.float64)

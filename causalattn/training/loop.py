@@ -129,8 +129,9 @@ def query_key_weights(model: nn.Module) -> list[nn.Parameter]:
 
 
 def routing_inputs(batch) -> dict:
-    """The keywords a routed model's forward takes from a batch: the MI label rows, the domain ids."""
-    inputs = {cah.LABEL_ROWS_KWARG: batch.label_rows()}
+    """The keywords a routed model's forward takes from a batch: the MI label rows, the prompt tokens the
+    router reads (never the answer: a route read from it would carry the label), the domain ids."""
+    inputs = {cah.LABEL_ROWS_KWARG: batch.label_rows(), cah.ROUTE_TOKENS_KWARG: batch.prompt_tokens()}
     if batch.domains is not None:
         inputs[cah.DOMAINS_KWARG] = batch.domains
     return inputs
