@@ -167,9 +167,12 @@ def test_jsonl_data_with_eval_file(small_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ resume
-def test_resume_continues_the_identical_trajectory(small_model, tmp_path, monkeypatch):
-    # --train-qk: the trained q/k weights must come back too, not only the adapters
-    args = ["train", "--model", str(small_model), "--runs", "ce+cat+xg", "--train-qk", *FAST]
+@pytest.mark.parametrize("options", [
+    ["--runs", "ce+cat+xg", "--train-qk"],  # the trained q/k weights must come back too, not only the adapters
+    ["--task", "dialects", "--runs", "ce+routed", "--route", "vq"],  # the bank, the router and its batch-norm
+], ids=["train-qk", "routed"])
+def test_resume_continues_the_identical_trajectory(options, small_model, tmp_path, monkeypatch):
+    args = ["train", "--model", str(small_model), *options, *FAST]
     assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
 
     real_save = checkpoint.save_checkpoint
