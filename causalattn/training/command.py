@@ -207,6 +207,9 @@ def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) 
         if unknown:
             raise ConfigError(f"--route: oracle routing reads each example's domain id, which the {unknown[0]} data "
                               "does not give (use --task dialects, or vq / vq-ste / soft)")
+        if data.evals and not data.closed_answers:
+            raise ConfigError("--route: oracle routing is evaluated by scoring candidate answers; open answers are "
+                              "generated, and generation does not take domain ids (use vq / vq-ste / soft)")
     if any(run.cat for run in config.runs) and not any(example.important for example in data.train):
         log("warning: --cat: no training example has a causal annotation ('important'), so the CAT loss is 0")
     if not data.evals:
