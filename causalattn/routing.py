@@ -85,10 +85,19 @@ class Router(nn.Module):
         token_mask = token_mask.bool()
         if not bool(token_mask.any(dim=1).all()):
             raise ValueError("token_mask: every sample needs at least one real token to be routed")
+        # in the router's own dtype (fp32 master weights) even under bf16 autocast: the argmin compares
+        # sums of ~100 distances, where bf16's 3 significant digits would decide near-ties
+        with torch.autocast(hidden.device.type, enabled=False):
+            return self._route(hidden, token_mask)
+
+    def _route(self, hidden: Tensor, token_mask: Tensor) -> Route:
+        batch, length, _ = hidden.shape
         rows = token_mask.flatten().nonzero().squeeze(1)  # valid tokens only, batch-norm included
         owner = rows // length                           # (T,) the sample of each valid token
         z = self.norm(self.project(hidden.reshape(batch * length, -1)[rows].to(self.project.weight.dtype)))
-        token_distances = torch.cdist(z, self.codebook).square()  # (T, K)
+        # (T, K) from the differences: cdist's matmul form loses digits and its sqrt has no gradient at 0;
+        # T x K x code_dim is small (1,600 tokens x 6 x 64 = 0.6 M values)
+        token_distances = (z[:, None, :] - self.codebook[None]).square().sum(-1)
         distances = torch.zeros(batch, self.domains, dtype=z.dtype, device=z.device).index_add(0, owner, token_distances)
         index = distances.argmin(dim=1)
         chosen = self.codebook[index[owner]]              # (T, code_dim) the chosen codeword of each token

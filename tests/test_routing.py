@@ -100,3 +100,12 @@ def test_route_statistics():
     assert normalized_mutual_information(torch.tensor([5, 5, 3, 3, 4, 4]), truth) == pytest.approx(1.0)
     assert normalized_mutual_information(torch.tensor([0, 1, 0, 1]), torch.tensor([0, 0, 1, 1])) == pytest.approx(0.0)
     assert normalized_mutual_information(torch.zeros(6), truth) == 0.0
+
+
+def test_routes_in_full_precision_under_autocast():
+    states, mask = _batch()
+    router = Router(8, 3, mode="soft", code_dim=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        route = router(states.float(), mask)
+    assert route.weights.dtype == route.vq_loss.dtype == torch.float32
+    torch.testing.assert_close(route.distances, router(states.float(), mask).distances)
