@@ -22,10 +22,11 @@ if "causalattn.kernels" not in _sys.modules and not (_pathlib.Path(__file__).par
     kernels = _module
 
 from causalattn.inputs import Adapter, AttentionOutput  # noqa: E402
-from causalattn.losses import cat_amp, cat_loss, cat_row_losses, xg_variance  # noqa: E402
+from causalattn.losses import cat_amp, cat_loss, cat_row_losses, mutual_information, xg_variance  # noqa: E402
 from causalattn.masks import CausalMask, encode_with_causes  # noqa: E402
 from causalattn.ops import attention  # noqa: E402
 from causalattn.reference import attention_chunked, attention_dense  # noqa: E402
+from causalattn.routing import Router  # noqa: E402
 
 from causalattn.hf_autoregister import install as _register_with_transformers  # noqa: E402
 
@@ -37,6 +38,7 @@ __all__ = [
     "Adapter",
     "AttentionOutput",
     "CausalMask",
+    "Router",
     "attention",
     "attention_chunked",
     "attention_dense",
@@ -44,5 +46,6 @@ __all__ = [
     "cat_loss",
     "cat_row_losses",
     "encode_with_causes",
+    "mutual_information",
     "xg_variance",
 ]
