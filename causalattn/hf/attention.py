@@ -255,7 +255,7 @@ def _routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -
     chosen domain prompt (hard routes: per-sample keys, gate (B, 2, Hq)) or every domain prompt with its
     gamma scaled by the route weight ("soft", "vq-ste": shared keys, gate (B, 1 + K, Hq))."""
     if route is None:
-        raise RuntimeError(f"layer: routed adapter without a route; the router hook in front of the first "
+        raise RuntimeError("layer: routed adapter without a route; the router hook in front of the first "
                            "adapted layer did not run (was the model called through its own forward?)")
     if route.index.shape[0] != batch:
         raise ValueError(f"route: has {route.index.shape[0]} samples, the attention call {batch}")
