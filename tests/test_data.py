@@ -117,6 +117,22 @@ def test_collate_labels_only_the_answer_and_masks_the_causes(tiny_tokenizer):
                 assert cause.replace(" ", "") in cause_text.replace(" ", "")
 
 
+def test_collate_carries_domains_label_rows_and_prompt_tokens(tiny_tokenizer):
+    import dataclasses
+
+    from causalattn.data.batches import IGNORE_INDEX, collate
+
+    examples = [dataclasses.replace(e, domain=i % 2) for i, e in enumerate(generate(3, seed=0))]
+    batch = collate(examples, tiny_tokenizer)
+    assert batch.domains.tolist() == [0, 1, 0]
+    assert collate(generate(2, seed=0), tiny_tokenizer).domains is None  # no ids: None, not a guess
+    for row in range(3):
+        first_answer = int((batch.labels[row] != IGNORE_INDEX).nonzero()[0])
+        assert int(batch.label_rows()[row]) == first_answer - 1  # the row that predicts the answer
+        prompt = batch.prompt_tokens()[row]
+        assert prompt[:first_answer].all() and not prompt[first_answer:].any()
+
+
 def test_collate_rejects_a_cut_answer(tiny_tokenizer):
     from causalattn.data.batches import collate
 
