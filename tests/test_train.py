@@ -135,7 +135,7 @@ def test_routed_run_logs_routes_mi_vq_and_invariant_accuracy(small_model, tmp_pa
                  "--domains", "2", "--domain-len", "3", "--route", "oracle", "--output-dir", str(out), *FAST])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "ce+routed invariant" in printed and "route NMI 1.00" in printed
+    assert "ce+routed invariant" in printed and "route NMI train 1.00, iid 1.00" in printed
     report = report_of(out)
     plain, routed = report["runs"]
     assert "route_fractions" not in plain["history"][-1] and "iid-invariant" not in plain["final_accuracy"]
@@ -146,7 +146,9 @@ def test_routed_run_logs_routes_mi_vq_and_invariant_accuracy(small_model, tmp_pa
     assert set(routed["final_accuracy"]) == {f"{s}{suffix}" for s in ("iid", "flipped", "recombined")
                                              for suffix in ("", "-invariant")}
     assert routed["history"][0]["vq"] == 0.0 and "mi" in routed["history"][0]  # oracle: no VQ loss
-    assert set(report["summary"]["ce+routed"]) >= {"mi", "vq", "route_nmi", "acc_iid-invariant"}
+    assert set(report["summary"]["ce+routed"]) >= {"mi", "vq", "route_nmi", "acc_iid-invariant", "route_nmi_iid"}
+    tests = [row for row in routed["accuracy"] if not row["split"].endswith("-invariant")]
+    assert all(row["route_nmi"] == pytest.approx(1.0) for row in tests)  # each test set's dialects, by the oracle
     weights = adapter_weights(out / "ce-routed" / "adapter")
     assert any(k.endswith(".bank") for k in weights) and "router.codebook" in weights
     assert not any(k.endswith(".bank") or k.startswith("router.") for k in adapter_weights(out / "ce" / "adapter"))

@@ -20,6 +20,7 @@ from causalattn.data import Example
 from causalattn.data.batches import IGNORE_INDEX, collate
 from causalattn.hf.attention import DOMAINS_KWARG, ROUTE_TOKENS_KWARG
 from causalattn.hf.routed import find_router
+from causalattn.hf.stats import collect
 from causalattn.training.batching import evaluation_shard
 from causalattn.training.distributed import DistContext
 
@@ -70,6 +71,28 @@ def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], candidate
     model.train(was_training)
     correct, seen = context.sum(counts).tolist()
     return correct / seen
+
+
+@torch.no_grad()
+def routes_of(model: nn.Module, tokenizer, examples: Sequence[Example], *, context: DistContext, batch_size: int,
+              max_length: Optional[int] = None) -> Tensor:
+    """(n,) the route a routed model gives each of this process's share of `examples` (read from the prompt
+    tokens, as in training), in `evaluation_shard` order; every process runs as many forwards."""
+    was_training = model.training
+    model.eval()
+    found = []
+    for chunk in evaluation_shard(examples, batch_size, context.rank, context.world_size):
+        batch = collate(chunk or examples[:1], tokenizer, max_length=max_length).to(context.device)
+        routing = {ROUTE_TOKENS_KWARG: batch.prompt_tokens()}
+        if batch.domains is not None:
+            routing[DOMAINS_KWARG] = batch.domains
+        with collect(model) as stats:
+            model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, logits_to_keep=1, use_cache=False,
+                  **routing)
+        if chunk:
+            found.append(stats.route.index.cpu())
+    model.train(was_training)
+    return torch.cat(found) if found else torch.zeros(0, dtype=torch.long)
 
 
 def answer_matches(generated: str, target: str) -> bool:

@@ -13,8 +13,9 @@ checkpoint with the same loss trajectory.
 
 Routed runs (`+routed`) also log, per epoch on the last step's history row, the share of training
 samples routed to each domain (`route_fractions`) and the NMI between route and true domain
-(`route_nmi`, when the data has domain ids), and are evaluated twice: with the full adapters and with
-the invariant mechanism alone (`<split>-invariant`, domain segments off).
+(`route_nmi`, when the data has domain ids), the same for each test set on its accuracy row, and are
+evaluated twice: with the full adapters and with the invariant mechanism alone (`<split>-invariant`,
+domain segments off).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from causalattn.training import checkpoint as ckpt
 from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.training.config import ConfigError, RunSpec, TrainConfig
 from causalattn.training.distributed import DistContext, ParallelModel
-from causalattn.training.evaluate import accuracy, generation_accuracy
+from causalattn.training.evaluate import accuracy, generation_accuracy, routes_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
@@ -239,6 +240,9 @@ class Trainer:
             return {"run": self.spec.name, "seed": self.config.seed, "epoch": epoch, "split": split, "accuracy": value}
 
         rows = [row(split, measure(examples)) for split, examples in data.evals.items()]
+        if self.spec.routed:
+            for entry, examples in zip(rows, data.evals.values()):
+                entry.update(self._routes_of_test_set(model, examples))
         if self.spec.routed:  # the invariant mechanism alone, as ICLM evaluates it
             with cah.invariant_only(model):
                 rows += [row(split + INVARIANT_SUFFIX, measure(examples)) for split, examples in data.evals.items()]
@@ -319,6 +323,16 @@ class Trainer:
         progress.train_seconds += time.perf_counter() - start
         if self.spec.routed and progress.history:
             progress.history[-1].update(self._route_statistics())
+
+    def _routes_of_test_set(self, model: nn.Module, examples) -> dict:
+        """The routes of a test set (this process's share): fractions per domain, NMI with the true domains."""
+        routes = routes_of(model, self.job.tokenizer, examples, context=self.context,
+                           batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
+        mine = examples[self.context.rank::self.context.world_size]
+        values = {"route_fractions": route_distribution(routes, self.config.domains)}
+        if mine and all(example.domain is not None for example in mine):
+            values["route_nmi"] = normalized_mutual_information(routes, torch.tensor([e.domain for e in mine]))
+        return values
 
     def _route_statistics(self) -> dict:
         """This process's epoch of routes: the share of samples per domain and, with true domains, their NMI

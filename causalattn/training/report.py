@@ -104,16 +104,27 @@ def run_metrics(result: RunResult) -> dict[str, float]:
     """One run's numbers of the table: final accuracy per split (routed runs: also invariant-only), last-epoch
     losses (routed runs: also MI, VQ and route NMI), training seconds."""
     return {**{f"acc_{split}": acc for split, acc in result.final_accuracy().items()},
-            **last_epoch_means(result), "train_seconds": result.train_seconds}
+            **last_epoch_means(result), **route_nmi_by_test_set(result), "train_seconds": result.train_seconds}
+
+
+def route_nmi_by_test_set(result: RunResult) -> dict[str, float]:
+    """{"route_nmi_<split>": NMI of the final routes with the true domains} of a routed run's test sets."""
+    last = max((row["epoch"] for row in result.accuracy), default=0)
+    return {f"route_nmi_{row['split']}": row["route_nmi"] for row in result.accuracy
+            if row["epoch"] == last and "route_nmi" in row}
 
 
 def _routing_lines(summary: dict) -> list[str]:
-    """One line per routed run: its route NMI with the true domain, MI and VQ over the last epoch."""
+    """One line per routed run: its route NMI with the true domain (training, last epoch, and each test
+    set), MI and VQ over the last epoch."""
     lines = []
     for name, entry in summary.items():
         if "vq" not in entry:
             continue
-        nmi = f"route NMI {_cell(entry['route_nmi'], '.2f')}, " if "route_nmi" in entry else ""
+        nmi = f"route NMI train {_cell(entry['route_nmi'], '.2f')}, " if "route_nmi" in entry else ""
+        tests = [f"{key[len('route_nmi_'):]} {_cell(value, '.2f')}" for key, value in entry.items()
+                 if key.startswith("route_nmi_")]
+        nmi += f"{', '.join(tests)}, " if tests else ""
         lines.append(f"{name}: {nmi}MI {_cell(entry['mi'], '.1e')}, VQ {_cell(entry['vq'], '.3f')} (last epoch); "
                      f"'{name} invariant' is the same adapters with the domain segments off")
     return lines
