@@ -70,6 +70,7 @@ class RunResult:
     adapter_dir: Path
     resumed_at_epoch: Optional[int] = None
     parameters: dict = field(default_factory=dict)
+    majority: dict = field(default_factory=dict)  # {split: accuracy of the majority answer} on this seed's data
 
     def final_accuracy(self) -> dict[str, float]:
         last = max((row["epoch"] for row in self.accuracy), default=0)
@@ -244,7 +245,7 @@ class Trainer:
         result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
                            examples / max(progress.train_seconds, 1e-9), adapter_dir, resumed_at,
                            {"adapter": summary.adapter_params, "trainable": summary.trainable_params,
-                            "total": summary.total_params})
+                            "total": summary.total_params}, job.data.majority_accuracy())
         return result, model
 
     def _train_epoch(self, parallel: ParallelModel, optimizer, scheduler, progress: ckpt.Progress, epoch: int) -> None:
