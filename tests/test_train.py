@@ -105,6 +105,9 @@ def test_seeds_and_the_random_cause_control_give_mean_and_standard_error(small_m
     assert summary["seeds"] == [0, 1] and summary["acc_flipped"]["values"] == values
     assert summary["acc_flipped"]["mean"] == pytest.approx(sum(values) / 2)
     assert summary["acc_flipped"]["se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+    # with every gate 0 each run of a seed starts from the base model's answers, measured once
+    before = [[(r["split"], r["accuracy"]) for r in run["accuracy"] if r["epoch"] == 0] for run in report["runs"]]
+    assert before[0] == before[1] and len(before[0]) == 3
     # the majority-answer row is over every seed's test sets, not the last seed's
     majority = report["data"]["majority_accuracy"]["flipped"]
     per_seed = [run["majority_accuracy"]["flipped"] for run in report["runs"][::2]]
