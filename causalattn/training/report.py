@@ -56,8 +56,8 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Alcohol: the label is their majority) "
         f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
         "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
-        f"all three. CAT here is the {config.cat_kind} loss, weight exp(-{config.cat_decay:g} epoch). 'cause attn' "
-        "shows whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
+        f"all three. CAT here is the {config.cat_kind} loss with weight exp(-{config.cat_decay:g} × epoch). "
+        "'cause attn' shows whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
         "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
         "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
         "(use --model with a real checkpoint for that).")
