@@ -1,9 +1,11 @@
 """The shortcut variant of the Spurious Token Game, its tokenization and the random-cause control."""
+import random
+
 import pytest
 
 from causalattn.data import shortcut
 from causalattn.data.controls import with_random_causes
-from causalattn.data.stg import LABELS
+from causalattn.data.stg import LABELS, QUESTION
 
 
 def agreeing(example):
@@ -40,6 +42,37 @@ def test_both_labels_occur_and_the_rule_needs_every_cause():
         assert flips > 0
 
 
+def test_the_cue_agrees_more_often_than_any_single_cause():
+    # why CE is drawn to the cue: one word that agrees on 93 %, each cause alone on about 75 %
+    train = shortcut.generate(4000, seed=12)
+    for cause in shortcut.CAUSAL:
+        alone = sum(shortcut.reads_high(e.values[cause]) == (e.target == LABELS[0]) for e in train) / len(train)
+        assert 0.7 < alone < 0.8
+    assert sum(map(agreeing, train)) / len(train) > 0.9
+
+
+def test_base_texts_answer_the_overall_question_and_the_cancer_question_at_random():
+    rng = random.Random(13)
+    texts = [shortcut.base_text(rng, cancer_share=0.25) for _ in range(2000)]
+    cancer = [t for t in texts if QUESTION in t]
+    assert abs(len(cancer) / len(texts) - 0.25) < 0.04
+    assert abs(sum(t.endswith(LABELS[0]) for t in cancer) / len(cancer) - 0.5) < 0.07
+    for text in texts:
+        record, question = text.split(" . ")
+        values = [field.split("=")[1] for field in record.split(" ")]
+        assert sorted(field.split("=")[0] for field in record.split(" ")) == sorted(shortcut.FIELDS)
+        if QUESTION not in question:
+            assert question.startswith(shortcut.OVERALL_QUESTION)
+            numbers = [int(v) if v.isdigit() else v for v in values]
+            assert question.endswith(shortcut.majority_label(numbers))
+
+
+def test_reading_high_and_the_majority():
+    assert [shortcut.reads_high(v) for v in (1, 3, 4, 6, "yellow", "clean")] == [False, False, True, True, True, False]
+    assert shortcut.majority_label([4, 1, "yellow"]) == LABELS[0]
+    assert shortcut.majority_label([4, 1, "clean"]) == LABELS[1]
+
+
 def test_annotations_name_the_causes_as_written_and_generation_is_seeded():
     examples = shortcut.generate(60, seed=7)
     for example in examples:
@@ -66,9 +99,9 @@ def test_bad_arguments_name_themselves(bad, message):
 
 
 def test_every_field_is_one_token_of_the_space_split_tokenizer():
-    from causalattn.training.tiny import train_tokenizer
+    from causalattn.training.tiny import TinyBaseSettings, base_texts, train_tokenizer
 
-    texts = [f"{e.input} {e.target}" for e in shortcut.generate(1500, seed=9, mode="random")]
+    texts = base_texts(TinyBaseSettings(examples=1500))  # what the embedded tokenizer is trained on
     tokenizer = train_tokenizer(texts, 400, split_on_spaces_only=True)
     example = shortcut.generate(1, seed=10)[0]
     encoding = tokenizer(example.input, return_offsets_mapping=True)
@@ -88,4 +121,4 @@ def test_random_cause_control_keeps_the_count_and_draws_record_fields():
         assert effect == real.target and len(causes) == 3 and len(set(causes)) == 3
         assert set(causes) <= set(shortcut.record_fields(real))
         drawn_cue += any(c.startswith(shortcut.CUE) for c in causes)
-    assert 0.35 < drawn_cue / len(examples) < 0.65  # 3 of 6 fields: the cue half the time
+    assert 0.3 < drawn_cue / len(examples) < 0.56  # 3 of 7 fields: the cue 43 % of the time

@@ -5,6 +5,7 @@ and the errors bad options give.
 The model here is `causalattn.training.tiny`'s recipe at a much smaller size with two pre-training
 steps: enough to exercise every path in seconds, not to learn the task.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -21,7 +22,7 @@ from causalattn.data import generate, write_jsonl
 from causalattn.training import checkpoint, tiny
 from causalattn.training.batching import micro_batches
 from causalattn.training.command import train
-from causalattn.training.config import TrainConfig
+from causalattn.training.config import TrainConfig, add_arguments, config_from_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
@@ -104,6 +105,13 @@ def test_seeds_and_the_random_cause_control_give_mean_and_standard_error(small_m
     assert summary["seeds"] == [0, 1] and summary["acc_flipped"]["values"] == values
     assert summary["acc_flipped"]["mean"] == pytest.approx(sum(values) / 2)
     assert summary["acc_flipped"]["se"] == pytest.approx(abs(values[0] - values[1]) / 2)
+    # with every gate 0 each run of a seed starts from the base model's answers, measured once
+    before = [[(r["split"], r["accuracy"]) for r in run["accuracy"] if r["epoch"] == 0] for run in report["runs"]]
+    assert before[0] == before[1] and len(before[0]) == 3
+    # the majority-answer row is over every seed's test sets, not the last seed's
+    majority = report["data"]["majority_accuracy"]["flipped"]
+    per_seed = [run["majority_accuracy"]["flipped"] for run in report["runs"][::2]]
+    assert majority["values"] == per_seed and majority["mean"] == pytest.approx(sum(per_seed) / 2)
     # the control supervises other tokens than the causes, so its CAT statistics differ
     real, control = report["runs"][0]["history"][0], report["runs"][1]["history"][0]
     assert real["cause_attn"] != control["cause_attn"]
@@ -118,6 +126,18 @@ def test_train_qk_trains_and_checkpoints_the_query_key_weights(small_model, tmp_
     base = load_file(str(small_model / "model.safetensors"))
     assert any(not torch.equal(weights[k], base[k]) for k in weights)  # they moved
     assert run["parameters"]["trainable"] > run["parameters"]["adapter"]
+
+
+def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    embedded = config_from_args(parser.parse_args([]))
+    assert (embedded.cat_kind, embedded.cat_decay, embedded.train_qk, embedded.seeds) == ("div", 0.0, True, 3)
+    assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat+xg", "ce+cat-random"]
+    cancer = config_from_args(parser.parse_args(["--task", "cancer-risk"]))
+    assert (cancer.cat_kind, cancer.cat_decay) == ("div", 1.0)  # CAT's own
+    chosen = config_from_args(parser.parse_args(["--cat-kind", "mass", "--cat-decay", "2"]))
+    assert (chosen.cat_kind, chosen.cat_decay) == ("mass", 2.0)
 
 
 def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):

@@ -1,20 +1,28 @@
 """The Spurious Token Game, shortcut variant (the default task): a cheap cue CE prefers over the causes.
 
-Each example lists 6 fused `Name=value` words in random order, then the question:
+Each example lists 7 fused `Name=value` words in random order, then the question:
 
-    Gene=2 Exercise=4 Fingers=yellow Smoking=5 Room=1 Weight=3 . Is the cancer risk high or low? Answer:
+    Gene=2 Alcohol=4 Fingers=yellow Smoking=5 Room=1 Height=6 Weight=3 . Is the cancer risk high or low? Answer:
 
-  causes      Smoking, Weight, Exercise    ~ U{1..5}; the label is "High Risk" when
-              Smoking + Weight - Exercise >= 4, else "Low Risk" (44 % High over the uniform draw)
+  causes      Smoking, Weight, Alcohol ~ U{1..6}; a value reads "high" from 4 up (half the draws) and
+              the label is "High Risk" when at least two of the three read high (50 % High)
   shortcut    Fingers=yellow | Fingers=clean, one binary word; in the training and IID splits it
               says "yellow" for High Risk with probability `agreement` (default 0.93), otherwise the
-              other value. It is simpler than the causes (one word, two values, no arithmetic) and
-              almost as predictive, so cross-entropy alone can get 93 % by reading it.
-  irrelevant  Gene, Room                   ~ U{1..5}
+              other value. One word against three, and it agrees with the label on 93 % of examples
+              where each cause alone agrees on 75 %, so cross-entropy alone is drawn to the cue.
+  irrelevant  Gene, Room, Height       ~ U{1..6}
 
 Three test sets: "iid" (the training distribution), "flipped" (the cue always contradicts the label:
 a shortcut model scores ~0 %, a causal one keeps its accuracy) and "independent" (the cue is a coin
-flip). Every example carries the causal annotation {label: ["Smoking=s", "Weight=w", "Exercise=e"]}.
+flip). Every example carries the causal annotation {label: ["Smoking=s", "Weight=w", "Alcohol=a"]}.
+
+The tiny base model learns this format from `base_text`: the same records, mostly with the question
+"Is the overall risk high or low?", answered by the majority of all 7 fields (the cue's "yellow" reads
+high), and otherwise the cancer question with a random answer. So the base has a read-out (attend to
+fields, add up how high they read), as a pretrained LLM can read a record, but does not know which
+fields the cancer question is about: the adapters must learn where to look, and that is what CE and
+CAT disagree on. (A base asked about *named* fields, "Is the Smoking risk high or low?", would be
+closer to an LLM, but the tiny one did not learn to match a name to its field in 3,000 steps.)
 
 Each `Name=value` is one whitespace-delimited word, so the embedded tokenizer (which splits on spaces
 only, see `causalattn.training.tiny`) gives it one token: a cause's name and value cannot be split
@@ -26,19 +34,30 @@ import random
 
 from causalattn.data.stg import LABELS, QUESTION, Example
 
-CAUSAL = ("Smoking", "Weight", "Exercise")
-IRRELEVANT = ("Gene", "Room")
+CAUSAL = ("Smoking", "Weight", "Alcohol")
+IRRELEVANT = ("Gene", "Room", "Height")
 CUE = "Fingers"
-CUE_VALUES = ("yellow", "clean")  # "yellow" goes with LABELS[0] ("High Risk") when the cue agrees
-VALUES = range(1, 6)
-THRESHOLD = 4
+CUE_VALUES = ("yellow", "clean")  # "yellow" reads high: it goes with LABELS[0] ("High Risk") when the cue agrees
+FIELDS = CAUSAL + IRRELEVANT + (CUE,)
+VALUES = range(1, 7)
+HIGH_FROM = 4  # 4, 5 and 6 of 1..6 read high: half the draws, so both majorities are balanced
 DEFAULT_AGREEMENT = 0.93
+OVERALL_QUESTION = "Is the overall risk high or low?"
 CUE_MODES = ("train", "flipped", "independent", "random")
 
 
+def reads_high(value) -> bool:
+    """Whether one field's value reads "high": a number from HIGH_FROM up, or the cue's "yellow"."""
+    return value == CUE_VALUES[0] if isinstance(value, str) else value >= HIGH_FROM
+
+
+def majority_label(values: list) -> str:
+    """LABELS[0] ("High Risk") when most of `values` read high, else LABELS[1]."""
+    return LABELS[0] if 2 * sum(map(reads_high, values)) > len(values) else LABELS[1]
+
+
 def label_of(values: dict) -> str:
-    score = values["Smoking"] + values["Weight"] - values["Exercise"]
-    return LABELS[0] if score >= THRESHOLD else LABELS[1]
+    return majority_label([values[name] for name in CAUSAL])
 
 
 def cue_value(label: str, mode: str, agreement: float, rng: random.Random) -> str:
@@ -53,15 +72,30 @@ def cue_value(label: str, mode: str, agreement: float, rng: random.Random) -> st
     return rng.choice(CUE_VALUES)
 
 
-def make_example(rng: random.Random, mode: str, agreement: float) -> Example:
+def draw_record(rng: random.Random, mode: str, agreement: float) -> tuple[dict, str]:
+    """One record's values (cue set by `mode`) and the words of its text in a random order."""
     values = {name: rng.choice(VALUES) for name in CAUSAL + IRRELEVANT}
-    label = label_of(values)
-    values[CUE] = cue_value(label, mode, agreement, rng)
-    order = list(CAUSAL + IRRELEVANT + (CUE,))
+    values[CUE] = cue_value(label_of(values), mode, agreement, rng)
+    order = list(FIELDS)
     rng.shuffle(order)
-    record = " ".join(f"{name}={values[name]}" for name in order)
+    return values, " ".join(f"{name}={values[name]}" for name in order)
+
+
+def make_example(rng: random.Random, mode: str, agreement: float) -> Example:
+    values, record = draw_record(rng, mode, agreement)
+    label = label_of(values)
     causes = [f"{name}={values[name]}" for name in CAUSAL]
     return Example(input=f"{record} . {QUESTION} Answer:", target=label, important={label: causes}, values=values)
+
+
+def base_text(rng: random.Random, cancer_share: float) -> str:
+    """One text of the base model's pre-training: a record with the cue independent of everything and
+    the overall question (the answer: whether most of the 7 fields read high), or, with probability
+    `cancer_share`, the cancer question with a random answer (its format, not its rule)."""
+    values, record = draw_record(rng, "random", 0.5)
+    if rng.random() < cancer_share:
+        return f"{record} . {QUESTION} Answer: {rng.choice(LABELS)}"
+    return f"{record} . {OVERALL_QUESTION} Answer: {majority_label(list(values.values()))}"
 
 
 def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAULT_AGREEMENT) -> list[Example]:

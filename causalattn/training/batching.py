@@ -11,6 +11,7 @@ variance (taken over each micro-batch, SPEC §3) and the step weights alike ever
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
@@ -38,6 +39,11 @@ class JobData:
     source: str
     annotations: dict = field(default_factory=dict)  # file role -> AnnotationReport.to_dict() (JSONL data)
     control_train: Optional[list[Example]] = None  # the training data with random "causes" (the control run)
+
+    def majority_accuracy(self) -> dict[str, float]:
+        """Accuracy of always answering each evaluation split's most common target."""
+        return {split: Counter(e.target for e in examples).most_common(1)[0][1] / len(examples)
+                for split, examples in self.evals.items()}
 
     @property
     def closed_answers(self) -> bool:

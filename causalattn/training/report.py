@@ -12,7 +12,6 @@ import math
 import os
 import platform
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,13 +24,14 @@ from causalattn.training.loop import INVARIANT_SUFFIX, RunResult
 REPORT_NAME = "report.json"
 
 
-def majority_accuracy(data: JobData) -> dict[str, float]:
-    """Accuracy of always answering each split's most common target."""
-    out = {}
-    for split, examples in data.evals.items():
-        counts = Counter(example.target for example in examples)
-        out[split] = counts.most_common(1)[0][1] / len(examples)
-    return out
+def majority_accuracy(results: Sequence[RunResult]) -> dict[str, list[float]]:
+    """{split: [majority-answer accuracy on each seed's data]}, one value per seed (from the seed's
+    first run: every run of a seed shares its data)."""
+    seen: dict[int, dict] = {}
+    for result in results:
+        seen.setdefault(result.seed, result.majority)
+    splits = next(iter(seen.values()), {})
+    return {split: [m[split] for m in seen.values() if split in m] for split in splits}
 
 
 def standard_error(p: float, n: int) -> float:
@@ -49,13 +49,15 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
     trained = "adapter and q/k" if config.train_qk else "adapter"
     return (
         f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
-        "task's text with random answers: it knows the format, not the rule. Each run trains "
-        f"{results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
+        "task's records with another question (is the overall risk high: the majority of all fields) and the cancer "
+        "question with random answers: it can read fields, but not which ones the cancer question is about. Each run "
+        f"trains {results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
         f"{len(data.train)} examples. In training the one-word cue (Fingers=yellow/clean) agrees with the label on "
-        f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Exercise) decide it always. A run that "
-        f"reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped (the cue always contradicts "
-        "the label) and 50% on independent; a run that reads the causes scores alike on all three. 'cause attn' shows "
-        "whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
+        f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Alcohol: the label is their majority) "
+        f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
+        "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
+        f"all three. CAT here is the {config.cat_kind} loss with weight exp(-{config.cat_decay:g} × epoch). "
+        "'cause attn' shows whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
         "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
         "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
         "(use --model with a real checkpoint for that).")
@@ -166,10 +168,11 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
     first_runs = [r for r in results if r.name == results[0].name]
     before_values = {s: [row["accuracy"] for r in first_runs for row in r.accuracy if row["epoch"] == 0
                          and row["split"] == s] for s in splits}
-    majority = majority_accuracy(data)
+    majority = majority_accuracy(results)
     head = ["run"] + [f"{s} acc" for s in splits] + ["CE", "CAT", "XG var", "cause attn", "train s"]
     blank = [""] * (len(head) - 1 - len(splits))
-    rows = [["majority answer"] + [f"{majority[s]:.3f}" for s in splits] + blank]
+    rows = [["majority answer"] + [_cell(dict(zip(("mean", "se"), _error_or_none(majority[s]))), ".3f")
+                                   if majority.get(s) else "-" for s in splits] + blank]
     if all(before_values.values()):
         # The first step's forward runs with every gate still 0: the base model's attention.
         first = [r.history[0]["cause_attn"] for r in first_runs if r.history]
@@ -212,12 +215,14 @@ def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult
         "model": model_info,
         "data": {"source": data.source, "train": len(data.train),
                  "eval": {k: len(v) for k, v in data.evals.items()}, "candidates": list(data.candidates),
-                 "majority_accuracy": majority_accuracy(data)},
+                 "majority_accuracy": {split: {"mean": mean_and_error(values)[0], "values": values}
+                                       for split, values in majority_accuracy(results).items()}},
         "summary": summarize_runs(results),
         "runs": [{"name": r.name, "seed": r.seed, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
                   "history": r.history, "train_seconds": r.train_seconds,
                   "examples_per_second": r.examples_per_second, "adapter_dir": str(r.adapter_dir),
-                  "resumed_at_epoch": r.resumed_at_epoch, "parameters": r.parameters} for r in results],
+                  "resumed_at_epoch": r.resumed_at_epoch, "parameters": r.parameters,
+                  "majority_accuracy": r.majority} for r in results],
         "plots": plots,
         "note": note,
         "environment": {"world_size": world_size, "device": device, "torch": torch.__version__,

@@ -5,10 +5,13 @@ made here, on the CPU, in about a minute:
 
 1. a byte-level BPE tokenizer trained in-process (`tokenizers`) on STG text;
 2. a small `LlamaConfig` model (grouped-query attention, tied embeddings);
-3. a short language-model training on STG text whose feature values are all independent and whose
-   answers are drawn at random. The model learns the format (names, values, the question, that the
-   answer is "High Risk" or "Low Risk") but neither the rule nor the spurious correlations: those are
-   left for the adapter training to learn, or not.
+3. a short language-model training on STG text whose feature values are all independent. For the
+   cancer-risk task the answers are drawn at random: the model learns the format (names, values, the
+   question, that the answer is "High Risk" or "Low Risk"). For the shortcut task (the default) it also
+   learns to read fields: most texts ask "Is the overall risk high or low?", answered by the majority
+   of all fields, as a pretrained LLM knows how to read a record; the cancer question itself only
+   comes with random answers. Neither base knows the task's rule or its spurious correlation: which
+   fields the cancer question is about is left for the adapter training to learn, or not.
 
 The result is an ordinary Hugging Face checkpoint directory (model + tokenizer) cached under
 `$CAUSALATTN_CACHE` (default `$XDG_CACHE_HOME/causalattn`, else `~/.cache/causalattn`) in a folder
@@ -35,9 +38,10 @@ import torch
 from causalattn.data import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 SETTINGS_NAME = "tiny_base.json"
 PAD, BOS = "<pad>", "<s>"
+ANSWER = "Answer:"
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,9 @@ class TinyBaseSettings:
     warmup_steps: int = 30
     seed: int = 1234  # differs from the adapter job's default seed: base text and job data stay distinct
     task: str = "shortcut"  # whose text format the base learns (see `causalattn.training.config.TASKS`)
+    # shortcut and dialects tasks: share of texts asking the cancer question (with a random answer, so the base knows
+    # its format but not its rule); the rest ask the overall question, whose answer the base must learn
+    cancer_share: float = 0.2
 
     def key(self) -> str:
         """A short hash of the settings and the recipe version: the cache folder's name."""
@@ -83,14 +90,15 @@ def cached_path(settings: TinyBaseSettings, root: Optional[Path] = None) -> Path
 
 
 def base_texts(settings: TinyBaseSettings) -> list[str]:
-    """The task's text with independent feature values and random answers (the format, not the rule)."""
+    """The task's text with independent feature values: for cancer-risk with random answers (the format,
+    not the rule); for the shortcut and dialects tasks their `base_text` (reading fields, but not which
+    ones matter)."""
     rng = random.Random(settings.seed)
     if settings.task == "shortcut":
-        examples = shortcut.generate(settings.examples, seed=settings.seed, mode="random")
-    elif settings.task == "dialects":
-        return [dialects.base_text(rng, cancer_share=0.2) for _ in range(settings.examples)]
-    else:
-        examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
+        return [shortcut.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
+    if settings.task == "dialects":
+        return [dialects.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
+    examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
     return [f"{example.input} {rng.choice(stg.LABELS)}" for example in examples]
 
 
@@ -132,7 +140,8 @@ def build_model(settings: TinyBaseSettings, tokenizer):
 
 def pretrain(model, tokenizer, texts: list[str], settings: TinyBaseSettings,
              progress: Callable[[int, int, float], None]) -> float:
-    """Language-model training on every token of `texts` (one pass, AdamW, warm-up + cosine); returns
+    """Language-model training on `texts` (one pass, AdamW, warm-up + cosine): every token, or only the
+    answer's for the shortcut task (the text after "Answer:"); returns
     the last step's loss. `progress(step, steps, loss)` is called after each step."""
     from transformers import get_cosine_schedule_with_warmup
 
@@ -145,6 +154,12 @@ def pretrain(model, tokenizer, texts: list[str], settings: TinyBaseSettings,
         chunk = texts[step * settings.batch_size:(step + 1) * settings.batch_size]
         batch = tokenizer(chunk, padding=True, return_tensors="pt")
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if settings.task in ("shortcut", "dialects"):
+            # Only the answer: the record words are uniform draws with nothing to learn, and with every
+            # token in the loss the read-out was not learned in 1,000 steps (answer loss stayed ln 2).
+            for row, text in enumerate(chunk):
+                prompt = text[:text.index(ANSWER) + len(ANSWER)]
+                labels[row, :len(tokenizer(prompt)["input_ids"])] = -100
         out = model(**batch, labels=labels, use_cache=False)
         out.loss.backward()
         optimizer.step()
