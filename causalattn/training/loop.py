@@ -255,7 +255,10 @@ class Trainer:
     def _initial_accuracy(self, model: nn.Module) -> list[dict]:
         """The epoch-0 rows (every gate 0), measured once per job (`Job.initial_accuracy`)."""
         if not self.job.initial_accuracy:
-            self.job.initial_accuracy.update({row["split"]: row["accuracy"] for row in self._evaluate(model, 0)})
+            # the test sets themselves: a routed first run also measures invariant-only splits, which at
+            # gates 0 are the same numbers and which an unrouted run does not have
+            self.job.initial_accuracy.update({row["split"]: row["accuracy"] for row in self._evaluate(model, 0)
+                                              if row["split"] in self.job.data.evals})
         return [{"run": self.spec.name, "seed": self.config.seed, "epoch": 0, "split": split, "accuracy": value}
                 for split, value in self.job.initial_accuracy.items()]
 
