@@ -145,28 +145,19 @@ def _bwd_rows_kernel(
 
 
 @triton.jit
-def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-                           KeyMask, key_mask_row, row0, n0, mask_words, scale_log2,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
-                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
-                           SUPERVISION: tl.constexpr, ALIGNED_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """P (recomputed from the saved LSE) and dS = P (dP + c A - D) for one (query tile, key tile).
-
-    KEYS_AS_ROWS gives the transposed tiles Pt, dSt (keys x queries), computed as K Qt and V dOt, in
-    the orientation in which dV += Pt dO and dK += dSt Q use them (no transpose through shared
-    memory). Unmasked tiles are entirely visible; rows past the sequence need no mask either, since
-    their LSE loads as +inf and P = exp2(S - inf) = 0. `has_bits`: whether this tile may carry cause
-    bits for rows with a mass gradient (else A is not loaded)."""
+def _seq_probs(q, k, lse2, rows, cols, row_ok, col_ok, offset, KeyMask, key_mask_row, scale_log2,
+               KEYS_AS_ROWS: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KEY_MASK: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """P of one (query tile, key tile) recomputed from the saved base-2 LSE, or with KEYS_AS_ROWS its
+    transpose Pt = exp2(K Qt - lse) (keys x queries), the orientation in which dV += Pt dO and
+    dK += dSt Q use it (no transpose through shared memory). Unmasked tiles are entirely visible;
+    rows past the sequence need no mask either, since their LSE loads as +inf and P = 0 there."""
     if KEYS_AS_ROWS:
         scores = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        query, key, query_ok, key_ok = rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None]
-        lse2, delta, c = lse2[None, :], delta[None, :], c[None, :]
+        query, key, query_ok, key_ok, lse2 = rows[None, :], cols[:, None], row_ok[None, :], col_ok[:, None], lse2[None, :]
     else:
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        query, key, query_ok, key_ok = rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :]
-        lse2, delta, c = lse2[:, None], delta[:, None], c[:, None]
+        query, key, query_ok, key_ok, lse2 = rows[:, None], cols[None, :], row_ok[:, None], col_ok[None, :], lse2[:, None]
     p = tl.exp2(scores * scale_log2 - lse2)
     if MASKED:
         visible = query_ok & key_ok
@@ -176,11 +167,26 @@ def _seq_probs_and_dscores(q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_
     if HAS_KEY_MASK:
         real = tl.load(KeyMask + key_mask_row + key, mask=key_ok, other=0)
         p = tl.where(real != 0, p, 0.0)
+    return p
+
+
+@triton.jit
+def _seq_dscores(p, v, do, delta, c, rows, row_ok, MaskBits, has_bits, row0, n0, mask_words,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEYS_AS_ROWS: tl.constexpr,
+                 SUPERVISION: tl.constexpr, ALIGNED_BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """dS = P (dP + c A - D) (or dSt with KEYS_AS_ROWS, dPt = V dOt). `has_bits`: whether this tile
+    may carry cause bits for rows with a mass gradient (else A is not loaded)."""
+    if KEYS_AS_ROWS:
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta, c = delta[None, :], c[None, :]
+    else:
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        delta, c = delta[:, None], c[:, None]
     if SUPERVISION:
         if has_bits:
             dp += c * cause_bits(MaskBits, row0 + rows, row_ok, row0 + n0, mask_words, BLOCK_M, BLOCK_N,
                                  KEYS_AS_ROWS, ALIGNED_BITS)
-    return p, p * (dp - delta)
+    return p * (dp - delta)
 
 
 @triton.jit
@@ -224,11 +230,12 @@ def _dkdv_query_tiles(
             query_tile = m0 // BLOCK_M
             has_bits = tl.load(GradTiles + (b64 * heads_q + h) * n_row_tiles + query_tile) \
                 & tl.load(MaskTiles + (b * n_row_tiles + query_tile) * n_col_tiles + key_tile)
-        pt, dst = _seq_probs_and_dscores(
-            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-            KeyMask, b64 * n_k, row0, key_tile * BLOCK_N, mask_words, scale_log2,
-            BLOCK_M, BLOCK_N, True, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
+        pt = _seq_probs(q, k, lse2, rows, cols, row_ok, col_ok, offset, KeyMask, b64 * n_k, scale_log2,
+                        True, MASKED, CAUSAL, HAS_KEY_MASK, DOT_PRECISION)
+        # dV before dPt: Pt's fp32 tile and dPt's are then not both live beside the dK, dV accumulators
         dv += tl.dot(pt.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dst = _seq_dscores(pt, v, do, delta, c, rows, row_ok, MaskBits, has_bits, row0, key_tile * BLOCK_N, mask_words,
+                           BLOCK_M, BLOCK_N, True, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
         dk += tl.dot(dst.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -326,10 +333,10 @@ def _dq_key_tiles(
         has_bits = rows_have_grad
         if TILE_SKIP:
             has_bits = has_bits & (tl.load(MaskTiles + (b * n_row_tiles + tile) * n_col_tiles + n0 // BLOCK_N) != 0)
-        _, ds = _seq_probs_and_dscores(
-            q, k, v, do, lse2, delta, c, rows, cols, row_ok, col_ok, offset, MaskBits, has_bits,
-            KeyMask, b64 * n_k, row0, n0, mask_words, scale_log2,
-            BLOCK_M, BLOCK_N, False, MASKED, CAUSAL, HAS_KEY_MASK, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
+        p = _seq_probs(q, k, lse2, rows, cols, row_ok, col_ok, offset, KeyMask, b64 * n_k, scale_log2,
+                       False, MASKED, CAUSAL, HAS_KEY_MASK, DOT_PRECISION)
+        ds = _seq_dscores(p, v, do, delta, c, rows, row_ok, MaskBits, has_bits, row0, n0, mask_words,
+                          BLOCK_M, BLOCK_N, False, SUPERVISION, ALIGNED_BITS, DOT_PRECISION)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
     return dq
 

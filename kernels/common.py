@@ -44,16 +44,18 @@ class TileConfig:
 # * dkdv: keys as rows (128 keys x 64 queries, 8 warps): Pt = exp2(K Qt - lse) is computed directly
 #   in the orientation dV += Pt dO and dK += dSt Q need, so Pt and dSt stay in registers as the A
 #   operand of wgmma; with 64 x 64 and queries as rows, both warpgroups computed the same S and dP
-#   (40 wgmma per iteration where 24 do) and Pt, dSt went through shared memory (5 barriers). Two
-#   stages, not three: at d = 128 the dK, dV accumulators alone take 128 of the 255 registers, and
-#   the third stage's prefetch moves spills into the loops (4 local accesses per iteration).
+#   (40 wgmma per iteration where 24 do) and Pt, dSt went through shared memory (5 barriers). 32
+#   queries per step, not 64: at d = 128 the dK, dV accumulators alone take 128 of the 255
+#   registers, and the 64-query Pt, dPt tiles (32 registers each) spilled 88 B (d = 128) and 4 B
+#   (d = 64); 32 x 128 compiles at 252 / 201 registers without a spill. Two stages, not three: the
+#   third stage's prefetch moves spills into the loops (4 local accesses per iteration).
 # * dq: 128 queries x 64 keys, 8 warps: each warpgroup owns 64 query rows, no duplicated wgmma
 #   (36 -> 20 per iteration at d = 128 compared with 64 x 64).
 # tests/compile_kernels.py prints registers, spills and shared bytes of each (benchmarks/results/).
 _SM90_TILES = {
     "fwd": ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3)), (256, TileConfig(64, 32, 8, 2))),
     "rows": ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)), (256, TileConfig(32, 32, 8, 3))),
-    "dkdv": ((128, TileConfig(64, 128, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
+    "dkdv": ((128, TileConfig(32, 128, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
     "dq": ((128, TileConfig(128, 64, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
 }
 # Under the interpreter the cost is per program x loop iteration, so the largest tiles win (64-wide
