@@ -39,18 +39,22 @@ _ROW_PROGRAMS_TARGET = 528
 @triton.jit
 def _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
                        BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """(Pa, Pa restricted to the XG slots, dT) of one query tile; see the module docstring."""
+    """(Pa, Pa restricted to the XG slots, dT, dO_i.O^a_i, dgamma per row) of one query tile.
+
+    With e_im = (dO_i + [m < H_g] dz_i).va_m: dO_i.O^a_i = sum_m Pa_im dO_i.va_m and the row's dgamma
+    dO_i.O^a_i + dz_i.O^{aG}_i = sum_m Pa_im e_im, so O^a and O^{aG} (two BLOCK_M x d fp32 tiles and
+    their dots) are never formed; Da_i = gamma * that sum."""
     pa = adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A, DOT_PRECISION)
-    dpa = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
+    e = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
+    do_dot_oa = tl.sum(pa * e, 1)
     pa_general = pa
     if XG_TOKENS > 0:
         slots = tl.arange(0, BLOCK_A)
         pa_general = tl.where(slots[None, :] < XG_TOKENS, pa, 0.0)
         dz_dot_va = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
-        dpa += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
-    dpa = gamma * dpa
-    row_term = tl.sum(pa * dpa, 1)
-    return pa, pa_general, pa * (dpa - row_term[:, None])
+        e += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
+    dgamma_row = tl.sum(pa * e, 1)
+    return pa, pa_general, gamma * pa * (e - dgamma_row[:, None]), do_dot_oa, dgamma_row
 
 
 @triton.jit
@@ -122,17 +126,13 @@ def _bwd_rows_kernel(
                 La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
                 dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
                               dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
-                pa, pa_general, dt = _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
-                                                        BLOCK_A, XG_TOKENS, DOT_PRECISION)
-                adapter_out = tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
-                do_dot_oa = tl.sum(do.to(tl.float32) * adapter_out, 1)
+                pa, pa_general, dt, do_dot_oa, dgamma_row = _adapter_row_terms(
+                    q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
                 delta -= gamma * do_dot_oa
-                dgamma += do_dot_oa
+                dgamma += dgamma_row
                 dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
                 dva += gamma * tl.dot(tl.trans(pa).to(do.dtype), do, input_precision=DOT_PRECISION)
                 if XG_TOKENS > 0:
-                    general_out = tl.dot(pa_general.to(va.dtype), va, input_precision=DOT_PRECISION)
-                    dgamma += tl.sum(dz * general_out, 1)
                     dva += gamma * tl.dot(tl.trans(pa_general), dz, input_precision="ieee")
             tl.store(Delta + stat, delta, mask=row_ok)
         if ADAPTER:
@@ -388,8 +388,8 @@ def _bwd_dq_kernel(
         La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
         dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
                       dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
-        _, _, dt = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + h), scale_log2, adapter_len,
-                                      BLOCK_A, XG_TOKENS, DOT_PRECISION)
+        _, _, dt, _, _ = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + h), scale_log2, adapter_len,
+                                            BLOCK_A, XG_TOKENS, DOT_PRECISION)
         dq = tl.dot(dt.to(ka.dtype), ka, input_precision=DOT_PRECISION)
     K += b64 * stride_kb + kv_head * stride_kh + row0 * stride_kn
     V += b64 * stride_vb + kv_head * stride_vh + row0 * stride_vn
