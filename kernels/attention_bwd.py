@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from causalattn.kernels.common import (
-    LOG2E, adapter_probs, cause_bits, query_tile_flags, sequence_bounds, tile_config, tile_summary,
+    LOG2E, adapter_probs, cause_bits, launch_tuned, query_tile_flags, sequence_bounds, tile_config, tile_summary,
 )
 
 # Programs the row kernel aims for: a few waves of 132 SMs, while keeping the fp32 partials
@@ -425,8 +425,6 @@ def attention_backward(
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     rows_config = tile_config(head_dim, "rows", q.dtype)
-    dkdv_config = tile_config(head_dim, "dkdv", q.dtype)
-    dq_config = tile_config(head_dim, "dq", q.dtype)
     block_d = max(16, triton.next_power_of_2(head_dim))
     device = q.device
     has_adapter = adapter_keys is not None
@@ -480,39 +478,51 @@ def attention_backward(
                  SUPERVISION=supervision, TILE_SKIP=tile_skip, DOT_PRECISION=dot_precision)
     max_keys = max_seqlen if varlen else n_k
 
-    dkdv_rows = triton.cdiv(max_seqlen, dkdv_config.block_m)
-    dkdv_tiles = grad_tiles = dummy
-    if tile_skip:
-        dkdv_tiles = tile_summary(mask_bits, dkdv_config.block_m, dkdv_config.block_n)
-        grad_tiles = query_tile_flags(grad_mass, dkdv_config.block_m)
-    _bwd_dkdv_kernel[(triton.cdiv(max_keys, dkdv_config.block_n), num_samples * heads_kv)](
-        q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dk, dv,
-        cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy,
-        dkdv_tiles, grad_tiles,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-        dv.stride(0), dv.stride(1), dv.stride(2),
-        n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, mask_words, dkdv_rows,
-        dkdv_tiles.shape[2] if tile_skip else 0,
-        BLOCK_M=dkdv_config.block_m, BLOCK_N=dkdv_config.block_n, num_warps=dkdv_config.num_warps,
-        num_stages=dkdv_config.num_stages, **flags,
-    )
-    dq_rows = triton.cdiv(max_seqlen, dq_config.block_m)
-    dq_tiles = tile_summary(mask_bits, dq_config.block_m, dq_config.block_n) if tile_skip else dummy
-    _bwd_dq_kernel[(num_samples * heads_q, dq_rows)](
-        q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dq,
-        cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy, dq_tiles,
-        adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
-        adapter_lse2 if has_adapter else dummy, gamma if has_adapter else dummy,
-        grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-        n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride, mask_words,
-        dq_rows, dq_tiles.shape[2] if tile_skip else 0,
-        BLOCK_M=dq_config.block_m, BLOCK_N=dq_config.block_n, BLOCK_A=block_a, ADAPTER=has_adapter,
-        XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, num_warps=dq_config.num_warps, num_stages=dq_config.num_stages,
-        **flags,
-    )
+    # The features that change the compiled dK/dV and dQ kernels: the autotuner's key.
+    tuning_key = "+".join(name for name, on in (("causal", causal), ("varlen", varlen), ("adapter", has_adapter),
+                                                ("cat", supervision), ("xg", bool(xg_tokens)),
+                                                ("key_lengths", key_lengths is not dummy), ("key_mask", key_mask is not dummy))
+                          if on) or "none"
+
+    def launch_dkdv(config):
+        dkdv_rows = triton.cdiv(max_seqlen, config.block_m)
+        dkdv_tiles = grad_tiles = dummy
+        if tile_skip:
+            dkdv_tiles = tile_summary(mask_bits, config.block_m, config.block_n)
+            grad_tiles = query_tile_flags(grad_mass, config.block_m)
+        _bwd_dkdv_kernel[(triton.cdiv(max_keys, config.block_n), num_samples * heads_kv)](
+            q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dk, dv,
+            cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy,
+            dkdv_tiles, grad_tiles,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, mask_words, dkdv_rows,
+            dkdv_tiles.shape[2] if tile_skip else 0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps,
+            num_stages=config.num_stages, **flags,
+        )
+
+    def launch_dq(config):
+        dq_rows = triton.cdiv(max_seqlen, config.block_m)
+        dq_tiles = tile_summary(mask_bits, config.block_m, config.block_n) if tile_skip else dummy
+        _bwd_dq_kernel[(num_samples * heads_q, dq_rows)](
+            q, k, v, grad_out, lse, delta, grad_mass if supervision else dummy, dq,
+            cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy, dq_tiles,
+            adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
+            adapter_lse2 if has_adapter else dummy, gamma if has_adapter else dummy,
+            grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
+            n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride, mask_words,
+            dq_rows, dq_tiles.shape[2] if tile_skip else 0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_A=block_a, ADAPTER=has_adapter,
+            XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, num_warps=config.num_warps, num_stages=config.num_stages,
+            **flags,
+        )
+
+    launch_tuned("dkdv", head_dim, q.dtype, device, tuning_key, launch_dkdv)
+    launch_tuned("dq", head_dim, q.dtype, device, tuning_key, launch_dq)
     if not has_adapter:
         return dq, dk, dv, None, None, None
     adapter_shape = adapter_keys.shape
