@@ -18,6 +18,8 @@ Adapter terms per row (XG fold-in: dz_i from dxg, pooled rows get dxg_s / |V_s|)
     e_im = (dO_i + [m < H_g] dz_i) . va_m,  dPa = gamma e,  Da_i = sum_m Pa_im dPa_im,
     dT_im = Pa_im (dPa_im - Da_i),  dQ_i += tau sum_m dT_im ka_m,  dKa_m = tau sum_i dT_im q_i,
     dVa_m = gamma sum_i Pa_im (dO_i + [m < H_g] dz_i),  dgamma = sum_i dO_i.O^a_i + dz_i.O^{aG}_i
+With segments (SPEC §7) each slot m uses its segment's gamma_s and Pa^s, Da^s_i sums over the slots of
+s only, and dgamma_s over them (per sample with per-sample gates); XG slots lie in segment 0.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import triton
 import triton.language as tl
 
 from causalattn.kernels.common import (
-    LOG2E, adapter_probs, cause_bits, launch_tuned, query_tile_flags, sequence_bounds, tile_config, tile_summary,
+    LOG2E, adapter_block, adapter_probs, cause_bits, launch_tuned, query_tile_flags, segment_slot_lse,
+    sequence_bounds, tile_config, tile_summary,
 )
 
 # Programs the row kernel aims for: a few waves of 132 SMs, while keeping the fp32 partials
@@ -58,6 +61,33 @@ def _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
 
 
 @triton.jit
+def _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len,
+                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    """`_adapter_row_terms` with segments (SPEC §7): (G = gamma_s Pa^s, G on the XG slots, dT,
+    sum_s gamma_s dO_i.O^{a,s}_i, Pa e per slot: summed over a segment's slots and rows it is dgamma_s).
+
+    dT_im = gamma_s Pa_im (e_im - sum_{m' in s} Pa_im' e_im') for the segment s of slot m."""
+    slots = tl.arange(0, BLOCK_A)
+    logits = tl.dot(q, tl.trans(ka), input_precision=DOT_PRECISION) * scale_log2
+    pa = tl.where(slots[None, :] < adapter_len, tl.exp2(logits - slot_lse), 0.0)
+    gated = pa * slot_gamma[None, :]
+    e = tl.dot(do, tl.trans(va), input_precision=DOT_PRECISION)
+    gated_do_dot_oa = tl.sum(gated * e, 1)
+    gated_general = gated
+    if XG_TOKENS > 0:  # the XG slots lie in the first segment
+        gated_general = tl.where(slots[None, :] < XG_TOKENS, gated, 0.0)
+        dz_dot_va = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
+        e += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
+    pe = pa * e
+    segment_sum = tl.zeros_like(pe)
+    for segment in tl.static_range(NUM_SEGMENTS):
+        in_segment = (slot_segment == segment)[None, :]
+        segment_sum = tl.where(in_segment, tl.sum(tl.where(in_segment, pe, 0.0), 1)[:, None], segment_sum)
+    return gated, gated_general, gated * (e - segment_sum), gated_do_dot_oa, pe
+
+
+@triton.jit
 def _load_dz(dXg, XgWeight, xg_row, weight_row, stat, rows, row_ok, dims, dim_ok,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr):
@@ -75,12 +105,12 @@ def _load_dz(dXg, XgWeight, xg_row, weight_row, stat, rows, row_ok, dims, dim_ok
 @triton.jit
 def _bwd_rows_kernel(
     Q, Out, dOut, Lse, dLse, AdapterLse2, Mass, dMass, dXg, XgWeight, CuSeqlens, KeyLengths,
-    AdapterKeys, AdapterValues, Gamma, Delta, dKaPartial, dVaPartial, dGammaPartial,
+    AdapterKeys, AdapterValues, Gamma, SlotSegment, Delta, dKaPartial, dVaPartial, dGammaPartial,
     stride_qb, stride_qh, stride_qn, stride_ob, stride_oh, stride_on, stride_dob, stride_doh, stride_don,
-    n_q, n_k, heads_q, heads_kv, group, scale, scale_log2, adapter_len, adapter_batch_stride,
+    n_q, n_k, heads_q, heads_kv, group, scale, scale_log2, adapter_len, adapter_batch_stride, segment_stride,
     tiles_per_chunk, num_samples,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr,
-    VARLEN: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, HAS_DLSE: tl.constexpr,
+    NUM_SEGMENTS: tl.constexpr, GATE_PER_SAMPLE: tl.constexpr, VARLEN: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, HAS_DLSE: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     chunk = tl.program_id(0)
@@ -100,11 +130,23 @@ def _bwd_rows_kernel(
         va = tl.load(AdapterValues + adapter_ptrs, mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
         dka = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
         dva = tl.zeros([BLOCK_A, BLOCK_D], dtype=tl.float32)
+        gate_row = 0
+        if GATE_PER_SAMPLE:
+            gate_row = b64 * NUM_SEGMENTS * heads_q
+        if NUM_SEGMENTS > 1:
+            slot_segment = tl.load(SlotSegment + slots)
     for g in range(group):
         h = kv_head * group + g
-        dgamma = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-row sums, reduced once per head
+        if NUM_SEGMENTS == 1:
+            dgamma = tl.zeros([BLOCK_M], dtype=tl.float32)  # per-row sums, reduced once per head
+        else:
+            dgamma = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)  # per row and slot, summed per segment
         if ADAPTER:
-            gamma = tl.load(Gamma + h)
+            if NUM_SEGMENTS == 1:
+                gamma = tl.load(Gamma + gate_row + h)
+            else:
+                slot_gamma = tl.load(Gamma + gate_row + slot_segment * heads_q + h, mask=slot_segment < NUM_SEGMENTS,
+                                     other=0.0)
         for tile in range(first_tile, last_tile):
             rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
             row_ok = rows < len_q
@@ -123,20 +165,40 @@ def _bwd_rows_kernel(
             if ADAPTER:
                 q = tl.load(Q + b64 * stride_qb + h * stride_qh + (row0 + rows)[:, None] * stride_qn + dims[None, :],
                             mask=tile_mask, other=0.0)
-                La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
+                if NUM_SEGMENTS == 1:
+                    La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
                 dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
                               dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
-                pa, pa_general, dt, do_dot_oa, dgamma_row = _adapter_row_terms(
-                    q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
-                delta -= gamma * do_dot_oa
-                dgamma += dgamma_row
-                dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
-                dva += gamma * tl.dot(tl.trans(pa).to(do.dtype), do, input_precision=DOT_PRECISION)
-                if XG_TOKENS > 0:
-                    dva += gamma * tl.dot(tl.trans(pa_general), dz, input_precision="ieee")
+                if NUM_SEGMENTS == 1:
+                    pa, pa_general, dt, do_dot_oa, dgamma_row = _adapter_row_terms(
+                        q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
+                    delta -= gamma * do_dot_oa
+                    dgamma += dgamma_row
+                    dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
+                    dva += gamma * tl.dot(tl.trans(pa).to(do.dtype), do, input_precision=DOT_PRECISION)
+                    if XG_TOKENS > 0:
+                        dva += gamma * tl.dot(tl.trans(pa_general), dz, input_precision="ieee")
+                else:
+                    slot_lse = segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS,
+                                                BLOCK_M, BLOCK_A)
+                    gated, gated_general, dt, gated_do_dot_oa, pe = _segment_row_terms(
+                        q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len, BLOCK_A,
+                        XG_TOKENS, NUM_SEGMENTS, DOT_PRECISION)
+                    delta -= gated_do_dot_oa
+                    dgamma += pe
+                    dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
+                    dva += tl.dot(tl.trans(gated).to(do.dtype), do, input_precision=DOT_PRECISION)
+                    if XG_TOKENS > 0:
+                        dva += tl.dot(tl.trans(gated_general), dz, input_precision="ieee")
             tl.store(Delta + stat, delta, mask=row_ok)
         if ADAPTER:
-            tl.store(dGammaPartial + (chunk * num_samples + s) * heads_q + h, tl.sum(dgamma, 0))
+            gamma_partial = dGammaPartial + (chunk * num_samples + s) * NUM_SEGMENTS * heads_q + h
+            if NUM_SEGMENTS == 1:
+                tl.store(gamma_partial, tl.sum(dgamma, 0))
+            else:
+                slot_sums = tl.sum(dgamma, 0)
+                for segment in tl.static_range(NUM_SEGMENTS):
+                    tl.store(gamma_partial + segment * heads_q, tl.sum(tl.where(slot_segment == segment, slot_sums, 0.0), 0))
     if ADAPTER:
         partial = ((chunk * num_samples + s) * heads_kv + kv_head) * BLOCK_A * BLOCK_D
         tile_ptrs = partial + slots[:, None] * BLOCK_D + dims[None, :]
@@ -344,13 +406,13 @@ def _dq_key_tiles(
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, dOut, Lse, Delta, dMass, dQ, CuSeqlens, KeyLengths, KeyMask, MaskBits, MaskTiles,
-    AdapterKeys, AdapterValues, AdapterLse2, Gamma, dXg, XgWeight,
+    AdapterKeys, AdapterValues, AdapterLse2, Gamma, SlotSegment, dXg, XgWeight,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    n_q, n_k, heads_q, group, scale, scale_log2, adapter_len, adapter_batch_stride, mask_words,
+    n_q, n_k, heads_q, group, scale, scale_log2, adapter_len, adapter_batch_stride, segment_stride, mask_words,
     n_row_tiles, n_col_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_A: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    BLOCK_A: tl.constexpr, NUM_SEGMENTS: tl.constexpr, GATE_PER_SAMPLE: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -385,11 +447,24 @@ def _bwd_dq_kernel(
         slot_mask = (slots < adapter_len)[:, None] & dim_ok[None, :]
         ka = tl.load(AdapterKeys + adapter_ptrs, mask=slot_mask, other=0.0)
         va = tl.load(AdapterValues + adapter_ptrs, mask=slot_mask, other=0.0)
-        La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
+        if NUM_SEGMENTS == 1:
+            La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
         dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
                       dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
-        _, _, dt, _, _ = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + h), scale_log2, adapter_len,
-                                            BLOCK_A, XG_TOKENS, DOT_PRECISION)
+        gate_row = 0
+        if GATE_PER_SAMPLE:
+            gate_row = b64 * NUM_SEGMENTS * heads_q
+        if NUM_SEGMENTS == 1:
+            _, _, dt, _, _ = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + gate_row + h), scale_log2,
+                                                adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
+        else:
+            slot_segment = tl.load(SlotSegment + slots)
+            slot_gamma = tl.load(Gamma + gate_row + slot_segment * heads_q + h, mask=slot_segment < NUM_SEGMENTS,
+                                 other=0.0)
+            slot_lse = segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS,
+                                        BLOCK_M, BLOCK_A)
+            _, _, dt, _, _ = _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2,
+                                                adapter_len, BLOCK_A, XG_TOKENS, NUM_SEGMENTS, DOT_PRECISION)
         dq = tl.dot(dt.to(ka.dtype), ka, input_precision=DOT_PRECISION)
     K += b64 * stride_kb + kv_head * stride_kh + row0 * stride_kn
     V += b64 * stride_vb + kv_head * stride_vh + row0 * stride_vn
@@ -419,8 +494,10 @@ def attention_backward(
     cu_seqlens: Optional[torch.Tensor], max_seqlen: int, adapter_keys: Optional[torch.Tensor],
     adapter_values: Optional[torch.Tensor], gamma: Optional[torch.Tensor], mask_bits: Optional[torch.Tensor],
     xg_tokens: int, xg_weight: Optional[torch.Tensor], xg_pooled: bool, num_samples: int,
+    slot_segment: Optional[torch.Tensor] = None,
 ):
-    """Launch the three backward kernels. `grad_mass`/`grad_xg`/`grad_lse` may be None (no fold-in).
+    """Launch the three backward kernels. `grad_mass`/`grad_xg`/`grad_lse` may be None (no fold-in);
+    `gamma`, `slot_segment` and `adapter_lse2` as `attention_forward` takes and returns them.
     Returns (dq, dk, dv, d_adapter_keys | None, d_adapter_values | None, d_gamma | None)."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
@@ -433,7 +510,9 @@ def attention_backward(
     varlen = cu_seqlens is not None
     tile_skip = supervision and not varlen
     adapter_len = adapter_keys.shape[-2] if has_adapter else 0
-    block_a = max(16, triton.next_power_of_2(adapter_len))
+    block_a = adapter_block(adapter_len)
+    num_segments = gamma.shape[-2] if has_adapter else 1
+    gate_per_sample = has_adapter and gamma.shape[0] > 1
     adapter_batch_stride = heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0
     dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
     grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
@@ -449,20 +528,23 @@ def attention_backward(
     partial_shape = (chunks, num_samples, heads_kv, block_a, block_d)
     dka_partial = torch.empty(partial_shape, device=device, dtype=torch.float32) if has_adapter else None
     dva_partial = torch.empty_like(dka_partial) if has_adapter else None
-    dgamma_partial = torch.empty(chunks, num_samples, heads_q, device=device, dtype=torch.float32) if has_adapter else None
+    dgamma_partial = torch.empty(chunks, num_samples, num_segments, heads_q, device=device, dtype=torch.float32) \
+        if has_adapter else None
     _bwd_rows_kernel[(chunks, num_samples * heads_kv)](
         q, out, grad_out, lse, grad_lse if grad_lse is not None else dummy,
         adapter_lse2 if has_adapter else dummy, mass if supervision else dummy,
         grad_mass if supervision else dummy, grad_xg if xg_tokens else dummy,
         xg_weight if xg_tokens and xg_pooled else dummy, cu_seqlens if varlen else dummy, dummy,
         adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
-        gamma if has_adapter else dummy, delta, dka_partial if has_adapter else dummy,
-        dva_partial if has_adapter else dummy, dgamma_partial if has_adapter else dummy,
+        gamma if has_adapter else dummy, slot_segment if num_segments > 1 else dummy, delta,
+        dka_partial if has_adapter else dummy, dva_partial if has_adapter else dummy,
+        dgamma_partial if has_adapter else dummy,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         n_q, n_k, heads_q, heads_kv, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride,
-        tiles_per_chunk, num_samples,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows_config.block_m, BLOCK_A=block_a, VARLEN=varlen,
+        lse.numel(), tiles_per_chunk, num_samples,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=rows_config.block_m, BLOCK_A=block_a, NUM_SEGMENTS=num_segments,
+        GATE_PER_SAMPLE=gate_per_sample, VARLEN=varlen,
         ADAPTER=has_adapter, SUPERVISION=supervision, HAS_DLSE=grad_lse is not None, XG_TOKENS=xg_tokens,
         XG_POOLED=xg_pooled, DOT_PRECISION=dot_precision, num_warps=rows_config.num_warps,
     )
@@ -480,7 +562,7 @@ def attention_backward(
 
     # The features that change the compiled dK/dV and dQ kernels: the autotuner's key.
     tuning_key = "+".join(name for name, on in (("causal", causal), ("varlen", varlen), ("adapter", has_adapter),
-                                                ("cat", supervision), ("xg", bool(xg_tokens)),
+                                                ("segments", num_segments > 1), ("cat", supervision), ("xg", bool(xg_tokens)),
                                                 ("key_lengths", key_lengths is not dummy), ("key_mask", key_mask is not dummy))
                           if on) or "none"
 
@@ -511,12 +593,13 @@ def attention_backward(
             cu_seqlens if varlen else dummy, key_lengths, key_mask, mask_bits if supervision else dummy, dq_tiles,
             adapter_keys if has_adapter else dummy, adapter_values if has_adapter else dummy,
             adapter_lse2 if has_adapter else dummy, gamma if has_adapter else dummy,
-            grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
+            slot_segment if num_segments > 1 else dummy, grad_xg if xg_tokens else dummy, xg_weight if xg_tokens and xg_pooled else dummy,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
             grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), dq.stride(0), dq.stride(1), dq.stride(2),
-            n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride, mask_words,
-            dq_rows, dq_tiles.shape[2] if tile_skip else 0,
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_A=block_a, ADAPTER=has_adapter,
+            n_q, n_k, heads_q, heads_q // heads_kv, scale, scale * LOG2E.value, adapter_len, adapter_batch_stride,
+            lse.numel(), mask_words, dq_rows, dq_tiles.shape[2] if tile_skip else 0,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_A=block_a, NUM_SEGMENTS=num_segments,
+            GATE_PER_SAMPLE=gate_per_sample, ADAPTER=has_adapter,
             XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled, num_warps=config.num_warps, num_stages=config.num_stages,
             **flags,
         )
@@ -530,5 +613,7 @@ def attention_backward(
     reduce_dims = (0, 1) if adapter_keys.dim() == 3 or varlen else (0,)
     dka = dka_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
     dva = dva_partial.sum(reduce_dims)[..., :adapter_len, :head_dim].reshape(adapter_shape)
-    dgamma = dgamma_partial.sum((0, 1))
+    # Per-sample gates keep the sample axis (B = num_samples: packed sequences share one gate row).
+    dgamma = dgamma_partial.sum(0) if gate_per_sample else dgamma_partial.sum((0, 1))
+    dgamma = dgamma.reshape(gamma.shape)
     return dq, dk, dv, dka.to(adapter_keys.dtype), dva.to(adapter_values.dtype), dgamma

@@ -2,6 +2,7 @@
 
 * `sequence_bounds`: where a program's (sample or packed sequence, head) lives and which keys it sees;
 * `adapter_probs`: the adapter tile's softmax recomputed from its saved log-sum-exp;
+* `slot_segments` / `segment_slot_lse`: adapter segments (SPEC §7), each slot's segment and LSE;
 * `cause_bits`: one (BLOCK_M, BLOCK_N) tile of the bit-packed CausalMask;
 * `tile_summary`: the per-tile "any cause bit set" table that lets kernels skip empty mask tiles;
 * `query_tile_flags`: the per-query-tile "any mass gradient" table of the dK/dV sweep;
@@ -14,6 +15,7 @@ log-sum-exp handed to users is converted back to natural log (`lse = lse2 * ln 2
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -288,6 +290,36 @@ def adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A: tl.constexpr, DO
     logits = tl.dot(q, tl.trans(ka), input_precision=DOT_PRECISION) * scale_log2
     probs = tl.exp2(logits - La2[:, None])
     return tl.where(slots[None, :] < adapter_len, probs, 0.0)
+
+
+# Segments are unrolled (tl.static_range): each costs a masked row max and sum over the adapter tile.
+MAX_SEGMENTS = 8
+
+
+def adapter_block(adapter_len: int) -> int:
+    """BLOCK_A: the adapter slots padded to a power of two (at least 16, the smallest dot extent)."""
+    return max(16, triton.next_power_of_2(adapter_len))
+
+
+@functools.lru_cache(maxsize=64)
+def slot_segments(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(BLOCK_A,) int32: the segment of each adapter slot (segments are consecutive slot ranges of the
+    given sizes); padded slots get len(sizes), which matches no segment. Cached: one small upload per
+    segment layout and device, not per layer call."""
+    segment = torch.full((adapter_block(sum(sizes)),), len(sizes), dtype=torch.int32)
+    segment[:sum(sizes)] = torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes))
+    return segment.to(device)
+
+
+@triton.jit
+def segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr):
+    """(BLOCK_M, BLOCK_A): the saved base-2 LSE of each slot's segment, so that Pa^s = exp2(logits - it)."""
+    slot_lse = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
+    for segment in tl.static_range(NUM_SEGMENTS):
+        lse = tl.load(AdapterLse2 + segment * segment_stride + stat, mask=row_ok, other=0.0)
+        slot_lse = tl.where((slot_segment == segment)[None, :], lse[:, None], slot_lse)
+    return slot_lse
 
 
 @triton.jit

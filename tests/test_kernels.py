@@ -51,6 +51,21 @@ STAT_CASES = [
     Case(seq_len=80, adapter_len=10, mask="random-0.3", xg_tokens=2, use_lse=True, use_out=False),
 ]
 
+# Adapter segments (SPEC §7): 2, 3 and 8 segments, gates per (segment, head), per segment, per
+# sample and zero, with XG in the first segment, CAT, padding, packing, and the fold-ins alone.
+SEGMENT_CASES = [
+    Case(seq_len=64, adapter_len=8, segments=(3, 5)),
+    Case(seq_len=64, adapter_len=8, segments=(3, 5), per_sample_adapter=True, gate="sample", xg_tokens=2,
+         mask="random-0.3"),
+    Case(seq_len=64, adapter_len=12, segments=(4, 4, 4), gate="scalar", padding="left", xg_tokens=2,
+         xg_pool="position", dtype=F16),
+    Case(seq_len=64, adapter_len=7, segments=(2, 5), gate="zero", mask="rectangles", use_out=False, xg_tokens=1),
+    Case(seq_len=100, adapter_len=10, segments=(6, 4), cu_seqlens=(0, 30, 31, 80, 100), gate="sample", xg_tokens=2,
+         mask="random-0.3"),
+    Case(seq_len=64, adapter_len=33, segments=(1, 2, 3, 4, 5, 6, 7, 5), heads_kv=4, gate_mode="raw",
+         padding="lengths", use_lse=True),
+]
+
 # Realistic sizes for a CUDA device (N up to 8k, bf16), compiled.
 GPU_CASES = [
     Case(**{**dict(batch=2, heads_q=32, heads_kv=8, seq_len=n, head_dim=d, dtype=dtype, adapter_len=10), **extra})
@@ -61,6 +76,7 @@ GPU_CASES = [
         (8192, 128, BF16, dict(mask="random-0.05", xg_tokens=2, batch=1)),
         (1000, 96, F32, dict(padding="lengths", mask="single", xg_tokens=2, xg_pool="position")),
         (3000, 128, BF16, dict(cu_seqlens=(0, 1000, 1001, 3000), mask="rectangles", xg_tokens=2)),
+        (2048, 128, BF16, dict(segments=(4, 6), gate="sample", mask="rectangles", xg_tokens=2)),
     ]
 ] + [Case(batch=2, heads_q=32, heads_kv=32, seq_len=2048, head_dim=128, dtype=BF16, causal=False)]
 
@@ -69,7 +85,7 @@ needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or causalattn.o
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CORE_CASES + STAT_CASES, ids=str)
+@pytest.mark.parametrize("case", CORE_CASES + STAT_CASES + SEGMENT_CASES, ids=str)
 def test_fused_matches_reference(case, monkeypatch):
     poisoned_allocations(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -97,6 +113,24 @@ def test_zero_gate_keeps_adapter_gradients_zero():
     assert torch.count_nonzero(inputs["adapter_keys"].grad) == 0
     assert torch.count_nonzero(inputs["adapter_values"].grad) == 0
     assert inputs["gate"].grad.abs().min() > 0
+
+
+@needs_triton
+def test_zero_gate_of_one_segment_keeps_its_prompt_still():
+    """Per segment (SPEC §7): gamma_1 = 0 gives dKa = dVa = 0 on segment 1's slots and a gate gradient,
+    while segment 0 trains."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = Case(seq_len=64, adapter_len=10, segments=(4, 6), mask="random-0.3", xg_tokens=2)
+    leaves, kwargs, upstream = build_inputs(case, device)
+    leaves["gate"][1] = 0.0
+    inputs = {name: t.float().to(device).requires_grad_() for name, t in leaves.items()}
+    adapter = causalattn.Adapter(inputs["adapter_keys"], inputs["adapter_values"], inputs["gate"], "tanh", (4, 6))
+    result = causalattn.attention(inputs["q"], inputs["k"], inputs["v"], adapter=adapter, backend="triton", **kwargs)
+    ((result.out.double() * upstream["out"].to(device)).sum() + result.xg.square().sum()).backward()
+    keys_grad, values_grad = inputs["adapter_keys"].grad, inputs["adapter_values"].grad
+    assert torch.count_nonzero(keys_grad[:, 4:]) == 0 and torch.count_nonzero(values_grad[:, 4:]) == 0
+    assert keys_grad[:, :4].abs().min() > 0 and values_grad[:, :4].abs().min() > 0
+    assert inputs["gate"].grad[1].abs().min() > 0
 
 
 @needs_triton
