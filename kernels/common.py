@@ -50,20 +50,23 @@ class TileConfig:
 # sm_90 tiles per kernel, keyed by the largest head dim they serve (first match wins). Why these:
 # * fwd: FlashAttention-2's Triton choice, 128 queries x 64 keys; 8 warps at d = 128 keep two
 #   warpgroups on 64 query rows each; above 128 smaller tiles so K/V stages fit 227 KB.
-# * dkdv: keys as rows (128 keys x 64 queries, 8 warps): Pt = exp2(K Qt - lse) is computed directly
+# * dkdv: keys as rows (128 keys x 32 queries, 8 warps): Pt = exp2(K Qt - lse) is computed directly
 #   in the orientation dV += Pt dO and dK += dSt Q need, so Pt and dSt stay in registers as the A
 #   operand of wgmma; with 64 x 64 and queries as rows, both warpgroups computed the same S and dP
 #   (40 wgmma per iteration where 24 do) and Pt, dSt went through shared memory (5 barriers). 32
 #   queries per step, not 64: at d = 128 the dK, dV accumulators alone take 128 of the 255
 #   registers, and the 64-query Pt, dPt tiles (32 registers each) spilled 88 B (d = 128) and 4 B
-#   (d = 64); 32 x 128 compiles at 252 / 201 registers without a spill. Two stages, not three: the
-#   third stage's prefetch moves spills into the loops (4 local accesses per iteration).
+#   (d = 64); 32 x 128 compiles at 252 / 201 registers without a spill. Two stages: a third fits
+#   the plain kernel (255 registers) but spills 96 B with all features; the autotuner tries it.
+# * rows: 32 queries, 8 warps: with the adapter the tile holds q, dO, dz, Pa, dT and the dKa, dVa
+#   accumulators; 64 rows spilled 116 B (adapter, bf16 d = 128) and 484 B (all features), 32 rows
+#   compile at 224 registers without a spill and 244 B (M x d dots of 32 rows run on mma.sync).
 # * dq: 128 queries x 64 keys, 8 warps: each warpgroup owns 64 query rows, no duplicated wgmma
 #   (36 -> 20 per iteration at d = 128 compared with 64 x 64).
 # tests/compile_kernels.py prints registers, spills and shared bytes of each (benchmarks/results/).
 _SM90_TILES = {
     "fwd": ((64, TileConfig(128, 64, 4, 3)), (128, TileConfig(128, 64, 8, 3)), (256, TileConfig(64, 32, 8, 2))),
-    "rows": ((64, TileConfig(64, 64, 4, 3)), (128, TileConfig(64, 64, 8, 3)), (256, TileConfig(32, 32, 8, 3))),
+    "rows": ((128, TileConfig(32, 64, 8, 3)), (256, TileConfig(32, 32, 8, 3))),
     "dkdv": ((128, TileConfig(32, 128, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
     "dq": ((128, TileConfig(128, 64, 8, 2)), (256, TileConfig(32, 32, 8, 1))),
 }

@@ -116,6 +116,16 @@ def test_zero_gate_keeps_adapter_gradients_zero():
 
 
 @needs_triton
+def test_sm90_query_extents(monkeypatch):
+    """The sm_90 table's 32-query steps of the row and dK/dV kernels (the interpreter's own tiles are 64)."""
+    poisoned_allocations(monkeypatch)
+    monkeypatch.setenv("CAUSALATTN_TILES", "rows=32x64x4x1,dkdv=32x128x4x1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_case(Case(seq_len=100, adapter_len=10, segments=(4, 6), mask="random-0.3", xg_tokens=2, padding="left"),
+               device)
+
+
+@needs_triton
 def test_zero_gate_of_one_segment_keeps_its_prompt_still():
     """Per segment (SPEC §7): gamma_1 = 0 gives dKa = dVa = 0 on segment 1's slots and a gate gradient,
     while segment 0 trains."""
