@@ -161,15 +161,17 @@ def test_backward_is_deterministic():
 
 
 @needs_triton
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("segments", [None, (4, 6)])
+def test_torch_compile_traces_without_graph_breaks(segments):
     """The op is a torch.library custom op with a fake implementation and registered autograd:
     torch.compile(fullgraph=True) must trace forward and backward through it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    case = Case(seq_len=64, adapter_len=10, mask="random-0.3", xg_tokens=2)
+    case = Case(seq_len=64, adapter_len=10, mask="random-0.3", xg_tokens=2, segments=segments)
     leaves, kwargs, upstream = build_inputs(case, device)
 
     def step(q, k, v, ka, va, gate):
-        result = causalattn.attention(q, k, v, adapter=causalattn.Adapter(ka, va, gate), backend="triton", **kwargs)
+        adapter = causalattn.Adapter(ka, va, gate, "tanh", segments)
+        result = causalattn.attention(q, k, v, adapter=adapter, backend="triton", **kwargs)
         return result.out.sum() + causalattn.cat_loss(result.mass, kwargs["supervision"], alpha=50.0) + result.xg.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
