@@ -51,9 +51,10 @@ STAT_CASES = [
     Case(seq_len=80, adapter_len=10, mask="random-0.3", xg_tokens=2, use_lse=True, use_out=False),
 ]
 
-# Adapter segments (SPEC §7): 2, 3 and 8 segments, gates per (segment, head), per segment, per
+# Adapter segments (SPEC §7): 1, 2, 3 and 8 segments, gates per (segment, head), per segment, per
 # sample and zero, with XG in the first segment, CAT, padding, packing, and the fold-ins alone.
 SEGMENT_CASES = [
+    Case(seq_len=64, adapter_len=10, gate="sample", xg_tokens=2, mask="random-0.3"),  # one segment, per-sample gate
     Case(seq_len=64, adapter_len=8, segments=(3, 5)),
     Case(seq_len=64, adapter_len=8, segments=(3, 5), per_sample_adapter=True, gate="sample", xg_tokens=2,
          mask="random-0.3"),
