@@ -40,8 +40,9 @@ _ROW_PROGRAMS_TARGET = 528
 
 
 @triton.jit
-def _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
-                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _adapter_row_terms(q, do, dz, weight, ka, va, La2, gamma, scale_log2, adapter_len,
+                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
     """(Pa, Pa restricted to the XG slots, dT, dO_i.O^a_i, dgamma per row) of one query tile.
 
     With e_im = (dO_i + [m < H_g] dz_i).va_m: dO_i.O^a_i = sum_m Pa_im dO_i.va_m and the row's dgamma
@@ -54,16 +55,16 @@ def _adapter_row_terms(q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len,
     if XG_TOKENS > 0:
         slots = tl.arange(0, BLOCK_A)
         pa_general = tl.where(slots[None, :] < XG_TOKENS, pa, 0.0)
-        dz_dot_va = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
+        dz_dot_va = _dz_dot_va(dz, weight, va, XG_POOLED, DOT_PRECISION)
         e += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
     dgamma_row = tl.sum(pa * e, 1)
     return pa, pa_general, gamma * pa * (e - dgamma_row[:, None]), do_dot_oa, dgamma_row
 
 
 @triton.jit
-def _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len,
-                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, NUM_SEGMENTS: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+def _segment_row_terms(q, do, dz, weight, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len,
+                       BLOCK_A: tl.constexpr, XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr,
+                       NUM_SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """`_adapter_row_terms` with segments (SPEC §7): (G = gamma_s Pa^s, G on the XG slots, dT,
     sum_s gamma_s dO_i.O^{a,s}_i, Pa e per slot: summed over a segment's slots and rows it is dgamma_s).
 
@@ -77,7 +78,7 @@ def _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, sc
     gated_general = gated
     if XG_TOKENS > 0:  # the XG slots lie in the first segment
         gated_general = tl.where(slots[None, :] < XG_TOKENS, gated, 0.0)
-        dz_dot_va = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
+        dz_dot_va = _dz_dot_va(dz, weight, va, XG_POOLED, DOT_PRECISION)
         e += tl.where(slots[None, :] < XG_TOKENS, dz_dot_va, 0.0)
     pe = pa * e
     segment_sum = tl.zeros_like(pe)
@@ -91,15 +92,38 @@ def _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, sc
 def _load_dz(dXg, XgWeight, xg_row, weight_row, stat, rows, row_ok, dims, dim_ok,
              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
              XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr):
-    """dL/dz for the rows of a tile: dxg_s * weight_i when pooled, the per-row gradient otherwise."""
-    dz = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if XG_TOKENS > 0:
-        if XG_POOLED:
-            weight = tl.load(XgWeight + weight_row + rows, mask=row_ok, other=0.0)
-            dz = weight[:, None] * tl.load(dXg + xg_row + dims, mask=dim_ok, other=0.0)[None, :]
-        else:
+    """(dz, weight): dL/dz for the rows of a tile. Pooled, dz_i = weight_i dxg_s is rank one: dz is
+    then the (BLOCK_D,) dxg_s and weight the (BLOCK_M,) row weights, and `_dz_dot_va`, `_dz_va_grad`
+    use the factors instead of a BLOCK_M x d fp32 tile and two dots; per row, dz is that tile."""
+    weight = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if XG_POOLED:
+        weight = tl.load(XgWeight + weight_row + rows, mask=row_ok, other=0.0)
+        dz = tl.load(dXg + xg_row + dims, mask=dim_ok, other=0.0)
+    else:
+        dz = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        if XG_TOKENS > 0:
             dz = tl.load(dXg + stat[:, None] * HEAD_DIM + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
-    return dz
+    return dz, weight
+
+
+@triton.jit
+def _dz_dot_va(dz, weight, va, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(BLOCK_M, BLOCK_A) dz_i . va_m."""
+    if XG_POOLED:
+        result = weight[:, None] * tl.sum(va.to(tl.float32) * dz[None, :], 1)[None, :]
+    else:
+        result = tl.dot(dz.to(va.dtype), tl.trans(va), input_precision=DOT_PRECISION)
+    return result
+
+
+@triton.jit
+def _dz_va_grad(probs, dz, weight, XG_POOLED: tl.constexpr):
+    """(BLOCK_A, BLOCK_D) sum_i probs_im dz_i."""
+    if XG_POOLED:
+        result = tl.sum(probs * weight[:, None], 0)[:, None] * dz[None, :]
+    else:
+        result = tl.dot(tl.trans(probs), dz, input_precision="ieee")
+    return result
 
 
 @triton.jit
@@ -167,29 +191,30 @@ def _bwd_rows_kernel(
                             mask=tile_mask, other=0.0)
                 if NUM_SEGMENTS == 1:
                     La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
-                dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
-                              dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
+                dz, weight = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows,
+                                      row_ok, dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
                 if NUM_SEGMENTS == 1:
                     pa, pa_general, dt, do_dot_oa, dgamma_row = _adapter_row_terms(
-                        q, do, dz, ka, va, La2, gamma, scale_log2, adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
+                        q, do, dz, weight, ka, va, La2, gamma, scale_log2, adapter_len, BLOCK_A, XG_TOKENS, XG_POOLED,
+                        DOT_PRECISION)
                     delta -= gamma * do_dot_oa
                     dgamma += dgamma_row
                     dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
                     dva += gamma * tl.dot(tl.trans(pa).to(do.dtype), do, input_precision=DOT_PRECISION)
                     if XG_TOKENS > 0:
-                        dva += gamma * tl.dot(tl.trans(pa_general), dz, input_precision="ieee")
+                        dva += gamma * _dz_va_grad(pa_general, dz, weight, XG_POOLED)
                 else:
                     slot_lse = segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS,
                                                 BLOCK_M, BLOCK_A)
                     gated, gated_general, dt, gated_do_dot_oa, pe = _segment_row_terms(
-                        q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len, BLOCK_A,
-                        XG_TOKENS, NUM_SEGMENTS, DOT_PRECISION)
+                        q, do, dz, weight, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter_len,
+                        BLOCK_A, XG_TOKENS, XG_POOLED, NUM_SEGMENTS, DOT_PRECISION)
                     delta -= gated_do_dot_oa
                     dgamma += pe
                     dka += tl.dot(tl.trans(dt).to(q.dtype), q, input_precision=DOT_PRECISION)
                     dva += tl.dot(tl.trans(gated).to(do.dtype), do, input_precision=DOT_PRECISION)
                     if XG_TOKENS > 0:
-                        dva += tl.dot(tl.trans(gated_general), dz, input_precision="ieee")
+                        dva += _dz_va_grad(gated_general, dz, weight, XG_POOLED)
             tl.store(Delta + stat, delta, mask=row_ok)
         if ADAPTER:
             gamma_partial = dGammaPartial + (chunk * num_samples + s) * NUM_SEGMENTS * heads_q + h
@@ -449,22 +474,23 @@ def _bwd_dq_kernel(
         va = tl.load(AdapterValues + adapter_ptrs, mask=slot_mask, other=0.0)
         if NUM_SEGMENTS == 1:
             La2 = tl.load(AdapterLse2 + stat, mask=row_ok, other=0.0)
-        dz = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
-                      dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
+        dz, weight = _load_dz(dXg, XgWeight, (s * heads_q + h) * HEAD_DIM, b64 * n_q + row0, stat, rows, row_ok,
+                              dims, dim_ok, HEAD_DIM, BLOCK_M, BLOCK_D, XG_TOKENS, XG_POOLED)
         gate_row = 0
         if GATE_PER_SAMPLE:
             gate_row = b64 * NUM_SEGMENTS * heads_q
         if NUM_SEGMENTS == 1:
-            _, _, dt, _, _ = _adapter_row_terms(q, do, dz, ka, va, La2, tl.load(Gamma + gate_row + h), scale_log2,
-                                                adapter_len, BLOCK_A, XG_TOKENS, DOT_PRECISION)
+            _, _, dt, _, _ = _adapter_row_terms(q, do, dz, weight, ka, va, La2, tl.load(Gamma + gate_row + h),
+                                                scale_log2, adapter_len, BLOCK_A, XG_TOKENS, XG_POOLED, DOT_PRECISION)
         else:
             slot_segment = tl.load(SlotSegment + slots)
             slot_gamma = tl.load(Gamma + gate_row + slot_segment * heads_q + h, mask=slot_segment < NUM_SEGMENTS,
                                  other=0.0)
             slot_lse = segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS,
                                         BLOCK_M, BLOCK_A)
-            _, _, dt, _, _ = _segment_row_terms(q, do, dz, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2,
-                                                adapter_len, BLOCK_A, XG_TOKENS, NUM_SEGMENTS, DOT_PRECISION)
+            _, _, dt, _, _ = _segment_row_terms(q, do, dz, weight, ka, va, slot_lse, slot_gamma, slot_segment,
+                                                scale_log2, adapter_len, BLOCK_A, XG_TOKENS, XG_POOLED, NUM_SEGMENTS,
+                                                DOT_PRECISION)
         dq = tl.dot(dt.to(ka.dtype), ka, input_precision=DOT_PRECISION)
     K += b64 * stride_kb + kv_head * stride_kh + row0 * stride_kn
     V += b64 * stride_vb + kv_head * stride_vh + row0 * stride_vn
