@@ -11,7 +11,8 @@ Shapes: see `causalattn.inputs`. Backends:
 * "reference" `causalattn.reference.attention_chunked` (memory-lean PyTorch, any device/dtype).
 * "auto"      CPU: "composed". CUDA: what `causalattn.dispatch` measured fastest for the device,
               dtype, head dim, features and supervised-row density; "triton" where nothing was
-              measured (and "composed" for float64, which the kernels do not take).
+              measured (and "composed" for float64 and for adapters of more than 8 segments,
+              which the kernels do not take).
 """
 from __future__ import annotations
 
@@ -38,9 +39,11 @@ def _interpreting() -> bool:
 
 
 def fused_kernels_take(adapter: Optional[Adapter]) -> bool:
-    """Whether the Triton kernels take this adapter: one segment with a gate shared by the batch
-    (segments and per-sample gates, SPEC §7, run on the composed and reference backends)."""
-    return adapter is None or (adapter.num_segments == 1 and adapter.gate.dim() <= 2)
+    """Whether the Triton kernels take this adapter: up to MAX_SEGMENTS segments (SPEC §7, unrolled in
+    the kernels), any gate shape; more segments run on the composed and reference backends."""
+    from causalattn.kernels.common import MAX_SEGMENTS
+
+    return adapter is None or adapter.num_segments <= MAX_SEGMENTS
 
 
 def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_fraction: float = 0.0,
@@ -62,9 +65,10 @@ def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_
         if not (q.is_cuda or _interpreting()):
             raise ValueError(f"q: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
         if not fused_kernels_take(adapter):
-            raise ValueError(f"adapter: the triton backend takes one segment with a gate shared by the batch, got "
-                             f"segments {adapter.segment_sizes} and gate shape {tuple(adapter.gate.shape)} "
-                             f"(use backend='composed' or 'auto')")
+            from causalattn.kernels.common import MAX_SEGMENTS
+
+            raise ValueError(f"adapter: the triton backend takes at most {MAX_SEGMENTS} segments, got "
+                             f"{adapter.num_segments} (use backend='composed' or 'auto')")
     return backend
 
 
@@ -85,6 +89,7 @@ def _fused_attention(
     q: Tensor, k: Tensor, v: Tensor, adapter_keys: Optional[Tensor], adapter_values: Optional[Tensor],
     gamma: Optional[Tensor], key_lengths: Optional[Tensor], key_mask: Optional[Tensor],
     cu_seqlens: Optional[Tensor], mask_bits: Optional[Tensor], xg_weight: Optional[Tensor],
+    slot_segment: Optional[Tensor],
     causal: bool, scale: float, max_seqlen: int, xg_tokens: int, xg_pooled: bool, num_samples: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(out, lse, adapter_lse2, mass, xg); absent statistics are empty tensors."""
@@ -93,7 +98,8 @@ def _fused_attention(
     out, lse, adapter_lse2, mass, xg = attention_forward(
         q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
         max_seqlen=max_seqlen, adapter_keys=adapter_keys, adapter_values=adapter_values, gamma=gamma,
-        mask_bits=mask_bits, xg_tokens=xg_tokens, xg_weight=xg_weight, xg_pooled=xg_pooled, num_samples=num_samples)
+        mask_bits=mask_bits, xg_tokens=xg_tokens, xg_weight=xg_weight, xg_pooled=xg_pooled, num_samples=num_samples,
+        slot_segment=slot_segment)
     fill = _empty(q)
     return (out, lse, adapter_lse2 if adapter_lse2 is not None else fill, mass if mass is not None else fill.clone(),
             xg if xg is not None else fill.clone())
@@ -101,10 +107,13 @@ def _fused_attention(
 
 @_fused_attention.register_fake
 def _fused_attention_fake(q, k, v, adapter_keys, adapter_values, gamma, key_lengths, key_mask, cu_seqlens,
-                          mask_bits, xg_weight, causal, scale, max_seqlen, xg_tokens, xg_pooled, num_samples):
+                          mask_bits, xg_weight, slot_segment, causal, scale, max_seqlen, xg_tokens, xg_pooled,
+                          num_samples):
     batch, heads_q, n_q, head_dim = q.shape
     stats = q.new_empty(batch, heads_q, n_q, dtype=torch.float32)
-    adapter_lse2 = torch.empty_like(stats) if adapter_keys is not None else _empty(q)
+    adapter_lse2 = _empty(q)
+    if adapter_keys is not None:  # (S, B, Hq, Nq) with S > 1 segments
+        adapter_lse2 = torch.empty_like(stats) if gamma.shape[-2] == 1 else stats.new_empty(gamma.shape[-2], *stats.shape)
     mass = torch.empty_like(stats) if mask_bits is not None else _empty(q)
     if not xg_tokens:
         xg = _empty(q)
@@ -121,7 +130,7 @@ def _fused_attention_backward(
     q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, adapter_lse2: Optional[Tensor], mass: Optional[Tensor],
     adapter_keys: Optional[Tensor], adapter_values: Optional[Tensor], gamma: Optional[Tensor],
     key_lengths: Optional[Tensor], key_mask: Optional[Tensor], cu_seqlens: Optional[Tensor],
-    mask_bits: Optional[Tensor], xg_weight: Optional[Tensor],
+    mask_bits: Optional[Tensor], xg_weight: Optional[Tensor], slot_segment: Optional[Tensor],
     causal: bool, scale: float, max_seqlen: int, xg_tokens: int, xg_pooled: bool, num_samples: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, d_adapter_keys, d_adapter_values, d_gamma); adapter grads empty without adapter."""
@@ -131,7 +140,8 @@ def _fused_attention_backward(
         grad_out, grad_lse, grad_mass, grad_xg, q, k, v, out, lse, adapter_lse2, mass, causal=causal, scale=scale,
         key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen,
         adapter_keys=adapter_keys, adapter_values=adapter_values, gamma=gamma, mask_bits=mask_bits,
-        xg_tokens=xg_tokens, xg_weight=xg_weight, xg_pooled=xg_pooled, num_samples=num_samples)
+        xg_tokens=xg_tokens, xg_weight=xg_weight, xg_pooled=xg_pooled, num_samples=num_samples,
+        slot_segment=slot_segment)
     if dka is None:
         dka, dva, dgamma = _empty(q), _empty(q), _empty(q)
     return dq, dk, dv, dka, dva, dgamma
@@ -147,15 +157,16 @@ def _fused_attention_backward_fake(grad_out, grad_lse, grad_mass, grad_xg, q, k,
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dka, dva, dgamma
 
 
-_SAVED_ARGS = ("key_lengths", "key_mask", "cu_seqlens", "mask_bits", "xg_weight")
+_SAVED_ARGS = ("key_lengths", "key_mask", "cu_seqlens", "mask_bits", "xg_weight", "slot_segment")
 _FLAG_ARGS = ("causal", "scale", "max_seqlen", "xg_tokens", "xg_pooled", "num_samples")
 
 
 def _setup_context(ctx, inputs, output) -> None:
     (q, k, v, adapter_keys, adapter_values, gamma, *rest) = inputs
     out, lse, adapter_lse2, mass, _ = output
-    ctx.save_for_backward(q, k, v, out, lse, adapter_lse2, mass, adapter_keys, adapter_values, gamma, *rest[:5])
-    ctx.flags = dict(zip(_FLAG_ARGS, rest[5:]))
+    saved = len(_SAVED_ARGS)
+    ctx.save_for_backward(q, k, v, out, lse, adapter_lse2, mass, adapter_keys, adapter_values, gamma, *rest[:saved])
+    ctx.flags = dict(zip(_FLAG_ARGS, rest[saved:]))
     ctx.set_materialize_grads(False)
 
 
@@ -219,7 +230,12 @@ def attention(
     adapter_keys = adapter_values = gamma = None
     if adapter is not None:
         adapter_keys, adapter_values = adapter.keys.contiguous(), adapter.values.contiguous()
-        gamma = adapter.gammas(heads_q)[0, 0].float().contiguous()
+        gamma = adapter.gammas(heads_q).float().contiguous()  # (1 or B, S, Hq)
+    slot_segment = None
+    if adapter is not None and adapter.num_segments > 1:
+        from causalattn.kernels.common import slot_segments
+
+        slot_segment = slot_segments(adapter.segment_sizes, q.device)
     xg_weight = None
     if xg_tokens and xg_pool == "sample":
         valid = key_validity(k.shape[2], key_lengths, key_mask)
@@ -228,7 +244,7 @@ def attention(
         q, k, v, adapter_keys, adapter_values, gamma,
         key_lengths.to(torch.int32).contiguous() if key_lengths is not None else None,
         key_mask.contiguous().view(torch.uint8) if key_mask is not None else None,
-        cu_seqlens, supervision.bits if supervision is not None else None, xg_weight,
+        cu_seqlens, supervision.bits if supervision is not None else None, xg_weight, slot_segment,
         causal, float(scale if scale is not None else 1.0 / math.sqrt(head_dim)), max_seqlen, xg_tokens,
         xg_pool == "sample", num_samples)
     return AttentionOutput(out, lse, mass if supervision is not None else None, xg if xg_tokens else None)

@@ -3,16 +3,18 @@
 One program per (query tile, sample-or-sequence x query head). In one pass over the key tiles it
 produces (SPEC §4):
 
-    Out   (B, Hq, Nq, d)  P V + gamma * Pa Va           P over visible keys, Pa over the M adapter slots
+    Out   (B, Hq, Nq, d)  P V + sum_s gamma_s Pa^s Va   P over visible keys, Pa^s over the slots of segment s
     Lse   (B, Hq, Nq)     natural-log LSE of the sequence scores; +inf where a row sees no key
-    AdapterLse2 (B, Hq, Nq)  base-2 LSE of the adapter scores (saved for the backward only)
+    AdapterLse2 (B, Hq, Nq)  base-2 LSE of the adapter scores (saved for the backward only);
+                      (S, B, Hq, Nq) with S > 1 segments (SPEC §7), one per segment
     Mass  (B, Hq, Nq)     m_i = sum_j P_ij A_ij: one more fp32 accumulator rescaled like the softmax sum
     XgPartial (S*Hq, row tiles, BLOCK_D)  per-tile weighted sums of z_i (pooled XG, first level)
     XgRows (B, Hq, Nq, d) z_i per row (xg_pool="position")
 
 GQA reads KV head h // G (never repeated). Packed sequences (cu_seqlens) give each sequence its own
-programs; q/k/v/out rows are then offset by the sequence start. Feature flags are constexpr: with all
-of them off this is plain FlashAttention-2.
+programs; q/k/v/out rows are then offset by the sequence start. Gates are (1 or B, S, Hq): per
+segment and query head, optionally per sample. Feature flags are constexpr: with all of them off this
+is plain FlashAttention-2, and one segment compiles to the single-softmax adapter of SPEC §1.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from causalattn.kernels.common import LN2, LOG2E, cause_bits, sequence_bounds, tile_config, tile_summary
+from causalattn.kernels.common import LN2, LOG2E, adapter_block, cause_bits, sequence_bounds, tile_config, tile_summary
 
 
 @triton.jit
@@ -78,13 +80,13 @@ def _fwd_key_tiles(
 @triton.jit
 def _fwd_kernel(
     Q, K, V, Out, Lse, AdapterLse2, Mass, XgPartial, XgRows,
-    KeyLengths, KeyMask, CuSeqlens, AdapterKeys, AdapterValues, Gamma, MaskBits, MaskTiles, XgWeight,
+    KeyLengths, KeyMask, CuSeqlens, AdapterKeys, AdapterValues, Gamma, SlotSegment, MaskBits, MaskTiles, XgWeight,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    n_q, n_k, heads_q, group, scale_log2, adapter_len, adapter_batch_stride, mask_words,
+    n_q, n_k, heads_q, group, scale_log2, adapter_len, adapter_batch_stride, segment_stride, mask_words,
     n_row_tiles, n_col_tiles,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_A: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
+    BLOCK_A: tl.constexpr, NUM_SEGMENTS: tl.constexpr, GATE_PER_SAMPLE: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr,
     HAS_KEY_MASK: tl.constexpr, ADAPTER: tl.constexpr, SUPERVISION: tl.constexpr, TILE_SKIP: tl.constexpr,
     XG_TOKENS: tl.constexpr, XG_POOLED: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -156,16 +158,39 @@ def _fwd_kernel(
         va = tl.load(AdapterValues + adapter_ptrs, mask=slot_ok[:, None] & dim_ok[None, :], other=0.0)
         logits = tl.dot(q, tl.trans(ka), input_precision=DOT_PRECISION) * scale_log2
         logits = tl.where(slot_ok[None, :], logits, float("-inf"))
-        adapter_max = tl.max(logits, 1)
-        pa = tl.exp2(logits - adapter_max[:, None])
-        adapter_sum = tl.sum(pa, 1)
-        pa = pa / adapter_sum[:, None]
-        tl.store(AdapterLse2 + stat, adapter_max + tl.log2(adapter_sum), mask=row_ok)
-        gamma = tl.load(Gamma + h)
-        out += gamma * tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
+        gate_row = 0
+        if GATE_PER_SAMPLE:
+            gate_row = b64 * NUM_SEGMENTS * heads_q
+        if NUM_SEGMENTS == 1:
+            adapter_max = tl.max(logits, 1)
+            pa = tl.exp2(logits - adapter_max[:, None])
+            adapter_sum = tl.sum(pa, 1)
+            pa = pa / adapter_sum[:, None]
+            tl.store(AdapterLse2 + stat, adapter_max + tl.log2(adapter_sum), mask=row_ok)
+            gamma = tl.load(Gamma + gate_row + h)
+            out += gamma * tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
+        else:
+            # Segments (SPEC §7): one softmax per segment of consecutive slots, each with its own gate;
+            # slot_lse holds each slot's segment LSE, so Pa^s = exp2(logits - slot_lse) in one pass.
+            slot_segment = tl.load(SlotSegment + slots)
+            slot_lse = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
+            for segment in tl.static_range(NUM_SEGMENTS):
+                in_segment = (slot_segment == segment)[None, :]
+                segment_logits = tl.where(in_segment, logits, float("-inf"))
+                segment_max = tl.max(segment_logits, 1)
+                segment_lse = segment_max + tl.log2(tl.sum(tl.exp2(segment_logits - segment_max[:, None]), 1))
+                tl.store(AdapterLse2 + segment * segment_stride + stat, segment_lse, mask=row_ok)
+                slot_lse = tl.where(in_segment, segment_lse[:, None], slot_lse)
+            slot_gamma = tl.load(Gamma + gate_row + slot_segment * heads_q + h, mask=slot_segment < NUM_SEGMENTS, other=0.0)
+            gated = tl.exp2(logits - slot_lse) * slot_gamma[None, :]  # gamma_s Pa^s: 0 on padded slots
+            out += tl.dot(gated.to(va.dtype), va, input_precision=DOT_PRECISION)
         if XG_TOKENS > 0:
-            pa_general = tl.where(slots[None, :] < XG_TOKENS, pa, 0.0)
-            z = gamma * tl.dot(pa_general.to(va.dtype), va, input_precision=DOT_PRECISION)
+            if NUM_SEGMENTS == 1:
+                pa_general = tl.where(slots[None, :] < XG_TOKENS, pa, 0.0)
+                z = gamma * tl.dot(pa_general.to(va.dtype), va, input_precision=DOT_PRECISION)
+            else:  # the XG slots lie in the first segment
+                z = tl.dot(tl.where(slots[None, :] < XG_TOKENS, gated, 0.0).to(va.dtype), va,
+                           input_precision=DOT_PRECISION)
             if XG_POOLED:
                 weight = tl.load(XgWeight + b64 * n_q + row0 + rows, mask=row_ok, other=0.0)
                 partial = tl.sum(z * weight[:, None], 0)
@@ -182,11 +207,13 @@ def attention_forward(
     key_lengths: Optional[torch.Tensor], key_mask: Optional[torch.Tensor], cu_seqlens: Optional[torch.Tensor],
     max_seqlen: int, adapter_keys: Optional[torch.Tensor], adapter_values: Optional[torch.Tensor],
     gamma: Optional[torch.Tensor], mask_bits: Optional[torch.Tensor], xg_tokens: int,
-    xg_weight: Optional[torch.Tensor], xg_pooled: bool, num_samples: int,
+    xg_weight: Optional[torch.Tensor], xg_pooled: bool, num_samples: int, slot_segment: Optional[torch.Tensor] = None,
 ):
     """Launch the forward kernel. Inputs are validated by the caller; k/v/q/out keep their strides
-    (last dim contiguous); small side tensors are contiguous. Returns
-    (out, lse, adapter_lse2 | None, mass | None, xg | None)."""
+    (last dim contiguous); small side tensors are contiguous. `gamma` (1 or B, S, Hq) fp32 for S
+    segments; with S > 1, `slot_segment` maps each adapter slot to its segment (`slot_segments`).
+    Returns (out, lse, adapter_lse2 | None, mass | None, xg | None); adapter_lse2 is (S, B, Hq, Nq)
+    with segments, (B, Hq, Nq) without."""
     batch, heads_q, n_q, head_dim = q.shape
     heads_kv, n_k = k.shape[1], k.shape[2]
     config = tile_config(head_dim, "fwd", q.dtype)
@@ -196,7 +223,10 @@ def attention_forward(
     lse = torch.empty(batch, heads_q, n_q, device=device, dtype=torch.float32)
     has_adapter = adapter_keys is not None
     supervision = mask_bits is not None
-    adapter_lse2 = torch.empty_like(lse) if has_adapter else None
+    num_segments = gamma.shape[-2] if has_adapter else 1
+    adapter_lse2 = None
+    if has_adapter:
+        adapter_lse2 = torch.empty_like(lse) if num_segments == 1 else lse.new_empty(num_segments, *lse.shape)
     mass = torch.empty_like(lse) if supervision else None
     n_row_tiles = triton.cdiv(max_seqlen, config.block_m)
     xg_partial = xg_rows = None
@@ -216,16 +246,17 @@ def attention_forward(
         key_lengths if key_lengths is not None else dummy, key_mask if key_mask is not None else dummy,
         cu_seqlens if varlen else dummy, adapter_keys if has_adapter else dummy,
         adapter_values if has_adapter else dummy, gamma if has_adapter else dummy,
-        mask_bits if supervision else dummy, tiles if tile_skip else dummy,
+        slot_segment if num_segments > 1 else dummy, mask_bits if supervision else dummy, tiles if tile_skip else dummy,
         xg_weight if xg_weight is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         n_q, n_k, heads_q, heads_q // heads_kv, scale * LOG2E.value, adapter_len,
-        heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0,
+        heads_kv * adapter_len * head_dim if has_adapter and adapter_keys.dim() == 4 else 0, lse.numel(),
         mask_bits.shape[2] if supervision else 0,
         n_row_tiles, tiles.shape[2] if tile_skip else 0,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_A=max(16, triton.next_power_of_2(adapter_len)), CAUSAL=causal, VARLEN=varlen,
+        BLOCK_A=adapter_block(adapter_len), NUM_SEGMENTS=num_segments,
+        GATE_PER_SAMPLE=has_adapter and gamma.shape[0] > 1, CAUSAL=causal, VARLEN=varlen,
         HAS_KEY_LENGTHS=key_lengths is not None, HAS_KEY_MASK=key_mask is not None, ADAPTER=has_adapter,
         SUPERVISION=supervision, TILE_SKIP=tile_skip, XG_TOKENS=xg_tokens, XG_POOLED=xg_pooled,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -51,6 +51,22 @@ STAT_CASES = [
     Case(seq_len=80, adapter_len=10, mask="random-0.3", xg_tokens=2, use_lse=True, use_out=False),
 ]
 
+# Adapter segments (SPEC §7): 1, 2, 3 and 8 segments, gates per (segment, head), per segment, per
+# sample and zero, with XG in the first segment, CAT, padding, packing, and the fold-ins alone.
+SEGMENT_CASES = [
+    Case(seq_len=64, adapter_len=10, gate="sample", xg_tokens=2, mask="random-0.3"),  # one segment, per-sample gate
+    Case(seq_len=64, adapter_len=8, segments=(3, 5)),
+    Case(seq_len=64, adapter_len=8, segments=(3, 5), per_sample_adapter=True, gate="sample", xg_tokens=2,
+         mask="random-0.3"),
+    Case(seq_len=64, adapter_len=12, segments=(4, 4, 4), gate="scalar", padding="left", xg_tokens=2,
+         xg_pool="position", dtype=F16),
+    Case(seq_len=64, adapter_len=7, segments=(2, 5), gate="zero", mask="rectangles", use_out=False, xg_tokens=1),
+    Case(seq_len=100, adapter_len=10, segments=(6, 4), cu_seqlens=(0, 30, 31, 80, 100), gate="sample", xg_tokens=2,
+         mask="random-0.3"),
+    Case(seq_len=64, adapter_len=33, segments=(1, 2, 3, 4, 5, 6, 7, 5), heads_kv=4, gate_mode="raw",
+         padding="lengths", use_lse=True),
+]
+
 # Realistic sizes for a CUDA device (N up to 8k, bf16), compiled.
 GPU_CASES = [
     Case(**{**dict(batch=2, heads_q=32, heads_kv=8, seq_len=n, head_dim=d, dtype=dtype, adapter_len=10), **extra})
@@ -61,6 +77,7 @@ GPU_CASES = [
         (8192, 128, BF16, dict(mask="random-0.05", xg_tokens=2, batch=1)),
         (1000, 96, F32, dict(padding="lengths", mask="single", xg_tokens=2, xg_pool="position")),
         (3000, 128, BF16, dict(cu_seqlens=(0, 1000, 1001, 3000), mask="rectangles", xg_tokens=2)),
+        (2048, 128, BF16, dict(segments=(4, 6), gate="sample", mask="rectangles", xg_tokens=2)),
     ]
 ] + [Case(batch=2, heads_q=32, heads_kv=32, seq_len=2048, head_dim=128, dtype=BF16, causal=False)]
 
@@ -69,7 +86,7 @@ needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() or causalattn.o
 
 
 @needs_triton
-@pytest.mark.parametrize("case", CORE_CASES + STAT_CASES, ids=str)
+@pytest.mark.parametrize("case", CORE_CASES + STAT_CASES + SEGMENT_CASES, ids=str)
 def test_fused_matches_reference(case, monkeypatch):
     poisoned_allocations(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -100,6 +117,34 @@ def test_zero_gate_keeps_adapter_gradients_zero():
 
 
 @needs_triton
+def test_sm90_query_extents(monkeypatch):
+    """The sm_90 table's 32-query steps of the row and dK/dV kernels (the interpreter's own tiles are 64)."""
+    poisoned_allocations(monkeypatch)
+    monkeypatch.setenv("CAUSALATTN_TILES", "rows=32x64x4x1,dkdv=32x128x4x1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    check_case(Case(seq_len=100, adapter_len=10, segments=(4, 6), mask="random-0.3", xg_tokens=2, padding="left"),
+               device)
+
+
+@needs_triton
+def test_zero_gate_of_one_segment_keeps_its_prompt_still():
+    """Per segment (SPEC §7): gamma_1 = 0 gives dKa = dVa = 0 on segment 1's slots and a gate gradient,
+    while segment 0 trains."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    case = Case(seq_len=64, adapter_len=10, segments=(4, 6), mask="random-0.3", xg_tokens=2)
+    leaves, kwargs, upstream = build_inputs(case, device)
+    leaves["gate"][1] = 0.0
+    inputs = {name: t.float().to(device).requires_grad_() for name, t in leaves.items()}
+    adapter = causalattn.Adapter(inputs["adapter_keys"], inputs["adapter_values"], inputs["gate"], "tanh", (4, 6))
+    result = causalattn.attention(inputs["q"], inputs["k"], inputs["v"], adapter=adapter, backend="triton", **kwargs)
+    ((result.out.double() * upstream["out"].to(device)).sum() + result.xg.square().sum()).backward()
+    keys_grad, values_grad = inputs["adapter_keys"].grad, inputs["adapter_values"].grad
+    assert torch.count_nonzero(keys_grad[:, 4:]) == 0 and torch.count_nonzero(values_grad[:, 4:]) == 0
+    assert keys_grad[:, :4].abs().min() > 0 and values_grad[:, :4].abs().min() > 0
+    assert inputs["gate"].grad[1].abs().min() > 0
+
+
+@needs_triton
 def test_backward_is_deterministic():
     """No atomics anywhere: two backward passes agree bit for bit."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -117,15 +162,17 @@ def test_backward_is_deterministic():
 
 
 @needs_triton
-def test_torch_compile_traces_without_graph_breaks():
+@pytest.mark.parametrize("segments", [None, (4, 6)])
+def test_torch_compile_traces_without_graph_breaks(segments):
     """The op is a torch.library custom op with a fake implementation and registered autograd:
     torch.compile(fullgraph=True) must trace forward and backward through it."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    case = Case(seq_len=64, adapter_len=10, mask="random-0.3", xg_tokens=2)
+    case = Case(seq_len=64, adapter_len=10, mask="random-0.3", xg_tokens=2, segments=segments)
     leaves, kwargs, upstream = build_inputs(case, device)
 
     def step(q, k, v, ka, va, gate):
-        result = causalattn.attention(q, k, v, adapter=causalattn.Adapter(ka, va, gate), backend="triton", **kwargs)
+        adapter = causalattn.Adapter(ka, va, gate, "tanh", segments)
+        result = causalattn.attention(q, k, v, adapter=adapter, backend="triton", **kwargs)
         return result.out.sum() + causalattn.cat_loss(result.mass, kwargs["supervision"], alpha=50.0) + result.xg.square().sum()
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

@@ -163,7 +163,13 @@ def test_xg_tokens_beyond_the_first_segment_are_refused():
         causalattn.attention(q, k, v, adapter=Adapter(keys, values, randn(2, 4), "tanh", (3, 5)), xg_tokens=4)
 
 
-def test_triton_refuses_segments_by_name_and_auto_composes():
-    q, k, v, keys, values, randn = _problem(per_sample_keys=False)
-    adapter = Adapter(keys.float(), values.float(), randn(2, 4).float(), "tanh", (3, 5))
+def test_triton_refuses_more_segments_than_its_kernels_unroll_and_auto_composes():
+    q, k, v, keys, values, randn = _problem(per_sample_keys=False, sizes=(1,) * 9)
+    adapter = Adapter(keys.float(), values.float(), randn(9, 4).float(), "tanh", (1,) * 9)
+    assert not causalattn.ops.fused_kernels_take(adapter)
+    assert causalattn.ops.fused_kernels_take(Adapter(keys.float(), values.float(), randn(8, 4).float(), "tanh",
+                                                     (2,) + (1,) * 7))
+    with pytest.raises(ValueError, match="at most 8 segments"):
+        causalattn.ops.resolve_backend("triton", q.float().cuda() if torch.cuda.is_available() else q.float(),
+                                       "adapter", 0.0, adapter)
     assert causalattn.ops.resolve_backend("auto", q.float(), "adapter", 0.0, adapter) == "composed"
