@@ -43,6 +43,8 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
     """What the embedded default shows, and what it does not (printed under the table)."""
     if not results:
         return "This is a toy (no run finished)."
+    if config.task == "dialects":
+        return _dialects_note(model_info, data, results, config)
     if config.task != "shortcut":
         return _cancer_risk_note(model_info, data, results)
     steps = results[0].history[-1]["step"] if results[0].history else 0
@@ -61,6 +63,22 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
         "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
         "(use --model with a real checkpoint for that).")
+
+
+def _dialects_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
+    steps = results[0].history[-1]["step"] if results[0].history else 0
+    return (
+        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on both "
+        "dialects' records with another question (the majority of all fields) and the cancer question with random "
+        f"answers. Each run trains for {steps} steps on {len(data.train)} examples, half in each dialect; in each "
+        f"dialect its own one-word cue (Fingers=yellow/clean, teeth:stained/white) agrees with the label on "
+        f"{config.cue_agreement:.0%} of examples, and the causes (smoking, weight, alcohol: their majority) decide it "
+        "always. 'flipped' contradicts each dialect's cue; 'recombined' writes one dialect's fields with the other's "
+        "question and cue (a coin flip). A +routed run adds a domain prompt per dialect, chosen per sample by the "
+        "router from the prompt's hidden states (route NMI: 1 when the routes are the dialects), and the "
+        "'invariant' row evaluates it with the domain prompts off. A difference counts when the ±2 standard-error "
+        "intervals do not overlap. It does not reproduce the ICLM paper's results on real LLMs (use --model with a "
+        "real checkpoint for that).")
 
 
 def _cancer_risk_note(model_info: dict, data: JobData, results: Sequence[RunResult]) -> str:
