@@ -57,3 +57,13 @@ def tiny_tokenizer(trained_bpe):
     from transformers import PreTrainedTokenizerFast
 
     return PreTrainedTokenizerFast(tokenizer_object=trained_bpe, bos_token="<s>", pad_token="<pad>")
+
+
+@pytest.fixture
+def single_thread():
+    """Small tensors: one intra-op thread is faster, and two threads per test process thrash a 2-core CI
+    machine (gradcheck ran 20x slower with two threads under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

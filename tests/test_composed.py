@@ -22,13 +22,7 @@ MATRIX = CORE_CASES + STAT_CASES
 LSE_CASES = [dataclasses.replace(c, use_lse=True, seed=7) for c in MATRIX if not c.use_lse][::3]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: one intra-op thread is faster and does not thrash a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.mark.parametrize("case", MATRIX + LSE_CASES, ids=str)

@@ -12,14 +12,7 @@ DIM = 16
 BACKENDS = {"dense": attention_dense, "chunked": lambda *args, **kw: attention_chunked(*args, rows_per_block=4, **kw)}
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: one intra-op thread is faster, and two threads per test process thrash a
-    2-core CI machine (gradcheck ran 20x slower with two threads under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ---------------------------------------------------------------------- problem builders

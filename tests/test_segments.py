@@ -18,12 +18,7 @@ from kernel_cases import Case, check_case
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _problem(batch=2, heads_q=4, heads_kv=2, n=24, d=16, sizes=(3, 5), seed=0, per_sample_keys=True):

@@ -30,7 +30,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from causalattn.data.stg import LABELS, Example
+from causalattn.data.stg import LABELS, Example, check_generation
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,7 @@ def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAU
              recombined: bool = False) -> list[Example]:
     """`n` examples alternating dialects 0 and 1; `mode` sets the cue (see CUE_MODES); `recombined`
     writes the question and cue in the other dialect than the fields."""
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative number of examples, got {n}")
-    if mode not in CUE_MODES:
-        raise ValueError(f"mode: expected one of {CUE_MODES}, got {mode!r}")
-    if not 0.5 <= agreement <= 1:
-        raise ValueError(f"agreement: expected a probability in [0.5, 1], got {agreement}")
+    check_generation(n, mode, CUE_MODES, agreement)
     rng = random.Random(seed)
     return [make_example(rng, index % 2, mode=mode, agreement=agreement,
                          surface=(1 - index % 2) if recombined else None) for index in range(n)]

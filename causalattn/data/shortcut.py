@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import random
 
-from causalattn.data.stg import LABELS, QUESTION, Example
+from causalattn.data.stg import LABELS, QUESTION, Example, check_generation
 
 CAUSAL = ("Smoking", "Weight", "Alcohol")
 IRRELEVANT = ("Gene", "Room", "Height")
@@ -100,12 +100,7 @@ def base_text(rng: random.Random, cancer_share: float) -> str:
 
 def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAULT_AGREEMENT) -> list[Example]:
     """`n` examples from a generator seeded with `seed`; `mode` sets the shortcut (see CUE_MODES)."""
-    if n < 0:
-        raise ValueError(f"n: expected a non-negative number of examples, got {n}")
-    if mode not in CUE_MODES:
-        raise ValueError(f"mode: expected one of {CUE_MODES}, got {mode!r}")
-    if not 0.5 <= agreement <= 1:
-        raise ValueError(f"agreement: expected a probability in [0.5, 1], got {agreement}")
+    check_generation(n, mode, CUE_MODES, agreement)
     rng = random.Random(seed)
     return [make_example(rng, mode, agreement) for _ in range(n)]
 

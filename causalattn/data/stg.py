@@ -40,6 +40,16 @@ class Example:
     domain: Optional[int] = field(default=None, compare=False)  # which domain (dialect) it comes from, if known
 
 
+def check_generation(n: int, mode: str, modes: tuple[str, ...], agreement: float) -> None:
+    """The shared argument checks of the generated tasks' `generate`: each bad value named."""
+    if n < 0:
+        raise ValueError(f"n: expected a non-negative number of examples, got {n}")
+    if mode not in modes:
+        raise ValueError(f"mode: expected one of {modes}, got {mode!r}")
+    if not 0.5 <= agreement <= 1:
+        raise ValueError(f"agreement: expected a probability in [0.5, 1], got {agreement}")
+
+
 def risk_score(values: dict) -> float:
     return 1.2 * values["Smoking"] + 0.7 * values["Weight"] - values["Exercise"]
 

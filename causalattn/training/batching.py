@@ -67,23 +67,22 @@ def read_data_files(config: TrainConfig) -> Optional[DataFiles]:
                      {name: _read(path, "--eval-data", config.strict) for name, path in config.eval_files().items()})
 
 
+# The generated tasks with a one-word cue: their module (make_splits, record_fields) and description.
+_CUE_TASKS = {"shortcut": (shortcut, "Spurious Token Game, shortcut variant"),
+              "dialects": (dialects, "two-dialect Spurious Token Game")}
+
+
 def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=None,
               log: Callable[[str], None] = print) -> JobData:
     """The generated STG splits of --task (seeded by --seed), or the JSONL files with every annotation
     checked on the tokens of `tokenizer` (pairs that cannot supervise skipped and counted, one summary
     line per file, or a file:line ConfigError with --strict)."""
-    if config.data == STG and config.task == "shortcut":
-        train, tests = shortcut.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
-                                            agreement=config.cue_agreement)
-        return JobData(train, tests, LABELS, f"Spurious Token Game, shortcut variant (seed {config.seed}, "
-                                             f"cue agreement {config.cue_agreement})",
-                       control_train=with_random_causes(train, shortcut.record_fields, seed=config.seed))
-    if config.data == STG and config.task == "dialects":
-        train, tests = dialects.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
-                                            agreement=config.cue_agreement)
-        return JobData(train, tests, LABELS, f"two-dialect Spurious Token Game (seed {config.seed}, "
-                                             f"cue agreement {config.cue_agreement})",
-                       control_train=with_random_causes(train, dialects.record_fields, seed=config.seed))
+    if config.data == STG and config.task in _CUE_TASKS:
+        module, name = _CUE_TASKS[config.task]
+        train, tests = module.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
+                                          agreement=config.cue_agreement)
+        return JobData(train, tests, LABELS, f"{name} (seed {config.seed}, cue agreement {config.cue_agreement})",
+                       control_train=with_random_causes(train, module.record_fields, seed=config.seed))
     if config.data == STG:
         splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
