@@ -175,7 +175,22 @@ def test_routed_run_logs_routes_mi_vq_and_invariant_accuracy(small_model, tmp_pa
     assert any(k.endswith(".bank") for k in weights) and "router.codebook" in weights
     assert not any(k.endswith(".bank") or k.startswith("router.") for k in adapter_weights(out / "ce" / "adapter"))
     assert report["config"]["domains"] == 2 and report["config"]["route"] == "oracle"
+    assert report["plots"]["notes"] == [] and "attention_ce+routed" in report["plots"]["files"]  # oracle ids reach the plot
     assert "domains" not in TrainConfig().trajectory_options()  # unrouted jobs resume as before
+
+
+def test_invariant_ce_adds_the_invariant_mechanisms_own_loss(small_model, tmp_path):
+    """--invariant-ce W adds W * CE of the same batch with the domain prompts off (ICLM's CE(invariant))."""
+    gaps = {}
+    for weight in ("0", "1"):
+        out = tmp_path / f"job-{weight}"
+        assert main(["train", "--model", str(small_model), "--task", "dialects", "--runs", "ce+routed",
+                     "--domain-len", "3", "--route", "oracle", "--invariant-ce", weight, "--output-dir", str(out),
+                     *FAST]) == 0
+        first = report_of(out)["runs"][0]["history"][0]
+        gaps[weight] = first["loss"] - first["ce"] - 0.01 * first["mi"]  # oracle: no VQ loss
+    assert abs(gaps["0"]) < 1e-6
+    assert gaps["1"] > 0.1  # at zero-init the invariant mechanism alone is the base: CE of the order of ln 2
 
 
 def test_jsonl_data_with_eval_file(small_model, tmp_path):
@@ -305,6 +320,7 @@ def test_two_gloo_processes_match_one_process_with_grad_accum(small_model, tmp_p
     (["--eval-data", "x.jsonl"], "--eval-data"),
     (["--train-examples", "8", "--batch-size", "4", "--grad-accum", "4"], "--batch-size: one optimizer step takes 16"),
     (["--runs", "ce+routed", "--domains", "1"], "--domains"),
+    (["--runs", "ce+routed", "--invariant-ce", "-1"], "--invariant-ce"),
     (["--runs", "ce+routed", "--route", "soft", "--domains", "6", "--domain-len", "10"], "--domain-len"),
     (["--runs", "ce+routed", "--route", "oracle", "--task", "cancer-risk"], "--route: oracle"),
 ])

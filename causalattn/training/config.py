@@ -41,7 +41,8 @@ DEFAULT_SEEDS = 3  # the embedded default's seeds per run: enough for a standard
 EMBEDDED_CAT_DECAY = 0.0
 
 
-ROUTING_OPTIONS = ("domains", "domain_len", "route", "router_dim", "vq_lambda", "mi_lambda", "mi_kind")
+ROUTING_OPTIONS = ("domains", "domain_len", "route", "router_dim", "vq_lambda", "mi_lambda", "mi_kind",
+                   "invariant_ce")
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -111,6 +112,7 @@ class TrainConfig:
     router_dim: int = DEFAULT_CODE_DIM
     vq_lambda: float = 0.1
     mi_lambda: float = 0.01
+    invariant_ce: float = 0.0  # ICLM adds CE(invariant alone) with weight 1: one more forward per step
     mi_kind: str = "code"
     # optimisation
     lr: float = 2e-2
@@ -226,7 +228,8 @@ class TrainConfig:
             raise ConfigError(f"--domain-len: expected a positive integer, got {self.domain_len}")
         if self.router_dim < 1:
             raise ConfigError(f"--router-dim: expected a positive integer, got {self.router_dim}")
-        for flag, value in {"--vq-lambda": self.vq_lambda, "--mi-lambda": self.mi_lambda}.items():
+        for flag, value in {"--vq-lambda": self.vq_lambda, "--mi-lambda": self.mi_lambda,
+                            "--invariant-ce": self.invariant_ce}.items():
             if not (math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
         read = 1 if self.route in HARD_ROUTES else self.domains  # domain prompts one attention call reads
@@ -347,6 +350,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routed.add_argument("--mi-lambda", type=float, default=d.mi_lambda,
                         help=f"weight of the MI term between invariant and domain read-outs (default {d.mi_lambda}, "
                              "ICLM's)")
+    routed.add_argument("--invariant-ce", type=float, default=d.invariant_ce, metavar="W",
+                        help="weight of the cross-entropy of the invariant mechanism alone (domain prompts off), "
+                             "ICLM's CE(invariant) term: one more forward per step (default 0; ICLM uses 1)")
     routed.add_argument("--mi-kind", choices=MI_KINDS, default=d.mi_kind,
                         help="code (the official KLDivLoss form) or textbook (KL(P_XY || P_X P_Y)) (default code)")
 

@@ -4,6 +4,7 @@ Each optimizer step runs this process's micro-batches (`batching.micro_batches`)
 
     loss = CE + [cat] exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
                + [routed] vq_lambda * VQ + mi_lambda * MI                 (SPEC §7, ICLM)
+               + [routed] invariant_ce * CE(invariant prompts alone)     (ICLM's CE(invariant); 0 by default)
 
 per micro-batch, scaled by 1 / grad_accum (data parallelism averages over processes), then one AdamW
 step with warm-up + cosine. CAT and XG are computed for every run, also when they are not in the loss,
@@ -202,13 +203,24 @@ class Trainer:
                 loss = loss + self.config.xg_lambda * xg
             if self.spec.routed:
                 loss = loss + self.config.vq_lambda * vq + self.config.mi_lambda * mi
+            cause_attention = self._cause_attention(stats)
+            route = stats.route.index.detach().cpu() if self.spec.routed else None
+            if self.spec.routed and self.config.invariant_ce:
+                # ICLM's CE(invariant), after this forward's statistics are read (the next forward records
+                # its own): the same batch with the domain prompts off, through the plain module
+                # (a second DDP forward would prepare its reducer twice) and summed into the one backward, so
+                # each parameter's gradient hook fires once, for the summed gradient
+                with cah.invariant_only(parallel.module):
+                    alone = parallel.module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                            labels=batch.labels, use_cache=False, **routing)
+                loss = loss + self.config.invariant_ce * alone.loss
             (loss / self.config.grad_accum).backward()
         if self.spec.routed:
-            self._routes.append(stats.route.index.detach().cpu())
+            self._routes.append(route)
             if batch.domains is not None:
                 self._domains.append(batch.domains.cpu())
         tokens = batch.attention_mask.sum()
-        values = (loss, out.loss, cat, xg, self._cause_attention(stats), mi, vq, tokens)
+        values = (loss, out.loss, cat, xg, cause_attention, mi, vq, tokens)
         return torch.stack([t.detach().double() for t in values]).cpu()
 
     @staticmethod

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from causalattn.data.batches import IGNORE_INDEX, collate
+from causalattn.hf import DOMAINS_KWARG, ROUTE_TOKENS_KWARG, find_router
 from causalattn.data.stg import Example
 
 PROBE_IMPLEMENTATION = "causalattn-probe"
@@ -127,8 +128,13 @@ def _recording_attention(model: nn.Module) -> Iterator[list]:
 def answer_attention(model: nn.Module, tokenizer, example: Example) -> tuple[list[str], Tensor, Tensor]:
     """(tokens, attention row (N,), cause flags (N,)) for the position predicting the first answer token."""
     batch = collate([example], tokenizer).to(next(model.parameters()).device)
+    routing = {}
+    if find_router(model) is not None:  # a routed model routes from the prompt, an oracle from the domain id
+        routing[ROUTE_TOKENS_KWARG] = batch.prompt_tokens()
+        if batch.domains is not None:
+            routing[DOMAINS_KWARG] = batch.domains
     with _recording_attention(model) as records:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **routing)
     row = int((batch.labels[0] != IGNORE_INDEX).nonzero()[0]) - 1
     attention = torch.stack([layer[0, row] for layer in records]).mean(0)
     causes = batch.causal_mask.unpack_rows(row, row + 1)[0, 0].cpu()
