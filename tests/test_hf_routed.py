@@ -29,6 +29,16 @@ def randomize(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.7)
 
 
+def with_gates_zeroed(model, *names):
+    """A copy of `model` whose adapted layers have the named gates at zero."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in cah.adapted_layers(copied).values():
+            for name in names:
+                getattr(layer, name).zero_()
+    return copied
+
+
 def batch():
     ids, mask = padded_batch(batch=3, length=9)
     rows = mask.sum(1) * 0 + 7  # the row predicting the last token
@@ -139,10 +149,7 @@ def test_mi_read_outs_are_the_segments_contributions():
     ids, mask, rows = batch()
     model = routed_model("vq")
     randomize(model)
-    off = copy.deepcopy(model)
-    with torch.no_grad():
-        for layer in cah.adapted_layers(off).values():
-            layer.gate.zero_(), layer.domain_gate.zero_()
+    off = with_gates_zeroed(model, "gate", "domain_gate")
     attention_inputs = []
     weight = cah.attention_modules(model)[0].o_proj.weight
 
@@ -171,10 +178,8 @@ def test_invariant_only_is_the_model_with_domain_gates_zeroed():
     ids, mask, _ = batch()
     model = routed_model("soft")
     randomize(model)
-    zeroed = copy.deepcopy(model)
+    zeroed = with_gates_zeroed(model, "domain_gate")
     with torch.no_grad():
-        for layer in cah.adapted_layers(zeroed).values():
-            layer.domain_gate.zero_()
         with cah.invariant_only(model):
             invariant = model(ids, attention_mask=mask).logits
         torch.testing.assert_close(invariant, zeroed(ids, attention_mask=mask).logits, **TIGHT)

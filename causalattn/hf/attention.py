@@ -157,7 +157,7 @@ def attention_forward(
     # XG is a training statistic over whole sequences: none during cached decoding.
     xg_tokens = prompt.xg_tokens if stats is not None and prompt is not None and n_q == n_k else 0
 
-    packed = _packed_sequences(kwargs, batch, n_q, query.device) if key_mask is None and n_q == n_k > 1 else None
+    packed = packed_sequences(kwargs, batch, n_q, query.device) if key_mask is None and n_q == n_k > 1 else None
     if packed is not None and supervision is not None and batch != 1:
         raise ValueError(f"{SUPERVISION_KWARG}: supervised packed sequences must come as one row (B == 1) with a "
                          f"CausalMask built over that row with the same cu_seqlens, got B={batch}")
@@ -283,7 +283,7 @@ def _routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -
 _last_packing: Optional[tuple[weakref.ref, tuple, Optional[tuple[Tensor, Optional[int]]]]] = None
 
 
-def _packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
+def packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
     """(cu_seqlens over the B*N flattened tokens, max length or None) for a padding-free batch, else
     None; cached on the identity and version of the tensor it is read from (see `_last_packing`)."""
     global _last_packing

@@ -31,7 +31,8 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from causalattn.hf.attention import ADAPTER_ATTR, DOMAINS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG, attention_modules
+from causalattn.hf.attention import (ADAPTER_ATTR, DOMAINS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG,
+                                    attention_modules, packed_sequences)
 from causalattn.routing import Route, Router
 
 ROUTER_ATTR = "causalattn_router"  # the Router submodule of a model with routed adapters
@@ -89,7 +90,9 @@ def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple,
     if cache is not None and state.route is not None and cache.get_seq_length(layer_idx) > 0:
         return None  # decoding: keep the route of the prompt
     token_mask = kwargs.get("attention_mask")  # the (B, N) key mask of causalattn's mask function, or None
-    if token_mask is None and _packed(kwargs, hidden.shape[1]):
+    # transformers' packing rule as the attention layers read it (cached: they reuse this very result)
+    batch, length = hidden.shape[:2]
+    if token_mask is None and length > 1 and packed_sequences(kwargs, batch, length, hidden.device) is not None:
         raise NotImplementedError("routed adapters: packed sequences (padding-free batches) are not supported; the "
                                   "router pools one route per row, which would mix the sequences of a packed row")
     if token_mask is not None and token_mask.shape[-1] != hidden.shape[1]:
@@ -108,14 +111,6 @@ def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple,
     if stats is not None:
         stats.record_route(route)
     return None
-
-
-def _packed(kwargs: dict, length: int) -> bool:
-    """Whether an unmasked batch packs several sequences per row (transformers' rule, as the attention reads it)."""
-    if kwargs.get("cu_seq_lens_q") is not None:
-        return True
-    positions = kwargs.get("position_ids")
-    return positions is not None and length > 1 and bool((positions[..., 1:] - positions[..., :-1] != 1).any())
 
 
 @contextlib.contextmanager
