@@ -30,7 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from causalattn.inputs import Adapter, AttentionOutput
 from causalattn.masks import CausalMask, unpack_bits
-from causalattn.reference import AttentionProblem
+from causalattn.problem import AttentionProblem
 
 # PyTorch's CPU flash-attention kernel returns its log-sum-exp beside the output; the public SDPA does not.
 _CPU_KERNEL = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)

@@ -24,7 +24,9 @@ from torch import Tensor
 
 from causalattn.autocast import follows_autocast
 from causalattn.composed import attention_composed
-from causalattn.inputs import Adapter, AttentionOutput, check_inputs, key_validity, xg_row_weights
+from causalattn.inputs import Adapter, AttentionOutput
+from causalattn.problem import key_validity, xg_row_weights
+from causalattn.validation import check_inputs
 from causalattn.masks import CausalMask
 from causalattn.reference import attention_chunked
 

@@ -28,68 +28,19 @@ the official concatenated form [gamma Pa, P] [Va; V]).
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from causalattn.inputs import (Adapter, AttentionOutput, check_inputs, key_validity, segment_gammas, sequence_ids,
-                               xg_row_weights)
+from causalattn.inputs import Adapter, AttentionOutput, segment_gammas
+from causalattn.problem import AttentionProblem
+from causalattn.validation import check_inputs
 from causalattn.masks import CausalMask
 
 # Scores held per block in the chunked path: 2**24 fp32 elements = 64 MB, a few of them live at once.
 _SCORES_PER_BLOCK = 1 << 24
-
-
-class AttentionProblem:
-    """Per-call constants derived once from the arguments (visibility, row weights, compute dtype);
-    shared by the reference and the composed backend."""
-
-    def __init__(self, q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens, xg_pool,
-                 upcast=True):
-        self.batch, self.heads_q, self.n_q, self.head_dim = q.shape
-        self.heads_kv, self.n_k = k.shape[1], k.shape[2]
-        self.group = self.heads_q // self.heads_kv
-        self.causal = causal
-        self.scale = scale if scale is not None else 1.0 / math.sqrt(self.head_dim)
-        self.compute_dtype = q.dtype if q.dtype == torch.float64 or not upcast else torch.float32
-        self.key_valid = key_validity(self.n_k, key_lengths, key_mask)  # (B, Nk) bool or None
-        self.segment = sequence_ids(cu_seqlens.to(q.device)) if cu_seqlens is not None else None  # (Nk,)
-        # Counted from the offsets, not the token ids: empty sequences (repeated offsets, also at the end)
-        # still get their (zero) row in the pooled XG output.
-        self.num_sequences = cu_seqlens.numel() - 1 if cu_seqlens is not None else self.batch
-        self.cu_seqlens = cu_seqlens
-        self.adapter = adapter
-        self.supervision = supervision
-        self.xg_tokens = xg_tokens
-        self.xg_pool = xg_pool
-        self.xg_weight = None  # (B, Nq) weight 1/|V_s| of each row in its sample's mean
-        if xg_tokens and xg_pool == "sample":
-            self.xg_weight = xg_row_weights(self.batch, self.n_q, self.key_valid, cu_seqlens, self.compute_dtype, q.device)
-
-    def key_end(self, row_end: int) -> int:
-        """Keys past this index are invisible to rows < row_end (causal, bottom-right aligned)."""
-        return min(self.n_k, row_end + self.n_k - self.n_q) if self.causal else self.n_k
-
-    def visibility(self, row_start: int, row_end: int, key_end: int, device) -> Tensor:
-        """(B or 1, 1, 1, rows, keys) bool: which keys each query row of the block may attend to."""
-        return self.rows_visibility(torch.arange(row_start, row_end, device=device), key_end)[:, None, None]
-
-    def rows_visibility(self, rows: Tensor, key_end: int, sample: Optional[int] = None) -> Tensor:
-        """(B or 1, R, keys) bool: which of the first `key_end` keys each query row in `rows` sees;
-        (1, R, keys) for one `sample` only."""
-        cols = torch.arange(key_end, device=rows.device)
-        visible = torch.ones(1, len(rows), key_end, dtype=torch.bool, device=rows.device)
-        if self.causal:
-            visible = visible & (cols <= rows[:, None] + (self.n_k - self.n_q))
-        if self.key_valid is not None:
-            valid = self.key_valid if sample is None else self.key_valid[sample : sample + 1]
-            visible = visible & valid[:, None, :key_end]
-        if self.segment is not None:
-            visible = visible & (self.segment[rows][:, None] == self.segment[:key_end])
-        return visible
 
 
 def _attend_rows(problem: AttentionProblem, row_start: int, row_end: int, q: Tensor, k: Tensor, v: Tensor,
@@ -220,25 +171,3 @@ def attention_chunked(
     return _run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
                 adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool,
                 rows_per_block=rows_per_block, upcast=upcast)
-
-
-def segment_outputs(q: Tensor, adapter: Adapter, scale: Optional[float] = None) -> Tensor:
-    """(B, S, Hq, R, d) what each adapter segment adds to the output of the query rows `q`
-    (B, Hq, R, d): gamma_s softmax_s(scale q Ka_s^T) Va_s, in q's dtype, differentiable.
-
-    The read-outs the ICLM mutual-information term compares (SPEC §7), for a few rows (the label
-    positions) gathered by the caller: an R x M problem beside the fused pass, never N x N.
-    """
-    batch, heads_q, rows, head_dim = q.shape
-    heads_kv = adapter.keys.shape[-3]
-    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
-    keys = adapter.keys if adapter.keys.dim() == 4 else adapter.keys.unsqueeze(0)
-    values = adapter.values if adapter.values.dim() == 4 else adapter.values.unsqueeze(0)
-    grouped = q.unflatten(1, (heads_kv, heads_q // heads_kv))  # (B, Hkv, G, R, d)
-    scores = grouped @ keys.unsqueeze(2).transpose(-1, -2) * scale
-    gammas = adapter.gammas(heads_q).to(q.dtype)  # (1 or B, S, Hq)
-    outputs = []
-    for index, (start, end) in enumerate(adapter.segment_bounds()):
-        read = torch.softmax(scores[..., start:end], dim=-1) @ values[:, :, start:end].unsqueeze(2)
-        outputs.append(gammas[:, index, :, None, None] * read.flatten(1, 2))
-    return torch.stack(outputs, dim=1)

@@ -21,12 +21,15 @@ same, and a sum over ~100 tokens of 64-dim distances makes the softmax one-hot a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from causalattn.inputs import Adapter
 
 ROUTE_MODES = ("vq", "vq-ste", "soft", "oracle")
 HARD_ROUTES = ("vq", "oracle")  # each sample reads only its chosen domain prompt: no gradient needs the others
@@ -146,3 +149,25 @@ def normalized_mutual_information(route: Tensor, truth: Tensor) -> float:
     if h_r == 0 or h_t == 0:
         return 1.0 if h_r == h_t else 0.0
     return float(mutual / (h_r * h_t).sqrt())
+
+
+def segment_outputs(q: Tensor, adapter: Adapter, scale: Optional[float] = None) -> Tensor:
+    """(B, S, Hq, R, d) what each adapter segment adds to the output of the query rows `q`
+    (B, Hq, R, d): gamma_s softmax_s(scale q Ka_s^T) Va_s, in q's dtype, differentiable.
+
+    The read-outs the ICLM mutual-information term compares (SPEC §7), for a few rows (the label
+    positions) gathered by the caller: an R x M problem beside the fused pass, never N x N.
+    """
+    batch, heads_q, rows, head_dim = q.shape
+    heads_kv = adapter.keys.shape[-3]
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    keys = adapter.keys if adapter.keys.dim() == 4 else adapter.keys.unsqueeze(0)
+    values = adapter.values if adapter.values.dim() == 4 else adapter.values.unsqueeze(0)
+    grouped = q.unflatten(1, (heads_kv, heads_q // heads_kv))  # (B, Hkv, G, R, d)
+    scores = grouped @ keys.unsqueeze(2).transpose(-1, -2) * scale
+    gammas = adapter.gammas(heads_q).to(q.dtype)  # (1 or B, S, Hq)
+    outputs = []
+    for index, (start, end) in enumerate(adapter.segment_bounds()):
+        read = torch.softmax(scores[..., start:end], dim=-1) @ values[:, :, start:end].unsqueeze(2)
+        outputs.append(gammas[:, index, :, None, None] * read.flatten(1, 2))
+    return torch.stack(outputs, dim=1)

@@ -9,11 +9,11 @@ import json
 
 import pytest
 
-from causalattn.cli import main
+from causalattn.lab.cli import main
 from causalattn.data.annotations import check_annotations
 from causalattn.data.batches import IGNORE_INDEX, collate, full_text
 from causalattn.data.jsonl import read_file, read_jsonl
-from causalattn.training import tiny
+from causalattn.lab.training import tiny
 
 from test_train import FAST, SMALL, report_of
 
@@ -161,7 +161,7 @@ def test_open_answers_are_scored_by_generation(small_model, tmp_path, capsys):
 
 
 def test_answer_matching_is_word_exact():
-    from causalattn.training.evaluate import answer_matches
+    from causalattn.lab.training.evaluate import answer_matches
 
     assert answer_matches(" 84.0 apples", "84.0") and answer_matches("Answer: 84.0\n", "Answer: 84.0")
     assert not answer_matches("84.05", "84.0") and not answer_matches("", "84.0")

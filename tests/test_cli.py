@@ -27,8 +27,8 @@ def test_import_causalattn_registers_the_backend():
 
 
 def test_help_does_not_load_transformers():
-    out = run_python("import sys\nfrom causalattn.cli import main\n"
+    out = run_python("import sys\nfrom causalattn.lab.cli import main\n"
                      "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
-                     "print('MODULES', 'transformers' in sys.modules, 'causalattn.training.loop' in sys.modules)")
+                     "print('MODULES', 'transformers' in sys.modules, 'causalattn.lab.training.loop' in sys.modules)")
     assert "--eval-data" in out and "--strict" in out
     assert out.split("MODULES")[1].split() == ["False", "False"]

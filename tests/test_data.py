@@ -4,9 +4,10 @@ import re
 
 import pytest
 
-from causalattn.data import generate, make_splits, read_jsonl, write_jsonl
+from causalattn.data import read_jsonl, write_jsonl
+from causalattn.lab.tasks import generate, make_splits
 from causalattn.data.batches import full_text
-from causalattn.data.stg import CAUSAL, FEATURES, SPURIOUS, THRESHOLD
+from causalattn.lab.tasks.stg import CAUSAL, FEATURES, SPURIOUS, THRESHOLD
 
 
 def parse_values(text):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from causalattn import cli, demo
+from causalattn.lab import cli, demo
 
 NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf)"
 

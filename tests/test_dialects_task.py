@@ -1,8 +1,8 @@
 """The two-dialect task of the routed-adapter demo: one rule, two surfaces, a cue per dialect."""
 import pytest
 
-from causalattn.data import dialects
-from causalattn.data.stg import LABELS
+from causalattn.lab.tasks import dialects
+from causalattn.lab.tasks.stg import LABELS
 
 
 def cue_word(example):

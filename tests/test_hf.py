@@ -102,11 +102,11 @@ def test_packed_sequences_match_sdpa_and_separate_runs():
 def test_packed_boundaries_are_found_once_per_forward(monkeypatch):
     """Every layer gets the same position_ids: the sequence boundaries (and their device-to-host
     syncs) are computed by the first layer and reused by the others, and again for a new tensor."""
-    from causalattn.hf import attention as hf_attention
+    from causalattn.hf import packing
 
     calls = []
-    find = hf_attention._find_packed_sequences
-    monkeypatch.setattr(hf_attention, "_find_packed_sequences", lambda *a: calls.append(1) or find(*a))
+    find = packing._find_packed_sequences
+    monkeypatch.setattr(packing, "_find_packed_sequences", lambda *a: calls.append(1) or find(*a))
     config = llama_config()
     model = build(config)
     ids = torch.randint(2, 300, (2, 12), generator=torch.Generator().manual_seed(4))

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import causalattn.hf as cah
-from causalattn import Adapter
 from hf_helpers import build, llama_config, padded_batch
 
 TIGHT = dict(rtol=1e-9, atol=1e-10)

@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("matplotlib")
 
 import causalattn.hf as cah  # noqa: E402
-from causalattn.data import generate  # noqa: E402
-from causalattn.training.plots import answer_attention, plot_attention, plot_curves  # noqa: E402
+from causalattn.lab.tasks import generate  # noqa: E402
+from causalattn.lab.training.plots import answer_attention, plot_attention, plot_curves  # noqa: E402
 
 CONFIG = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 

@@ -12,7 +12,8 @@ import torch
 
 import causalattn
 from causalattn import Adapter
-from causalattn.reference import attention_dense, segment_outputs
+from causalattn.reference import attention_dense
+from causalattn.routing import segment_outputs
 from kernel_cases import Case, check_case
 
 F64 = torch.float64

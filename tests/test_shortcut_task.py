@@ -3,9 +3,9 @@ import random
 
 import pytest
 
-from causalattn.data import shortcut
-from causalattn.data.controls import with_random_causes
-from causalattn.data.stg import LABELS, QUESTION
+from causalattn.lab.tasks import shortcut
+from causalattn.lab.tasks.controls import with_random_causes
+from causalattn.lab.tasks.stg import LABELS, QUESTION
 
 
 def agreeing(example):
@@ -99,7 +99,7 @@ def test_bad_arguments_name_themselves(bad, message):
 
 
 def test_every_field_is_one_token_of_the_space_split_tokenizer():
-    from causalattn.training.tiny import TinyBaseSettings, base_texts, train_tokenizer
+    from causalattn.lab.training.tiny import TinyBaseSettings, base_texts, train_tokenizer
 
     texts = base_texts(TinyBaseSettings(examples=1500))  # what the embedded tokenizer is trained on
     tokenizer = train_tokenizer(texts, 400, split_on_spaces_only=True)

@@ -2,7 +2,7 @@
 CLI run, bit-identical resume, two gloo processes against one process with gradient accumulation,
 and the errors bad options give.
 
-The model here is `causalattn.training.tiny`'s recipe at a much smaller size with two pre-training
+The model here is `causalattn.lab.training.tiny`'s recipe at a much smaller size with two pre-training
 steps: enough to exercise every path in seconds, not to learn the task.
 """
 import argparse
@@ -17,12 +17,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from causalattn.cli import main
-from causalattn.data import generate, write_jsonl
-from causalattn.training import checkpoint, tiny
-from causalattn.training.batching import micro_batches
-from causalattn.training.command import train
-from causalattn.training.config import TrainConfig, add_arguments, config_from_args
+from causalattn.lab.cli import main
+from causalattn.data import write_jsonl
+from causalattn.lab.tasks import generate
+from causalattn.lab.training import checkpoint, tiny
+from causalattn.lab.training.batching import micro_batches
+from causalattn.lab.training.command import train
+from causalattn.lab.training.config import TrainConfig, add_arguments, config_from_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
@@ -290,7 +291,7 @@ def test_two_gloo_processes_match_one_process_with_grad_accum(small_model, tmp_p
     assert main(common + ["--grad-accum", "2", "--output-dir", str(tmp_path / "one")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               "-m", "causalattn.cli", *common, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"), *mode]
+               "-m", "causalattn.lab.cli", *common, "--grad-accum", "1", "--output-dir", str(tmp_path / "two"), *mode]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     one, two = report_of(tmp_path / "one"), report_of(tmp_path / "two")

@@ -1,8 +1,9 @@
-"""Data for causal adapter training: the Spurious Token Game generators (cancer-risk in `stg`, the
-shortcut variant in `shortcut`, two dialects in `dialects`), the random-cause control and CAT-style JSONL."""
-from causalattn.data import dialects, shortcut
-from causalattn.data.jsonl import DataFile, read_file, read_jsonl, write_jsonl
-from causalattn.data.stg import Example, Splits, generate, make_splits
+"""Library-side data: the record type, CAT-style JSONL files, annotation checks and the collator.
 
-__all__ = ["DataFile", "Example", "Splits", "dialects", "generate", "make_splits", "read_file", "read_jsonl", "shortcut",
-           "write_jsonl"]
+The task generators (Spurious Token Game variants, the random-cause control) belong to the lab:
+`causalattn.lab.tasks`.
+"""
+from causalattn.data.jsonl import DataFile, read_file, read_jsonl, write_jsonl
+from causalattn.data.records import Example
+
+__all__ = ["DataFile", "Example", "read_file", "read_jsonl", "write_jsonl"]

@@ -9,7 +9,7 @@ them (`AnnotationReport.summary()`), or, with `strict=True`, raises the first as
 
 Every example stays in the data: one whose pairs are all skipped still trains the CE loss, exactly as
 in CAT. What comes out is the same examples with each `important` cut to the pairs that hold, so that
-the batch builders (`causalattn.data.batches.collate`, `causalattn.masks.encode_with_causes`) never
+the batch builders (`causalattn.data.batches.collate`, `causalattn.spans.encode_with_causes`) never
 meet a pair they would reject.
 """
 from __future__ import annotations
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Sequence
 from causalattn.data.batches import full_text
 from causalattn.data.jsonl import DataFile
-from causalattn.data.stg import Example
-from causalattn.masks import find_token_spans
+from causalattn.data.records import Example
+from causalattn.spans import find_token_spans
 
 # Texts tokenized per call when finding spans: big enough for the tokenizer's batching to pay off.
 _CHUNK = 512

@@ -15,8 +15,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from causalattn.data.stg import Example
-from causalattn.masks import CausalMask, encode_with_causes
+from causalattn.data.records import Example
+from causalattn.masks import CausalMask
+from causalattn.spans import encode_with_causes
 
 IGNORE_INDEX = -100
 

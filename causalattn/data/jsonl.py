@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Union
 
-from causalattn.data.stg import Example
+from causalattn.data.records import Example
 
 PathLike = Union[str, os.PathLike]
 

@@ -12,16 +12,14 @@ Importing this package registers the attention and mask functions with transform
 on first use, so PEFT stays optional and this import stays cheap.
 """
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, GatedPrompt, adapted_layers, add_adapters, summarize
-from causalattn.hf.attention import (
+from causalattn.hf.attention import attention_forward, key_padding_mask, register
+from causalattn.hf.contract import (
     DOMAINS_KWARG,
     IMPLEMENTATION,
     LABEL_ROWS_KWARG,
     ROUTE_TOKENS_KWARG,
     SUPERVISION_KWARG,
-    attention_forward,
     attention_modules,
-    key_padding_mask,
-    register,
     set_backend,
     use_causalattn,
 )

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from causalattn.hf.attention import ADAPTER_ATTR, attention_modules, use_causalattn
+from causalattn.hf.contract import ADAPTER_ATTR, attention_modules, use_causalattn
 from causalattn.hf.guards import guard_adapted_model
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import XG_SPACES

@@ -30,49 +30,24 @@ Cases mapped onto `causalattn.attention`'s key masking:
   collator sends them, otherwise sequence starts where `position_ids` do not increase by one
   (transformers' rule). As with FlashAttention, an all-ones attention mask counts as no mask.
 
-The op's backend is "auto" unless `set_backend(model, "reference" | "triton")` pins it per layer.
+The op's backend is "auto" unless `set_backend(model, ...)` (`causalattn.hf.contract`) pins it per layer.
+The keyword and attribute names are `causalattn.hf.contract`'s; packing detection is
+`causalattn.hf.packing`'s; the routed layers' segmented adapter is assembled in `causalattn.hf.routed`.
 """
 from __future__ import annotations
 
-import weakref
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from causalattn.inputs import Adapter, gate_values
+from causalattn.hf.contract import (ADAPTER_ATTR, BACKEND_ATTR, IMPLEMENTATION, LABEL_ROWS_KWARG, PROMPT_KWARG,
+                                   STATS_KWARG, SUPERVISION_KWARG, LayerPrompt, StatisticsSink)
+from causalattn.hf.packing import packed_sequences
+from causalattn.hf.routed import routed_adapter, segment_readouts
+from causalattn.inputs import Adapter
 from causalattn.masks import CausalMask
-from causalattn.ops import BACKENDS, attention
-from causalattn.reference import segment_outputs
-
-IMPLEMENTATION = "causalattn"
-ADAPTER_ATTR = "causalattn_adapter"  # the GatedPrompt submodule of an adapted attention module
-BACKEND_ATTR = "causalattn_backend"  # per attention module; "auto" when unset
-PROMPT_KWARG = "causalattn_prompt"   # a LayerPrompt handed to one attention call (PEFT bridge)
-STATS_KWARG = "causalattn_stats"     # the Statistics collector injected by `collect`
-SUPERVISION_KWARG = "supervision"    # the CausalMask given to model(...)
-DOMAINS_KWARG = "causalattn_domains"          # (B,) domain ids given to model(...) for route="oracle"
-LABEL_ROWS_KWARG = "causalattn_label_rows"    # (B,) the row of each sample whose read-outs MI compares
-ROUTE_TOKENS_KWARG = "causalattn_route_tokens"  # (B, N) bool, the tokens the router reads (the prompts)
-
-
-class LayerPrompt(Protocol):
-    """What the attention function reads from a layer's adapter (GatedPrompt, or the PEFT bridge's)."""
-
-    prompt: Tensor      # (M, C) learnable prompt tokens in the model's hidden space
-    gate: Tensor        # (Hq,) one per query head, or (1,) one per layer
-    gate_mode: str      # "tanh" or "raw"
-    xg_tokens: int      # the first xg_tokens prompt tokens are the XG tokens (SPEC §3)
-    xg_pool: str        # "sample" or "position"
-    xg_space: str       # "output" (through o_proj) or "head"
-
-
-class StatisticsSink(Protocol):
-    def record(self, layer_idx: int, *, mass: Optional[Tensor], xg: Optional[Tensor],
-               supervision: Optional[CausalMask]) -> None: ...
-
-    def record_readouts(self, layer_idx: int, *, invariant: Tensor, domain: Tensor) -> None: ...
-
+from causalattn.ops import attention
 
 # ------------------------------------------------------------------------------ mask function
 def key_padding_mask(
@@ -183,27 +158,9 @@ def attention_forward(
         stats.record(module.layer_idx, mass=result.mass, xg=xg, supervision=supervision)
         rows = kwargs.get(LABEL_ROWS_KWARG)
         if rows is not None and adapter is not None and adapter.num_segments > 1 and packed is None:
-            invariant, domain = _segment_readouts(module, query, adapter, rows, scaling)
+            invariant, domain = segment_readouts(module, query, adapter, rows, scaling)
             stats.record_readouts(module.layer_idx, invariant=invariant, domain=domain)
     return out.transpose(1, 2), None
-
-
-def _segment_readouts(module: nn.Module, query: Tensor, adapter: Adapter, rows: Tensor,
-                      scaling: Optional[float]) -> tuple[Tensor, Tensor]:
-    """(u, w) (B, C): what the invariant segment and the domain segments together add at each sample's
-    row `rows[b]`, through o_proj (SPEC §7): a (B, Hq, 1, M) side problem beside the fused pass."""
-    batch = query.shape[0]
-    rows = torch.as_tensor(rows, device=query.device).long().reshape(-1)
-    if rows.shape != (batch,) or bool(((rows < 0) | (rows >= query.shape[2])).any()):
-        raise ValueError(f"{LABEL_ROWS_KWARG}: expected {batch} row indices in [0, {query.shape[2]}), got {rows.tolist()}")
-    picked = query[torch.arange(batch, device=query.device), :, rows]          # (B, Hq, d)
-    parts = segment_outputs(picked[:, :, None], adapter, scaling)[:, :, :, 0]  # (B, S, Hq, d)
-    features = torch.cat([parts[:, 0].flatten(1), parts[:, 1:].sum(1).flatten(1)])
-    projected = module.o_proj(features.to(query.dtype))
-    if getattr(module.o_proj, "bias", None) is not None:  # a read-out is W o: the bias is not the segment's
-        projected = projected - module.o_proj.bias
-    projected = projected.to(torch.promote_types(projected.dtype, torch.float32))
-    return projected[:batch], projected[batch:]
 
 
 def _refuse_unsupported(module: nn.Module, n_k: int, dropout: float, kwargs: dict) -> None:
@@ -246,79 +203,8 @@ def _adapter(module: nn.Module, prompt: LayerPrompt, query: Tensor, heads_kv: in
     if routing is None or routing.invariant_only:
         hidden = prompt.prompt.to(query.dtype)
         return Adapter(heads(module.k_proj(hidden)), heads(module.v_proj(hidden)), prompt.gate, prompt.gate_mode)
-    return _routed_adapter(prompt, routing.route, query.shape[0], lambda hidden: (
+    return routed_adapter(prompt, routing.route, query.shape[0], lambda hidden: (
         heads(module.k_proj(hidden.to(query.dtype))), heads(module.v_proj(hidden.to(query.dtype)))))
-
-
-def _routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -> Adapter:
-    """The segmented Adapter of a routed layer (SPEC §7): the invariant prompt, then either each sample's
-    chosen domain prompt (hard routes: per-sample keys, gate (B, 2, Hq)) or every domain prompt with its
-    gamma scaled by the route weight ("soft", "vq-ste": shared keys, gate (B, 1 + K, Hq))."""
-    if route is None:
-        raise RuntimeError("layer: routed adapter without a route; the router hook in front of the first "
-                           "adapted layer did not run (was the model called through its own forward?)")
-    if route.index.shape[0] != batch:
-        raise ValueError(f"route: has {route.index.shape[0]} samples, the attention call {batch}")
-    length = prompt.prompt.shape[0]
-    domains, domain_length = prompt.bank.shape[:2]
-    # one projection of every prompt token: the invariant prompt and the whole bank
-    keys, values = project(torch.cat([prompt.prompt, prompt.bank.flatten(0, 1)]))  # (Hkv, M + K M_dom, d)
-    invariant_gamma = gate_values(prompt.gate, prompt.gate_mode)                  # (Hq or 1,)
-    domain_gamma = gate_values(prompt.domain_gate, prompt.gate_mode)              # (K, Hq or 1)
-    if route.hard:
-        def gather(t: Tensor) -> Tensor:  # (Hkv, M + K M_dom, d) -> (B, Hkv, M + M_dom, d)
-            bank = t[:, length:].unflatten(1, (domains, domain_length))[:, route.index].transpose(0, 1)
-            return torch.cat([t[:, :length].expand(batch, -1, -1, -1), bank], dim=2)
-
-        gate = torch.stack([invariant_gamma.expand(batch, -1), domain_gamma[route.index]], dim=1)
-        return Adapter(gather(keys), gather(values), gate, "raw", (length, domain_length))
-    weights = route.weights.to(domain_gamma.dtype)
-    gate = torch.cat([invariant_gamma.expand(batch, 1, -1), domain_gamma[None] * weights[:, :, None]], dim=1)
-    return Adapter(keys, values, gate, "raw", (length,) + (domain_length,) * domains)
-
-
-# (weak reference to the tensor the packing was read from, its key, the result): every layer of one
-# forward receives the same position_ids / cu_seq_lens_q tensor, so its boundaries, and the
-# device-to-host syncs that find them, are computed once per forward instead of 3-4 times per layer.
-_last_packing: Optional[tuple[weakref.ref, tuple, Optional[tuple[Tensor, Optional[int]]]]] = None
-
-
-def packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
-    """(cu_seqlens over the B*N flattened tokens, max length or None) for a padding-free batch, else
-    None; cached on the identity and version of the tensor it is read from (see `_last_packing`)."""
-    global _last_packing
-    source = kwargs.get("cu_seq_lens_q")
-    if source is None:
-        source = kwargs.get("position_ids")
-    if not isinstance(source, Tensor):
-        return None
-    key = (source._version, batch, n, device, kwargs.get("max_length_q"), id(kwargs.get("cu_seq_lens_k")))
-    if _last_packing is not None and _last_packing[0]() is source and _last_packing[1] == key:
-        return _last_packing[2]
-    packed = _find_packed_sequences(kwargs, batch, n, device)
-    _last_packing = (weakref.ref(source), key, packed)
-    return packed
-
-
-def _find_packed_sequences(kwargs: dict, batch: int, n: int, device: torch.device) -> Optional[tuple[Tensor, Optional[int]]]:
-    cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k")
-        if cu_k is not None and not torch.equal(cu_k.to(cu.device), cu):
-            raise ValueError("cu_seq_lens_k: causalattn packs self-attention only; expected cu_seq_lens_q")
-        if batch != 1:
-            raise ValueError(f"cu_seq_lens_q: packed sequences come as one row (B == 1), got B={batch}")
-        max_len = kwargs.get("max_length_q")
-        return cu.to(device=device, dtype=torch.int32), int(max_len) if max_len is not None else None
-    positions = kwargs["position_ids"].to(device).expand(batch, n)
-    starts = torch.ones_like(positions, dtype=torch.bool)
-    starts[:, 1:] = positions[:, 1:] - positions[:, :-1] != 1
-    first_tokens = starts.flatten().nonzero().flatten()  # the one sync that finds the sequences
-    if first_tokens.numel() == batch:  # one sequence per row: plain causal attention
-        return None
-    bounds = torch.cat([first_tokens, torch.tensor([batch * n], device=device)]).to(torch.int32)
-    # the longest sequence now (a second sync, once per forward) rather than in the op for every layer
-    return bounds, int((bounds[1:] - bounds[:-1]).max())
 
 
 def _through_o_proj(module: nn.Module, xg: Tensor, dtype: torch.dtype) -> Tensor:
@@ -329,35 +215,6 @@ def _through_o_proj(module: nn.Module, xg: Tensor, dtype: torch.dtype) -> Tensor
     projected = module.o_proj(features.to(dtype))
     # a variance of tiny read-outs: take it in at least fp32 even when the model runs in bf16/fp16
     return projected.to(torch.promote_types(projected.dtype, torch.float32))[:, None]
-
-
-# ------------------------------------------------------------------------------ model helpers
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The LLaMA-family attention modules of `model` (q/k/v/o projections and a layer index), by layer index."""
-    found = [m for m in model.modules()
-             if isinstance(getattr(m, "layer_idx", None), int)
-             and all(isinstance(getattr(m, name, None), nn.Module) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))]
-    if not found:
-        raise ValueError(f"model: no LLaMA-family attention modules (q_proj/k_proj/v_proj/o_proj and layer_idx) "
-                         f"found in {type(model).__name__}")
-    return sorted(found, key=lambda m: m.layer_idx)
-
-
-def set_backend(model: nn.Module, backend: str) -> None:
-    """Choose `causalattn.attention`'s backend ("auto", "triton", "reference") for every layer of `model`."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    for module in attention_modules(model):
-        setattr(module, BACKEND_ATTR, backend)
-
-
-def use_causalattn(model: nn.Module) -> None:
-    """Route `model`'s attention through causalattn (`attn_implementation="causalattn"`)."""
-    if getattr(getattr(model, "config", None), "_attn_implementation", None) == IMPLEMENTATION:
-        return
-    if not hasattr(model, "set_attn_implementation"):
-        raise TypeError(f"model: expected a transformers PreTrainedModel, got {type(model).__name__}")
-    model.set_attn_implementation(IMPLEMENTATION)
 
 
 def register() -> None:

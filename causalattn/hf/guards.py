@@ -21,7 +21,7 @@ from typing import Any
 
 from torch import nn
 
-from causalattn.hf.attention import IMPLEMENTATION
+from causalattn.hf.contract import IMPLEMENTATION
 
 ADAPTER_AWARE_ATTR = "causalattn_adapter_aware"
 

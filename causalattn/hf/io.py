@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
-from causalattn.hf.attention import attention_modules
+from causalattn.hf.contract import attention_modules
 from causalattn.hf.routed import find_router
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -21,7 +21,7 @@ from typing import Optional
 from peft.tuners.adaption_prompt.layer import AdaptedAttention
 from torch import Tensor, nn
 
-from causalattn.hf.attention import PROMPT_KWARG, use_causalattn
+from causalattn.hf.contract import PROMPT_KWARG, use_causalattn
 
 
 @dataclass(frozen=True)

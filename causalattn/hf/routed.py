@@ -15,7 +15,7 @@ states entering that layer: the base model's own, adapter-free states (no second
 forward), from the real tokens or only those `causalattn_route_tokens` marks. Give it the prompt
 tokens when the sequence holds the answer: a route read from the answer tokens would carry the label
 (and scoring candidate answers would route each candidate its own way). The route goes into a `RouteState` shared by every adapted layer's `GatedPrompt`, whose
-attention call then builds its segmented `Adapter` from it (`causalattn.hf.attention`).
+attention call then builds its segmented `Adapter` from it (`routed_adapter` below).
 
 During cached decoding (the first adapted layer's cache already holds tokens) the route of the prompt
 is kept: a sample's domain is decided once, from its prompt. Under gradient checkpointing the
@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from causalattn.hf.attention import (ADAPTER_ATTR, DOMAINS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG,
-                                    attention_modules, packed_sequences)
-from causalattn.routing import Route, Router
+from causalattn.hf.contract import (ADAPTER_ATTR, DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG,
+                                   LayerPrompt, attention_modules)
+from causalattn.hf.packing import packed_sequences
+from causalattn.inputs import Adapter, gate_values
+from causalattn.routing import Route, Router, segment_outputs
 
 ROUTER_ATTR = "causalattn_router"  # the Router submodule of a model with routed adapters
 
@@ -111,6 +113,51 @@ def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple,
     if stats is not None:
         stats.record_route(route)
     return None
+
+
+def routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -> Adapter:
+    """The segmented Adapter of a routed layer (SPEC §7): the invariant prompt, then either each sample's
+    chosen domain prompt (hard routes: per-sample keys, gate (B, 2, Hq)) or every domain prompt with its
+    gamma scaled by the route weight ("soft", "vq-ste": shared keys, gate (B, 1 + K, Hq))."""
+    if route is None:
+        raise RuntimeError("layer: routed adapter without a route; the router hook in front of the first "
+                           "adapted layer did not run (was the model called through its own forward?)")
+    if route.index.shape[0] != batch:
+        raise ValueError(f"route: has {route.index.shape[0]} samples, the attention call {batch}")
+    length = prompt.prompt.shape[0]
+    domains, domain_length = prompt.bank.shape[:2]
+    # one projection of every prompt token: the invariant prompt and the whole bank
+    keys, values = project(torch.cat([prompt.prompt, prompt.bank.flatten(0, 1)]))  # (Hkv, M + K M_dom, d)
+    invariant_gamma = gate_values(prompt.gate, prompt.gate_mode)                  # (Hq or 1,)
+    domain_gamma = gate_values(prompt.domain_gate, prompt.gate_mode)              # (K, Hq or 1)
+    if route.hard:
+        def gather(t: Tensor) -> Tensor:  # (Hkv, M + K M_dom, d) -> (B, Hkv, M + M_dom, d)
+            bank = t[:, length:].unflatten(1, (domains, domain_length))[:, route.index].transpose(0, 1)
+            return torch.cat([t[:, :length].expand(batch, -1, -1, -1), bank], dim=2)
+
+        gate = torch.stack([invariant_gamma.expand(batch, -1), domain_gamma[route.index]], dim=1)
+        return Adapter(gather(keys), gather(values), gate, "raw", (length, domain_length))
+    weights = route.weights.to(domain_gamma.dtype)
+    gate = torch.cat([invariant_gamma.expand(batch, 1, -1), domain_gamma[None] * weights[:, :, None]], dim=1)
+    return Adapter(keys, values, gate, "raw", (length,) + (domain_length,) * domains)
+
+
+def segment_readouts(module: nn.Module, query: Tensor, adapter: Adapter, rows: Tensor,
+                      scaling: Optional[float]) -> tuple[Tensor, Tensor]:
+    """(u, w) (B, C): what the invariant segment and the domain segments together add at each sample's
+    row `rows[b]`, through o_proj (SPEC §7): a (B, Hq, 1, M) side problem beside the fused pass."""
+    batch = query.shape[0]
+    rows = torch.as_tensor(rows, device=query.device).long().reshape(-1)
+    if rows.shape != (batch,) or bool(((rows < 0) | (rows >= query.shape[2])).any()):
+        raise ValueError(f"{LABEL_ROWS_KWARG}: expected {batch} row indices in [0, {query.shape[2]}), got {rows.tolist()}")
+    picked = query[torch.arange(batch, device=query.device), :, rows]          # (B, Hq, d)
+    parts = segment_outputs(picked[:, :, None], adapter, scaling)[:, :, :, 0]  # (B, S, Hq, d)
+    features = torch.cat([parts[:, 0].flatten(1), parts[:, 1:].sum(1).flatten(1)])
+    projected = module.o_proj(features.to(query.dtype))
+    if getattr(module.o_proj, "bias", None) is not None:  # a read-out is W o: the bias is not the segment's
+        projected = projected - module.o_proj.bias
+    projected = projected.to(torch.promote_types(projected.dtype, torch.float32))
+    return projected[:batch], projected[batch:]
 
 
 @contextlib.contextmanager

@@ -33,7 +33,7 @@ from typing import Iterator, Optional
 
 from torch import Tensor, nn
 
-from causalattn.hf.attention import STATS_KWARG
+from causalattn.hf.contract import STATS_KWARG
 from causalattn.losses import cat_loss, mutual_information, xg_variance
 from causalattn.masks import CausalMask
 from causalattn.routing import Route

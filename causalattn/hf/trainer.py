@@ -36,9 +36,9 @@ from transformers import Trainer
 from causalattn.data.annotations import check_annotations
 from causalattn.data.batches import collate
 from causalattn.data.jsonl import DataFile, parse_record
-from causalattn.data.stg import Example
+from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
-from causalattn.hf.attention import SUPERVISION_KWARG
+from causalattn.hf.contract import SUPERVISION_KWARG
 from causalattn.hf.io import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
 from causalattn.hf.stats import collect
 from causalattn.losses import CAT_LOSS_KINDS

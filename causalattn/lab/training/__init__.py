@@ -1,4 +1,4 @@
-"""`causalattn train`: causal adapter training end to end (see `causalattn.training.command`).
+"""`causalattn train`: causal adapter training end to end (see `causalattn.lab.training.command`).
 
 Modules, one idea each: `config` (options), `tiny` (the embedded default base model), `batching`
 (data and per-process micro-batches), `distributed` (torchrun, DDP/FSDP2), `loop` (the trainer),

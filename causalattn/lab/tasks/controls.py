@@ -13,7 +13,7 @@ import dataclasses
 import random
 from typing import Callable, Sequence
 
-from causalattn.data.stg import Example
+from causalattn.data.records import Example
 
 
 def with_random_causes(examples: Sequence[Example], fields_of: Callable[[Example], list[str]], *,

@@ -25,11 +25,11 @@ class Subcommand(NamedTuple):
 
 
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "demo": Subcommand("causalattn.demo",
+    "demo": Subcommand("causalattn.lab.demo",
                        "run the reference op forward + backward on a random problem and print what it computes"),
-    "train": Subcommand("causalattn.training.command",
+    "train": Subcommand("causalattn.lab.training.command",
                         "train causal adapters (CE, CAT, XG) on a LLaMA-family model; default: a tiny embedded demo",
-                        arguments="causalattn.training.config"),
+                        arguments="causalattn.lab.training.config"),
 }
 
 

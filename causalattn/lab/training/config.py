@@ -27,7 +27,7 @@ GATE_SHAPES = ("head", "scalar")
 MIXED_PRECISION = ("no", "bf16")
 STG = "stg"
 # The generated Spurious Token Game variants: "shortcut" (a binary cue agrees with the label on most
-# training examples; causalattn.data.shortcut) and "cancer-risk" (CAT's layout; causalattn.data.stg).
+# training examples; causalattn.lab.tasks.shortcut) and "cancer-risk" (CAT's layout; causalattn.lab.tasks.stg).
 TASKS = ("shortcut", "cancer-risk", "dialects")
 # The comparison the embedded default runs: plain fine-tuning, the causal losses added, and the control
 # (CAT onto random fields instead of the causes).

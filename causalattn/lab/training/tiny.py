@@ -35,7 +35,7 @@ from typing import Callable, Optional
 
 import torch
 
-from causalattn.data import dialects, shortcut, stg
+from causalattn.lab.tasks import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
 RECIPE_VERSION = 2
@@ -60,7 +60,7 @@ class TinyBaseSettings:
     lr: float = 3e-3
     warmup_steps: int = 30
     seed: int = 1234  # differs from the adapter job's default seed: base text and job data stay distinct
-    task: str = "shortcut"  # whose text format the base learns (see `causalattn.training.config.TASKS`)
+    task: str = "shortcut"  # whose text format the base learns (see `causalattn.lab.training.config.TASKS`)
     # shortcut and dialects tasks: share of texts asking the cancer question (with a random answer, so the base knows
     # its format but not its rule); the rest ask the overall question, whose answer the base must learn
     cancer_share: float = 0.2

@@ -5,9 +5,9 @@
                                                        # on 3 seeds; iid/flipped/independent table
     causalattn train --model DIR --data train.jsonl --eval-data test.jsonl --output-dir out
     causalattn train --task dialects --runs ce,ce+routed --domains 2 --route vq   # ICLM's routed adapters
-    torchrun --nproc_per_node=4 -m causalattn.cli train --model DIR ...   # data parallel (or --fsdp)
+    torchrun --nproc_per_node=4 -m causalattn.lab.cli train --model DIR ...   # data parallel (or --fsdp)
 
-Without `--model` the tiny base is built once and cached (see `causalattn.training.tiny`). Each run
+Without `--model` the tiny base is built once and cached (see `causalattn.lab.training.tiny`). Each run
 writes `<output-dir>/[seed-K/]<run>/checkpoints/epoch-NNN` every epoch and `.../<run>/adapter` at
 the end (the `seed-K` level when `--seeds` > 1); the job writes `<output-dir>/report.json` and plots, and prints the table.
 """
@@ -24,14 +24,14 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from causalattn.training import config as config_module
-from causalattn.training import tiny
-from causalattn.training.batching import JobData, load_data, read_data_files
-from causalattn.training.checkpoint import checkpoint_root
-from causalattn.training.config import STG, ConfigError, TrainConfig, config_from_args
-from causalattn.training.distributed import DistContext, setup, teardown
-from causalattn.training.loop import Job, RunResult, Trainer
-from causalattn.training.report import build_report, format_table, toy_note, write_report
+from causalattn.lab.training import config as config_module
+from causalattn.lab.training import tiny
+from causalattn.lab.training.batching import JobData, load_data, read_data_files
+from causalattn.lab.training.checkpoint import checkpoint_root
+from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
+from causalattn.lab.training.distributed import DistContext, setup, teardown
+from causalattn.lab.training.loop import Job, RunResult, Trainer
+from causalattn.lab.training.report import build_report, format_table, toy_note, write_report
 
 ATTENTION_EXAMPLES = 3  # examples drawn in the attention heat maps
 
@@ -96,7 +96,7 @@ def prepare_output_dir(config: TrainConfig, context: DistContext) -> Path:
 
 
 class Plotter:
-    """Calls `causalattn.training.plots` when that module is installed; rank 0 only; a failing plot is
+    """Calls `causalattn.lab.training.plots` when that module is installed; rank 0 only; a failing plot is
     reported and skipped, never the end of a finished training."""
 
     def __init__(self, job: Job):
@@ -107,10 +107,10 @@ class Plotter:
         if not job.context.is_main:
             return
         try:
-            from causalattn.training import plots
+            from causalattn.lab.training import plots
             self.module = plots
         except ImportError as error:
-            self.notes.append(f"plots skipped: causalattn.training.plots is not available ({error})")
+            self.notes.append(f"plots skipped: causalattn.lab.training.plots is not available ({error})")
 
     def _call(self, key: str, filename: str, draw: Callable[[str], None]) -> None:
         if self.module is None:
@@ -230,7 +230,7 @@ def _summary(report: dict, results: Sequence[RunResult], data: JobData, path: Pa
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m causalattn.training.command [options]`, the same as `causalattn train [options]`."""
+    """`python -m causalattn.lab.training.command [options]`, the same as `causalattn train [options]`."""
     parser = argparse.ArgumentParser(prog="causalattn train", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """`python -m causalattn.demo [options]`, the same as `causalattn demo [options]`."""
+    """`python -m causalattn.lab.demo [options]`, the same as `causalattn demo [options]`."""
     parser = argparse.ArgumentParser(prog="causalattn demo", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

@@ -34,11 +34,11 @@ import causalattn.hf as cah
 from causalattn.data.batches import collate
 from causalattn.losses import cat_amp
 from causalattn.routing import normalized_mutual_information, route_distribution
-from causalattn.training import checkpoint as ckpt
-from causalattn.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
-from causalattn.training.config import ConfigError, RunSpec, TrainConfig
-from causalattn.training.distributed import DistContext, ParallelModel
-from causalattn.training.evaluate import accuracy, generation_accuracy, routes_of
+from causalattn.lab.training import checkpoint as ckpt
+from causalattn.lab.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
+from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig
+from causalattn.lab.training.distributed import DistContext, ParallelModel
+from causalattn.lab.training.evaluate import accuracy, generation_accuracy, routes_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated

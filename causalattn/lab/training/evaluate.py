@@ -16,13 +16,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from causalattn.data import Example
+from causalattn.data.records import Example
 from causalattn.data.batches import IGNORE_INDEX, collate
-from causalattn.hf.attention import DOMAINS_KWARG, ROUTE_TOKENS_KWARG
+from causalattn.hf.contract import DOMAINS_KWARG, ROUTE_TOKENS_KWARG
 from causalattn.hf.routed import find_router
 from causalattn.hf.stats import collect
-from causalattn.training.batching import evaluation_shard
-from causalattn.training.distributed import DistContext
+from causalattn.lab.training.batching import evaluation_shard
+from causalattn.lab.training.distributed import DistContext
 
 
 @torch.no_grad()

@@ -25,14 +25,15 @@ CAT disagree on. (A base asked about *named* fields, "Is the Smoking risk high o
 closer to an LLM, but the tiny one did not learn to match a name to its field in 3,000 steps.)
 
 Each `Name=value` is one whitespace-delimited word, so the embedded tokenizer (which splits on spaces
-only, see `causalattn.training.tiny`) gives it one token: a cause's name and value cannot be split
+only, see `causalattn.lab.training.tiny`) gives it one token: a cause's name and value cannot be split
 across positions, where a lower layer could route the cue through the name token.
 """
 from __future__ import annotations
 
 import random
 
-from causalattn.data.stg import LABELS, QUESTION, Example, check_generation
+from causalattn.data.records import Example
+from causalattn.lab.tasks.stg import LABELS, QUESTION, check_generation
 
 CAUSAL = ("Smoking", "Weight", "Alcohol")
 IRRELEVANT = ("Gene", "Room", "Height")

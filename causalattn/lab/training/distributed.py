@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from causalattn.training.config import ConfigError
+from causalattn.lab.training.config import ConfigError
 
 
 @dataclass

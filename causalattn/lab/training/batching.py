@@ -17,12 +17,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from causalattn.data import Example, dialects, make_splits, shortcut, stg
+from causalattn.data.records import Example
+from causalattn.lab.tasks import dialects, make_splits, shortcut, stg
 from causalattn.data.annotations import check_annotations
-from causalattn.data.controls import with_random_causes
+from causalattn.lab.tasks.controls import with_random_causes
 from causalattn.data.jsonl import DataFile, read_file
-from causalattn.data.stg import LABELS
-from causalattn.training.config import STG, ConfigError, TrainConfig
+from causalattn.lab.tasks.stg import LABELS
+from causalattn.lab.training.config import STG, ConfigError, TrainConfig
 
 # Accuracy scores every candidate answer of every example: beyond this many it is not a closed set.
 MAX_CANDIDATES = 64

@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from causalattn.hf import load_adapters, save_adapters
-from causalattn.hf.attention import ADAPTER_ATTR
-from causalattn.training.config import ConfigError
+from causalattn.hf.contract import ADAPTER_ATTR
+from causalattn.lab.training.config import ConfigError
 
 STATE_NAME = "trainer_state.pt"
 PROGRESS_NAME = "progress.json"

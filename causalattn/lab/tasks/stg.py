@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass
+
+from causalattn.data.records import Example
 
 CAUSAL = ("Smoking", "Weight", "Exercise")
 SPURIOUS = ("Yellow fingers", "Clothing size", "Hormones")
@@ -24,20 +25,6 @@ FEATURES = CAUSAL + SPURIOUS + IRRELEVANT
 LABELS = ("High Risk", "Low Risk")
 THRESHOLD = 7.2
 QUESTION = "Is the cancer risk high or low?"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One record in CAT's JSONL shape: `input` (the prompt), `target` (the answer) and
-    `important` ({effect text: [cause texts]}). The training text is input + separator + target
-    (CAT's own files join with no separator: their inputs end in "Answer: ")."""
-
-    input: str
-    target: str
-    important: dict = field(hash=False)
-    values: dict = field(hash=False, compare=False, repr=False)
-    separator: str = " "
-    domain: Optional[int] = field(default=None, compare=False)  # which domain (dialect) it comes from, if known
 
 
 def check_generation(n: int, mode: str, modes: tuple[str, ...], agreement: float) -> None:

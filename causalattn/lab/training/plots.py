@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from causalattn.data.batches import IGNORE_INDEX, collate
 from causalattn.hf import DOMAINS_KWARG, ROUTE_TOKENS_KWARG, find_router
-from causalattn.data.stg import Example
+from causalattn.data.records import Example
 
 PROBE_IMPLEMENTATION = "causalattn-probe"
 
@@ -111,7 +111,8 @@ def _recording_attention(model: nn.Module) -> Iterator[list]:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    from causalattn.hf.attention import IMPLEMENTATION, key_padding_mask
+    from causalattn.hf.attention import key_padding_mask
+    from causalattn.hf.contract import IMPLEMENTATION
 
     records: list = []
     AttentionInterface.register(PROBE_IMPLEMENTATION, _probe_attention(records))

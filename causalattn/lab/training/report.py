@@ -17,9 +17,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from causalattn.training.batching import JobData
-from causalattn.training.config import TrainConfig
-from causalattn.training.loop import INVARIANT_SUFFIX, RunResult
+from causalattn.lab.training.batching import JobData
+from causalattn.lab.training.config import TrainConfig
+from causalattn.lab.training.loop import INVARIANT_SUFFIX, RunResult
 
 REPORT_NAME = "report.json"
 

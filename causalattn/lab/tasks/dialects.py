@@ -1,7 +1,7 @@
 """Two dialects of one causal task, each with its own spurious cue: the routed-adapter (ICLM) demo task.
 
 The same rule decides the label in both dialects; only the surface differs. Every field is one
-space-delimited word (one token for the embedded tokenizer, see `causalattn.training.tiny`):
+space-delimited word (one token for the embedded tokenizer, see `causalattn.lab.training.tiny`):
 
   dialect 0   Gene=2 Smoking=4 Alcohol=6 Room=1 Height=5 Weight=3 Fingers=yellow . Is the cancer risk high or low? Answer: High Risk
   dialect 1   smokes:4 gene:2 drinks:6 tall:5 weighs:3 teeth:stained room:1 ; risk high or low ? Answer: High Risk
@@ -30,7 +30,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from causalattn.data.stg import LABELS, Example, check_generation
+from causalattn.data.records import Example
+from causalattn.lab.tasks.stg import LABELS, check_generation
 
 
 @dataclass(frozen=True)
