@@ -1,8 +1,9 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and the support matrix's recorder.
 
 Without a CUDA device the Triton kernels run through Triton's interpreter; the variable must be set
 before any @triton.jit decorator runs, i.e. before causalattn.kernels is imported.
 """
+import json
 import os
 import random
 
@@ -67,3 +68,34 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------ support matrix
+# Tests marked `@pytest.mark.support(feature, passed=...)` and parametrized by `family` are the cells of
+# the support matrix. With CAUSALATTN_SUPPORT_RESULTS=<file> their outcomes are written there as JSON,
+# which tools/support_matrix.py renders; a cell several tests share fails if any of them fails.
+SUPPORT_RESULTS = os.environ.get("CAUSALATTN_SUPPORT_RESULTS")
+_support_cells: dict = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    marker = item.get_closest_marker("support")
+    if not SUPPORT_RESULTS or marker is None or not hasattr(item, "callspec"):
+        return
+    key = (item.callspec.params["family"], marker.args[0])
+    if report.failed:
+        _support_cells[key] = {"cell": "fails", "test": item.nodeid}
+    elif report.skipped and key not in _support_cells:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        _support_cells[key] = {"cell": "n/a", "test": item.nodeid, "reason": reason.removeprefix("Skipped: ")}
+    elif report.when == "call" and report.passed and _support_cells.get(key, {}).get("cell") != "fails":
+        _support_cells[key] = {"cell": marker.kwargs.get("passed", "yes"), "test": item.nodeid}
+
+
+def pytest_sessionfinish(session):
+    if SUPPORT_RESULTS and _support_cells:
+        rows = [{"family": family, "feature": feature, **value} for (family, feature), value in _support_cells.items()]
+        with open(SUPPORT_RESULTS, "w", encoding="utf-8") as handle:
+            json.dump(rows, handle, indent=1)

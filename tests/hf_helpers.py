@@ -10,7 +10,8 @@ which the test computes the CAT mass; it also leaves each layer's XG read-out in
 import copy
 
 import torch
-from transformers import AttentionInterface, AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+from transformers import (AttentionInterface, AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, MistralConfig,
+                          Phi3Config, Qwen2Config, Qwen3Config)
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import causalattn.hf  # noqa: F401  (registers "causalattn")
@@ -32,7 +33,23 @@ def qwen2_config(**overrides):
     return Qwen2Config(**{**TINY, **overrides})  # q/k/v biases: the adapter keys get k_proj's bias too
 
 
+def qwen3_config(**overrides):
+    return Qwen3Config(**{**TINY, "head_dim": 16, **overrides})  # k_norm on the key path
+
+
+def gemma3_config(**overrides):
+    # a sliding layer and a full one; the window covers the test sequences (past it causalattn refuses).
+    # query_pre_attn_scalar != head_dim, so a wrong attention scale would show
+    return Gemma3TextConfig(**{**TINY, "head_dim": 16, "query_pre_attn_scalar": 24, "sliding_window": 64,
+                               "layer_types": ["sliding_attention", "full_attention"], **overrides})
+
+
+def phi3_config(**overrides):
+    return Phi3Config(**{**TINY, **overrides})  # one fused qkv_proj
+
+
 CONFIGS = {"llama": llama_config, "mistral": mistral_config, "qwen2": qwen2_config}
+FAMILY_CONFIGS = {**CONFIGS, "qwen3": qwen3_config, "gemma3": gemma3_config, "phi3": phi3_config}
 
 
 def build(config, implementation="causalattn", dtype=torch.float64, seed=0):
@@ -68,10 +85,8 @@ def independent_attention(module, query, key, value, attention_mask, dropout=0.0
     out = probs @ values
     adapter = getattr(module, "causalattn_adapter", None)
     if adapter is not None:
-        tokens, heads_kv, dim = adapter.prompt.shape[0], key.shape[1], query.shape[-1]
-        prompt = adapter.prompt.to(query.dtype)
-        adapter_keys = module.k_proj(prompt).view(tokens, heads_kv, dim).transpose(0, 1).repeat_interleave(group, 0)
-        adapter_values = module.v_proj(prompt).view(tokens, heads_kv, dim).transpose(0, 1).repeat_interleave(group, 0)
+        adapter_keys, adapter_values = (t.transpose(0, 1).repeat_interleave(group, 0) for t in independent_prompt_kv(
+            module, adapter.prompt.to(query.dtype), key.shape[1], query.shape[-1]))
         adapter_probs = torch.softmax(query @ adapter_keys.transpose(-1, -2) * scaling, dim=-1)  # never masked
         gate = torch.tanh(adapter.gate) if adapter.gate_mode == "tanh" else adapter.gate
         gamma = gate.to(query.dtype).expand(query.shape[1]).view(1, -1, 1, 1)
@@ -88,6 +103,20 @@ def independent_attention(module, query, key, value, attention_mask, dropout=0.0
                 features = features @ module.o_proj.weight.t()
             XG_READOUTS[module.layer_idx] = features
     return out.transpose(1, 2), probs
+
+
+def independent_prompt_kv(module, prompt, heads_kv, dim):
+    """(M, Hkv, d) keys and values of the prompt the way each family's forward makes its own, before RoPE."""
+    if hasattr(module, "qkv_proj"):  # Phi3: [queries | keys | values] from one projection
+        start = module.config.num_attention_heads * dim
+        fused = module.qkv_proj(prompt)
+        keys, values = fused[:, start:start + heads_kv * dim], fused[:, start + heads_kv * dim:]
+    else:
+        keys, values = module.k_proj(prompt), module.v_proj(prompt)
+    keys, values = keys.view(len(prompt), heads_kv, dim), values.view(len(prompt), heads_kv, dim)
+    if hasattr(module, "k_norm"):  # Qwen3, Gemma3: a per-head norm of the keys
+        keys = module.k_norm(keys)
+    return keys, values
 
 
 def _independent_mask(*args, **kwargs):

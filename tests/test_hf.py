@@ -17,7 +17,7 @@ from transformers.masking_utils import AttentionMaskInterface
 import causalattn.hf as cah
 from causalattn import CausalMask, cat_loss, encode_with_causes
 from hf_helpers import (
-    CONFIGS, XG_READOUTS, build, grads, llama_config, mistral_config, padded_batch, randomize_gates, twin,
+    CONFIGS, TINY, XG_READOUTS, build, grads, llama_config, mistral_config, padded_batch, randomize_gates, twin,
 )
 
 TIGHT = dict(rtol=1e-9, atol=1e-10)
@@ -299,6 +299,13 @@ def test_misuse_raises_clear_errors():
         cah.key_padding_mask(3, 11, 11, use_vmap=True)
     with pytest.raises(ValueError, match="length"):
         cah.AdapterConfig(length=65)
+    # a family whose key norm causalattn does not know (OLMo2 normalises the whole projection): refused, untouched
+    from transformers import Olmo2Config
+
+    olmo = build(Olmo2Config(**TINY))
+    with pytest.raises(NotImplementedError, match="olmo2 layers normalise their keys"):
+        cah.add_adapters(olmo)
+    assert not cah.adapted_layers(olmo) and all(p.requires_grad for p in olmo.parameters())
 
 
 # ------------------------------------------------------------------------------ save / load

@@ -9,8 +9,8 @@ Each adapted attention module gains a `causalattn_adapter` submodule (`GatedProm
                        (the official LLaMA-Adapter embedding init; PEFT does the same)
     gate   (Hq,)       one per query head (default), or (1,) one per layer; zero init
 
-The attention function (`causalattn.hf.attention`) projects the prompt through the layer's own
-`k_proj`/`v_proj` at every call, so nothing here reads projection weights. The base model is frozen;
+The attention function (`causalattn.hf.attention`) projects the prompt through the layer's own key
+path (`causalattn.hf.families`) at every call, so nothing here reads projection weights. The base model is frozen;
 only prompts and gates train. State-dict keys stay the model's own
 (`...layers.29.self_attn.causalattn_adapter.prompt`), so checkpoints of the whole model keep working.
 
@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from causalattn.hf.contract import ADAPTER_ATTR, attention_modules, use_causalattn
+from causalattn.hf.families import check_key_path, input_projection
 from causalattn.hf.guards import guard_adapted_model
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import XG_SPACES
@@ -198,14 +199,18 @@ def add_adapters(model: nn.Module, config: Optional[AdapterConfig] = None) -> Ad
     count = config.layers if config.layers is not None else min(DEFAULT_MAX_LAYERS, len(modules))
     if count > len(modules):
         raise ValueError(f"layers: the model has {len(modules)} attention layers, got layers={count}")
+    adapted = modules[len(modules) - count:]
+    for module in adapted:  # before anything changes: a refused family leaves the model as it was
+        check_key_path(module)
     use_causalattn(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    for module in modules[len(modules) - count:]:
-        weight = module.k_proj.weight
+    for module in adapted:
+        projection = input_projection(module)
+        weight = projection.weight
         dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
         setattr(module, ADAPTER_ATTR, GatedPrompt(
-            module.k_proj.in_features, module.config.num_attention_heads, config, device=weight.device, dtype=dtype))
+            projection.in_features, module.config.num_attention_heads, config, device=weight.device, dtype=dtype))
     if config.routed:
         add_router(model, config)
     guard_adapted_model(model)

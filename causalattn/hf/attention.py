@@ -12,8 +12,8 @@ Two functions are registered under the name `"causalattn"`:
 What `attention_forward` adds on top of plain attention, all read from the call:
 
 * the layer's adapter prompt: `module.causalattn_adapter` (see `causalattn.hf.adapter`) or a prompt
-  handed in through the `causalattn_prompt` keyword (the PEFT bridge). Its keys/values are the layer's
-  own `k_proj`/`v_proj` applied to the prompt, without RoPE: `(Hkv, M, d)`;
+  handed in through the `causalattn_prompt` keyword (the PEFT bridge). Its keys/values come out of the
+  layer's own key path (`causalattn.hf.families`), without RoPE: `(Hkv, M, d)`;
 * CAT supervision: the `supervision=CausalMask` keyword of `model(...)`, which transformers forwards
   to every layer unchanged;
 * a statistics collector: the `causalattn_stats` keyword that `causalattn.hf.collect` injects;
@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from causalattn.hf.contract import (ADAPTER_ATTR, BACKEND_ATTR, IMPLEMENTATION, LABEL_ROWS_KWARG, PROMPT_KWARG,
                                    STATS_KWARG, SUPERVISION_KWARG, LayerPrompt, StatisticsSink)
+from causalattn.hf.families import FAMILIES, prompt_keys_values, refuse_unsupported
 from causalattn.hf.packing import packed_sequences
 from causalattn.hf.routed import routed_adapter, segment_readouts
 from causalattn.inputs import Adapter
@@ -70,9 +71,11 @@ def key_padding_mask(
         raise NotImplementedError("causalattn: custom mask overlays (or_mask_function / and_mask_function) are not "
                                   "supported; only causal attention with padding or packed sequences")
     if kv_offset:
+        family = FAMILIES.get(getattr(kwargs.get("config"), "model_type", None), "this model")
         raise NotImplementedError(
-            f"causalattn: sliding-window KV caches are not supported (kv_offset={kv_offset}); "
-            "use a full-attention cache or another attn_implementation")
+            f"causalattn: {family} sliding-window attention is not supported past the window (a sliding KV cache "
+            f"dropped its first {kv_offset} keys); keep prompt + generation within config.sliding_window or use "
+            "another attn_implementation")
     used = min(kv_length, int(q_offset) + q_length)
     if attention_mask is None:
         if used == kv_length:
@@ -168,13 +171,7 @@ def _refuse_unsupported(module: nn.Module, n_k: int, dropout: float, kwargs: dic
     if dropout and module.training:
         raise NotImplementedError(f"causalattn: attention dropout is not supported (dropout={dropout}); "
                                   "set config.attention_dropout = 0")
-    window = kwargs.get("sliding_window")
-    if window is not None and n_k > window:
-        raise NotImplementedError(f"causalattn: sliding-window attention is not supported; {n_k} keys exceed "
-                                  f"the window of {window} (set config.sliding_window = None)")
-    for name in ("softcap", "s_aux"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(f"causalattn: `{name}` attention is not supported")
+    refuse_unsupported(module, n_k, kwargs)  # the family's own: sliding windows, soft-capping
     if kwargs.get("output_attentions"):
         raise NotImplementedError("causalattn: output_attentions=True is not supported: the fused op never forms the "
                                   "attention probabilities (they would come back empty); for the CAT mass use "
@@ -192,19 +189,18 @@ def _layer_prompt(module: nn.Module, kwargs: dict) -> Optional[LayerPrompt]:
 
 
 def _adapter(module: nn.Module, prompt: LayerPrompt, query: Tensor, heads_kv: int) -> Adapter:
-    """Adapter K/V through the layer's own k_proj/v_proj (no RoPE): calling the modules, not reading their
-    weights, keeps sharded (FSDP/ZeRO) or quantised projections working the normal way."""
+    """Adapter K/V through the layer's own key path (`causalattn.hf.families`: k_proj or the fused qkv_proj,
+    the key norm where the family has one; no RoPE)."""
     head_dim = query.shape[-1]
 
-    def heads(projected: Tensor) -> Tensor:  # (M, Hkv * d) -> (Hkv, M, d)
-        return projected.to(query.dtype).view(projected.shape[0], heads_kv, head_dim).transpose(0, 1)
+    def project(hidden: Tensor) -> tuple[Tensor, Tensor]:  # (M, C) -> (Hkv, M, d) twice
+        keys, values = prompt_keys_values(module, hidden.to(query.dtype), heads_kv, head_dim)
+        return keys.to(query.dtype), values.to(query.dtype)
 
     routing = getattr(prompt, "routing", None)
     if routing is None or routing.invariant_only:
-        hidden = prompt.prompt.to(query.dtype)
-        return Adapter(heads(module.k_proj(hidden)), heads(module.v_proj(hidden)), prompt.gate, prompt.gate_mode)
-    return routed_adapter(prompt, routing.route, query.shape[0], lambda hidden: (
-        heads(module.k_proj(hidden.to(query.dtype))), heads(module.v_proj(hidden.to(query.dtype)))))
+        return Adapter(*project(prompt.prompt), prompt.gate, prompt.gate_mode)
+    return routed_adapter(prompt, routing.route, query.shape[0], project)
 
 
 def _through_o_proj(module: nn.Module, xg: Tensor, dtype: torch.dtype) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Optional, Protocol
 
 from torch import Tensor, nn
 
+from causalattn.hf.families import is_attention_module
 from causalattn.masks import CausalMask
 from causalattn.ops import BACKENDS
 
@@ -45,13 +46,12 @@ class StatisticsSink(Protocol):
 
 # ------------------------------------------------------------------------------ model helpers
 def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The LLaMA-family attention modules of `model` (q/k/v/o projections and a layer index), by layer index."""
-    found = [m for m in model.modules()
-             if isinstance(getattr(m, "layer_idx", None), int)
-             and all(isinstance(getattr(m, name, None), nn.Module) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))]
+    """The LLaMA-family attention modules of `model` (q/k/v/o or fused qkv/o projections and a layer index),
+    by layer index."""
+    found = [m for m in model.modules() if is_attention_module(m)]
     if not found:
-        raise ValueError(f"model: no LLaMA-family attention modules (q_proj/k_proj/v_proj/o_proj and layer_idx) "
-                         f"found in {type(model).__name__}")
+        raise ValueError(f"model: no LLaMA-family attention modules (q_proj/k_proj/v_proj/o_proj or qkv_proj/o_proj, "
+                         f"and layer_idx) found in {type(model).__name__}")
     return sorted(found, key=lambda m: m.layer_idx)
 
 

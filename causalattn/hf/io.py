@@ -27,6 +27,7 @@ from torch import nn
 
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
 from causalattn.hf.contract import attention_modules
+from causalattn.hf.families import input_projection
 from causalattn.hf.routed import find_router
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -61,7 +62,7 @@ def _describe(model: nn.Module, config: AdapterConfig, layer_indices: list[int])
         "format_version": FORMAT_VERSION,
         "adapter": config.to_dict(),
         "layer_indices": layer_indices,
-        "hidden_size": first.k_proj.in_features,
+        "hidden_size": input_projection(first).in_features,
         "num_attention_heads": first.config.num_attention_heads,
         "model_type": getattr(first.config, "model_type", None),
     }

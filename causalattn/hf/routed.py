@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from causalattn.hf.contract import (ADAPTER_ATTR, DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, STATS_KWARG,
                                    LayerPrompt, attention_modules)
+from causalattn.hf.families import input_projection
 from causalattn.hf.packing import packed_sequences
 from causalattn.inputs import Adapter, gate_values
 from causalattn.routing import Route, Router, segment_outputs
@@ -61,9 +62,10 @@ def add_router(model: nn.Module, config) -> Router:
     if not adapted:
         raise ValueError("model: has no causalattn adapters to route between (add_adapters adds both)")
     first = adapted[0]
-    weight = first.k_proj.weight
+    projection = input_projection(first)
+    weight = projection.weight
     dtype = torch.promote_types(weight.dtype, torch.float32) if weight.dtype.is_floating_point else torch.float32
-    router = Router(first.k_proj.in_features, config.domains, mode=config.route, code_dim=config.router_dim,
+    router = Router(projection.in_features, config.domains, mode=config.route, code_dim=config.router_dim,
                     device=weight.device, dtype=dtype)
     router.routing = RouteState()  # a plain attribute: deep copies keep it shared with the copied layers
     if config.route == "oracle":  # the given ids route: untrained router weights (DDP needs every trainable one used)
