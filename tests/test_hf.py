@@ -313,7 +313,7 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     ids, mask = padded_batch()
     model = adapted(mistral_config(), gate="raw", gate_per_head=True, xg_tokens=1)
     directory = cah.save_adapters(model, tmp_path / "adapter")
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(directory)) == ["adapter_model.safetensors", "causalattn_adapter.json"]  # no temp files left
     fresh = build(mistral_config())
     summary = cah.load_adapters(fresh, directory)
     assert summary == cah.summarize(model)
@@ -336,13 +336,13 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         cah.save_adapters(model, directory)
     assert weights.read_bytes() == saved
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(directory)) == ["adapter_model.safetensors", "causalattn_adapter.json"]
 
     other = build(mistral_config())
     cah.add_adapters(other, cah.AdapterConfig(length=3, layers=2))
     with pytest.raises(ValueError, match="do not fit"):
         cah.load_adapters(other, directory)
-    config_path = directory / "adapter_config.json"
+    config_path = directory / "causalattn_adapter.json"
     description = json.loads(config_path.read_text())
     description["adapter"]["length"] = 6
     config_path.write_text(json.dumps(description))

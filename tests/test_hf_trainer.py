@@ -51,7 +51,7 @@ def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_toke
     assert any(float(gate.detach().abs().max()) > 0 for gate in gates)  # the zero-init gates moved
     checkpoint = tmp_path / "out" / "checkpoint-2"
     names = {p.name for p in checkpoint.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt"} <= names
+    assert {"adapter_model.safetensors", "causalattn_adapter.json", "optimizer.pt"} <= names
     assert not names & {"model.safetensors", "pytorch_model.bin"}  # the frozen base is not copied
 
     # resume from the checkpoint: the adapters come back and the run ends at the same step

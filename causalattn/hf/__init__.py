@@ -24,6 +24,7 @@ from causalattn.hf.contract import (
     use_causalattn,
 )
 from causalattn.hf.io import load_adapters, save_adapters
+from causalattn.hf.peft_export import export_adaption_prompt
 from causalattn.hf.routed import find_router, invariant_only
 from causalattn.hf.stats import Statistics, collect
 
@@ -62,6 +63,7 @@ __all__ = [
     "attention_modules",
     "bridge_adaption_prompt",
     "collect",
+    "export_adaption_prompt",
     "find_router",
     "invariant_only",
     "key_padding_mask",

@@ -1,7 +1,12 @@
 """Save and load causalattn adapters: safetensors weights plus a JSON config, written atomically.
 
-    save_adapters(model, "run/adapter")      # run/adapter/adapter_model.safetensors + adapter_config.json
+    save_adapters(model, "run/adapter")      # run/adapter/adapter_model.safetensors + causalattn_adapter.json
     load_adapters(fresh_model, "run/adapter") # adds the adapters (if absent) and loads the weights
+
+The config has its own name: PEFT and transformers take a folder with an `adapter_config.json` for a
+PEFT adapter, and ours is not one. Folders written before the rename (our format under that name) still
+load; `causalattn.hf.export_adaption_prompt` writes a real PEFT AdaptionPrompt folder where one can hold
+the adapters.
 
 Weights are keyed by layer index (`layers.29.prompt`, `layers.29.gate`), not by module path, so a
 checkpoint loads into the same architecture however it is wrapped. Each file is written to a temporary
@@ -31,7 +36,8 @@ from causalattn.hf.families import input_projection
 from causalattn.hf.routed import find_router
 
 WEIGHTS_NAME = "adapter_model.safetensors"
-CONFIG_NAME = "adapter_config.json"
+CONFIG_NAME = "causalattn_adapter.json"
+LEGACY_CONFIG_NAME = "adapter_config.json"  # PEFT's name, ours until PEFT and transformers mistook our folders
 FORMAT = "causalattn-adapter"
 FORMAT_VERSION = 1
 ROUTER_PREFIX = "router."
@@ -113,11 +119,29 @@ def save_adapters(model: nn.Module, directory: PathLike) -> Path:
     return directory
 
 
+def _config_path(directory: Path) -> Path:
+    """The folder's causalattn config: ours, or a legacy `adapter_config.json` in our format (not PEFT's)."""
+    path = directory / CONFIG_NAME
+    legacy = directory / LEGACY_CONFIG_NAME
+    if path.is_file() or not legacy.is_file():
+        return path
+    if json.loads(legacy.read_text(encoding="utf-8")).get("format") != FORMAT:
+        raise ValueError(f"{legacy}: a PEFT adapter, not a causalattn one; load it with peft.PeftModel.from_pretrained")
+    return legacy
+
+
+def holds_adapters(directory: PathLike) -> bool:
+    """Whether `directory` holds a causalattn adapter (current or legacy config name)."""
+    directory = Path(directory)
+    return (directory / WEIGHTS_NAME).is_file() and any(
+        (directory / name).is_file() for name in (CONFIG_NAME, LEGACY_CONFIG_NAME))
+
+
 def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
     """Load adapters saved by `save_adapters` into `model`: adds them first when the model has none
     (which freezes the base and routes attention through causalattn), then copies the weights."""
     directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    config_path, weights_path = _config_path(directory), directory / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no causalattn adapter file here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
@@ -128,7 +152,7 @@ def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
     with safe_open(str(weights_path), framework="pt") as weights:
         stored = json.loads((weights.metadata() or {}).get("config", "null"))
         if stored != description:
-            raise ValueError(f"{directory}: {CONFIG_NAME} and {WEIGHTS_NAME} disagree (an interrupted save?)")
+            raise ValueError(f"{directory}: {config_path.name} and {WEIGHTS_NAME} disagree (an interrupted save?)")
         tensors = {name: weights.get_tensor(name) for name in weights.keys()}
 
     config = AdapterConfig.from_dict(description["adapter"])

@@ -39,7 +39,7 @@ from causalattn.data.jsonl import DataFile, parse_record
 from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
 from causalattn.hf.contract import SUPERVISION_KWARG
-from causalattn.hf.io import CONFIG_NAME, WEIGHTS_NAME, load_adapters, save_adapters
+from causalattn.hf.io import holds_adapters, load_adapters, save_adapters
 from causalattn.hf.stats import collect
 from causalattn.losses import CAT_LOSS_KINDS
 from causalattn.masks import CausalMask
@@ -154,9 +154,7 @@ class CausalLossMixin:
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[nn.Module] = None) -> None:
-        has_adapters = all(os.path.isfile(os.path.join(resume_from_checkpoint, name))
-                           for name in (CONFIG_NAME, WEIGHTS_NAME))
-        if not has_adapters:
+        if not holds_adapters(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
 

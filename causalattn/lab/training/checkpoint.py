@@ -1,7 +1,7 @@
 """Per-epoch checkpoints of one run: the adapters plus everything needed to continue bit for bit.
 
     <run dir>/checkpoints/epoch-002/adapter_model.safetensors   causalattn.hf.save_adapters
-                                    adapter_config.json
+                                    causalattn_adapter.json
                                     base_weights.safetensors    trained base weights (--train-qk only)
                                     trainer_state.pt            optimizer, scheduler, RNG states by rank
                                     progress.json               epoch, step, loss history, accuracies,
