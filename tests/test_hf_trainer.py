@@ -27,14 +27,14 @@ def cat_rows(count, seed=0):
     return rows
 
 
-def trainer_for(tmp_path, tokenizer, **overrides):
+def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, **overrides):
     model = build(llama_config(), dtype=torch.float32)
-    cah.add_adapters(model, cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
+    cah.add_adapters(model, adapter or cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
     cah.set_backend(model, "reference")
-    options = dict(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, max_steps=4, save_steps=2,
-                   logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
-                   dataloader_num_workers=0, seed=0, **overrides)
-    return cah.CausalTrainer(model=model, args=TrainingArguments(**options), train_dataset=cat_rows(16),
+    options = {**dict(output_dir=str(tmp_path / "out"), bf16=True, use_cpu=True, max_steps=4, save_steps=2,
+                      logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
+                      dataloader_num_workers=0, seed=0), **overrides}
+    return cah.CausalTrainer(model=model, args=TrainingArguments(**options), train_dataset=rows or cat_rows(16),
                              processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0)
 
 
@@ -52,6 +52,7 @@ def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_toke
     checkpoint = tmp_path / "out" / "checkpoint-2"
     names = {p.name for p in checkpoint.iterdir()}
     assert {"adapter_model.safetensors", "causalattn_adapter.json", "optimizer.pt"} <= names
+    assert not {"vq", "mi"} & set(logs[0])  # unrouted adapters log no routing terms
     assert not names & {"model.safetensors", "pytorch_model.bin"}  # the frozen base is not copied
 
     # resume from the checkpoint: the adapters come back and the run ends at the same step
@@ -62,6 +63,29 @@ def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_toke
     cah.load_adapters(back, tmp_path / "out" / "checkpoint-4")
     for index, layer in cah.adapted_layers(back).items():
         torch.testing.assert_close(layer.gate, cah.adapted_layers(resumed.model)[index].gate)
+
+
+@pytest.mark.parametrize("route", ["vq", "oracle"])
+def test_routed_adapters_train_with_vq_and_mi(tmp_path, tiny_tokenizer, route):
+    """As `causalattn train`: CE + CAT + XG + 0.1 VQ + 0.01 MI (+ CE of the invariant prompts alone), the
+    routing inputs from the collator (label rows, prompt tokens, the records' domain ids)."""
+    rows = [{**row, "domain": i % 2} for i, row in enumerate(cat_rows(8))]
+    adapter = cah.AdapterConfig(length=4, layers=2, xg_tokens=2, domains=2, domain_length=3, route=route, router_dim=6)
+    trainer = trainer_for(tmp_path, tiny_tokenizer, adapter=adapter, rows=rows, max_steps=2)
+    trainer.invariant_ce = 1.0
+    assert trainer.data_collator.routing
+    batch = trainer.data_collator(rows[:4])
+    assert batch[cah.DOMAINS_KWARG].tolist() == [0, 1, 0, 1] and batch[cah.LABEL_ROWS_KWARG].shape == (4,)
+    trainer.train()
+    logs = [row for row in trainer.state.log_history if "ce" in row]
+    assert len(logs) == 2 and all("mi" in row for row in logs)  # tiny read-outs: MI rounds to 0 in the log
+    assert all(row["vq"] > 0 for row in logs) if route == "vq" else all(row["vq"] == 0 for row in logs)
+    for row in logs:  # the CE of the invariant prompts alone (about the CE itself) is in the loss too
+        routed = row["ce"] + row["cat"] + row["xg"] + 0.1 * row["vq"] + 0.01 * row["mi"]
+        assert row["loss"] - routed == pytest.approx(row["ce"], rel=0.05)
+    domain_gates = [layer.domain_gate for layer in cah.adapted_layers(trainer.model).values()]
+    assert all(float(gate.detach().abs().max()) > 0 for gate in domain_gates)  # the zero-init domain gates moved
+    assert (tmp_path / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
 
 
 def test_collator_builds_the_mask_and_skips_pairs_that_cannot_supervise(tiny_tokenizer):

@@ -1,12 +1,19 @@
-"""CE + CAT + XG through the Hugging Face `Trainer`: a data collator and a `Trainer` subclass.
+"""CE + CAT + XG (+ VQ + MI for routed adapters) through the Hugging Face `Trainer`: a data collator and
+a `Trainer` subclass.
 
     from causalattn.hf import CausalCollator, CausalTrainer
     trainer = CausalTrainer(model=model, args=TrainingArguments("out", bf16=True), train_dataset=records,
                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0)
     trainer.train()                   # logs loss, ce, cat, xg; checkpoints hold the adapters only
 
+Routed adapters (ICLM, `AdapterConfig(domains=K)`) add the router's VQ loss and the MI term between the
+invariant and domain read-outs with `causalattn train`'s weights (`vq_weight=0.1`, `mi_weight=0.01`,
+`mi_kind="code"`; `invariant_ce` for ICLM's CE of the invariant prompts alone, 0 by default) and log
+`vq` and `mi`. The collator then also sends each sample's label row (where MI compares the read-outs),
+the prompt tokens the router reads (never the answer), and the records' `domain` ids when all have one.
+
 `records` are CAT-format rows (`input`, `target`, optional `important`, which a `datasets.Dataset`
-may hold as a JSON string); the model has causalattn adapters (`causalattn.hf.add_adapters`).
+may hold as a JSON string, optional `domain`); the model has causalattn adapters (`causalattn.hf.add_adapters`).
 What the plain `Trainer` gets wrong for this, and what the subclass does instead:
 
 * the forward must run inside `causalattn.hf.collect` for the CAT/XG statistics to exist, so
@@ -20,11 +27,13 @@ What the plain `Trainer` gets wrong for this, and what the subclass does instead
 
 CE is the model's mean over the micro-batch's answer tokens and CAT/XG are means over it too, so
 each micro-batch counts the same under gradient accumulation (`model_accepts_loss_kwargs` off, the
-Trainer divides by the accumulation steps), as in `causalattn train`. `CausalLossMixin` holds all
+Trainer divides by the accumulation steps), as in `causalattn train`; with several processes the logged
+terms are means over them, as the Trainer's `loss` is. `CausalLossMixin` holds all
 of it, so other Trainer subclasses get the same (`causalattn.hf.sft.CausalSFTTrainer` for TRL).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Mapping, Optional, Sequence
@@ -38,13 +47,15 @@ from causalattn.data.batches import collate
 from causalattn.data.jsonl import DataFile, parse_record
 from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
-from causalattn.hf.contract import SUPERVISION_KWARG
+from causalattn.hf.contract import DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, SUPERVISION_KWARG
 from causalattn.hf.io import holds_adapters, load_adapters, save_adapters
+from causalattn.hf.routed import find_router, invariant_only
 from causalattn.hf.stats import collect
-from causalattn.losses import CAT_LOSS_KINDS
+from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
 from causalattn.masks import CausalMask
 
 LOGGED_TERMS = ("ce", "cat", "xg")
+ROUTED_TERMS = ("vq", "mi")
 
 
 def example_of(feature: Any, where: str = "features") -> Example:
@@ -57,7 +68,9 @@ def example_of(feature: Any, where: str = "features") -> Example:
     record = dict(feature)
     if isinstance(record.get("important"), str):
         record["important"] = json.loads(record["important"])
-    return parse_record(record, where, strict=False)[0]
+    example = parse_record(record, where, strict=False)[0]
+    domain = record.get("domain")
+    return example if domain is None else dataclasses.replace(example, domain=int(domain))
 
 
 class CausalCollator:
@@ -65,15 +78,17 @@ class CausalCollator:
 
     Labels cover the answer tokens only; `supervision` is the batch's CausalMask. Annotated pairs that
     cannot supervise (text absent, cause not before effect) are skipped and counted in `self.skipped`,
-    as `causalattn train` does; `strict=True` raises instead.
+    as `causalattn train` does; `strict=True` raises instead. `routing=True` (routed adapters; the
+    Trainer sets it) adds the label rows, the router's prompt tokens and the domain ids, if known.
     """
 
-    def __init__(self, tokenizer, *, max_length: Optional[int] = None, strict: bool = False):
+    def __init__(self, tokenizer, *, max_length: Optional[int] = None, strict: bool = False, routing: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.strict = strict
+        self.routing = routing
         self.skipped = 0
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
@@ -82,23 +97,35 @@ class CausalCollator:
                                             self.tokenizer, strict=self.strict)
         self.skipped += report.skipped
         batch = collate(checked.examples, self.tokenizer, max_length=self.max_length)
-        return {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
-                SUPERVISION_KWARG: batch.causal_mask}
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "labels": batch.labels,
+                  SUPERVISION_KWARG: batch.causal_mask}
+        if self.routing:  # what `causalattn train` hands a routed model (lab.training.loop.routing_inputs)
+            inputs.update({LABEL_ROWS_KWARG: batch.label_rows(), ROUTE_TOKENS_KWARG: batch.prompt_tokens()})
+            if batch.domains is not None:
+                inputs[DOMAINS_KWARG] = batch.domains
+        return inputs
 
 
 class CausalLossMixin:
     """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
     CE + `cat_weight` x CAT + `xg_weight` x XG (SPEC §2, §3); see the module docstring. `cat_alpha` /
-    `cat_kind` choose the CAT row loss, `xg_layers` the XG layers ("adapted" or "last"). Without a
-    `data_collator` a `CausalCollator` of `processing_class` is used. Put it first among the bases."""
+    `cat_kind` choose the CAT row loss, `xg_layers` the XG layers ("adapted" or "last"); routed adapters
+    add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
+    (SPEC §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
+    among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",
-                 xg_weight: float = 0.0, xg_layers: str = "adapted", max_length: Optional[int] = None, **kwargs):
-        for name, value in {"cat_weight": cat_weight, "xg_weight": xg_weight}.items():
+                 xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1, mi_weight: float = 0.01,
+                 mi_kind: str = "code", invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
+        weights = {"cat_weight": cat_weight, "xg_weight": xg_weight, "vq_weight": vq_weight, "mi_weight": mi_weight,
+                   "invariant_ce": invariant_ce}
+        for name, value in weights.items():
             if not value >= 0:
                 raise ValueError(f"{name}: expected a non-negative number, got {value}")
         if cat_kind not in CAT_LOSS_KINDS:
             raise ValueError(f"cat_kind: expected one of {CAT_LOSS_KINDS}, got {cat_kind!r}")
+        if mi_kind not in MI_KINDS:
+            raise ValueError(f"mi_kind: expected one of {MI_KINDS}, got {mi_kind!r}")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
         if training_args is not None:
             training_args.remove_unused_columns = False  # the collator needs input/target/important
@@ -110,6 +137,10 @@ class CausalLossMixin:
         self.model_accepts_loss_kwargs = False  # each micro-batch's losses are means (module docstring)
         self.cat_weight, self.cat_alpha, self.cat_kind = cat_weight, cat_alpha, cat_kind
         self.xg_weight, self.xg_layers = xg_weight, xg_layers
+        self.vq_weight, self.mi_weight, self.mi_kind, self.invariant_ce = vq_weight, mi_weight, mi_kind, invariant_ce
+        self.routed = find_router(self.model) is not None
+        if self.routed and isinstance(self.data_collator, CausalCollator):
+            self.data_collator.routing = True
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
 
@@ -129,18 +160,42 @@ class CausalLossMixin:
         if self.xg_weight > 0 and stats.xg:
             terms["xg"] = stats.xg_loss(layers=self.xg_layers)
         loss = ce + self.cat_weight * terms["cat"] + self.xg_weight * terms["xg"]
+        if self.routed:
+            loss = loss + self._routed_terms(model, inputs, stats, terms)
         if model.training:
             for name, value in terms.items():
                 self._term_sums[name] = self._term_sums.get(name, 0) + value.detach().float()
             self._term_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def _routed_terms(self, model: nn.Module, inputs: dict, stats, terms: dict[str, Tensor]) -> Tensor:
+        """VQ + MI (+ CE of the invariant prompts alone) as `causalattn train` adds them (lab.training.loop)."""
+        if LABEL_ROWS_KWARG not in inputs:
+            raise ValueError(f"routed adapters: the batch has no {LABEL_ROWS_KWARG} (the rows the MI term compares); "
+                             "use CausalCollator(tokenizer, routing=True) or send them from your collator")
+        terms["vq"] = stats.vq_loss()
+        terms["mi"] = stats.mi_loss(kind=self.mi_kind)
+        extra = self.vq_weight * terms["vq"] + self.mi_weight * terms["mi"]
+        if self.invariant_ce:
+            # the same batch with the domain prompts off, through the unwrapped module (a second forward of a
+            # DDP wrapper would prepare its reducer twice), summed into the one backward
+            plain = self.accelerator.unwrap_model(model)
+            with invariant_only(plain):
+                alone = plain(**inputs)
+            extra = extra + self.invariant_ce * (alone["loss"] if isinstance(alone, Mapping) else alone[0])
+        return extra
+
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        """Training logs gain the mean `ce`, `cat` and `xg` since the last log (the `loss` is their
-        weighted sum; CAT's default "div" loss sits near -1 by construction, so the total can be negative)."""
+        """Training logs gain the mean `ce`, `cat`, `xg` (and `vq`, `mi` when routed) since the last log,
+        averaged over processes like the `loss` (their weighted sum; CAT's default "div" loss sits near -1
+        by construction, so the total can be negative). Every process logs at the same steps."""
         if "loss" in logs and self._term_count:
-            for name in LOGGED_TERMS:
-                logs[name] = round(float(self._term_sums[name]) / self._term_count, 6)
+            names = LOGGED_TERMS + (ROUTED_TERMS if self.routed else ())
+            means = torch.stack([self._term_sums[name] for name in names]) / self._term_count
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means, reduction="mean")
+            for name, value in zip(names, means.tolist()):
+                logs[name] = round(value, 6)
             self._term_sums, self._term_count = {}, 0
         super().log(logs, start_time)
 
