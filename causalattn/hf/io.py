@@ -23,12 +23,12 @@ import json
 import os
 import uuid
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
+from torch import Tensor, nn
 
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
 from causalattn.hf.contract import attention_modules
@@ -96,19 +96,29 @@ def _tensor_names(config: AdapterConfig) -> tuple[str, ...]:
     return ("prompt", "gate") + (("bank", "domain_gate") if config.routed else ())
 
 
-def save_adapters(model: nn.Module, directory: PathLike) -> Path:
-    """Write `model`'s adapters to `directory` (created if needed); returns the directory."""
+def save_adapters(model: nn.Module, directory: PathLike, state_dict: Optional[Mapping[str, Tensor]] = None) -> Path:
+    """Write `model`'s adapters to `directory` (created if needed); returns the directory.
+
+    `state_dict`: the model's full state dict, when its parameters are shards (FSDP, DeepSpeed ZeRO-3: the
+    Trainer gathers one and saves on the main process only); the adapter tensors are read from it by path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config, layers = _config_of(model)
     description = json.dumps(_describe(model, config, sorted(layers)), indent=2, sort_keys=True)
+    paths = {module: path for path, module in model.named_modules()}
+
+    def value(owner: nn.Module, name: str, own: Tensor) -> Tensor:
+        full = own if state_dict is None else state_dict[f"{paths[owner]}.{name}"]
+        return full.detach().contiguous().cpu()
+
     tensors = {}
     for index, prompt in layers.items():
         for name in _tensor_names(config):
-            tensors[f"layers.{index}.{name}"] = getattr(prompt, name).detach().contiguous().cpu()
+            tensors[f"layers.{index}.{name}"] = value(prompt, name, getattr(prompt, name))
     if config.routed:
-        for name, value in find_router(model).state_dict().items():
-            tensors[ROUTER_PREFIX + name] = value.detach().contiguous().cpu()
+        router = find_router(model)
+        for name, own in router.state_dict().items():
+            tensors[ROUTER_PREFIX + name] = value(router, name, own)
     _atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"config": description}))
 
     def write_config(tmp: str) -> None:

@@ -200,10 +200,11 @@ class CausalLossMixin:
         super().log(logs, start_time)
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
-        """Checkpoints and `save_model` write the adapters (`causalattn.hf.save_adapters`), not the base."""
+        """Checkpoints and `save_model` write the adapters (`causalattn.hf.save_adapters`), not the base;
+        from `state_dict` when the Trainer gathered one (FSDP, ZeRO-3: the parameters are shards)."""
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        save_adapters(self.accelerator.unwrap_model(self.model), output_dir)
+        save_adapters(self.accelerator.unwrap_model(self.model), output_dir, state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
