@@ -49,7 +49,8 @@ def phi3_config(**overrides):
 
 
 CONFIGS = {"llama": llama_config, "mistral": mistral_config, "qwen2": qwen2_config}
-FAMILY_CONFIGS = {**CONFIGS, "qwen3": qwen3_config, "gemma3": gemma3_config, "phi3": phi3_config}
+# by model_type, as causalattn.hf.families names them
+FAMILY_CONFIGS = {**CONFIGS, "qwen3": qwen3_config, "gemma3_text": gemma3_config, "phi3": phi3_config}
 
 
 def build(config, implementation="causalattn", dtype=torch.float64, seed=0):

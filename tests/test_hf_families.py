@@ -18,7 +18,7 @@ FAMILIES = list(FAMILY_CONFIGS)
 SLIDING = {  # the config of each family's sliding-window layers, the window shorter than the test batch
     "mistral": dict(sliding_window=6), "qwen2": dict(sliding_window=6, use_sliding_window=True, max_window_layers=0),
     "qwen3": dict(sliding_window=6, use_sliding_window=True, max_window_layers=0),
-    "gemma3": dict(sliding_window=6), "phi3": dict(sliding_window=6)}
+    "gemma3_text": dict(sliding_window=6), "phi3": dict(sliding_window=6)}
 pytestmark = [pytest.mark.filterwarnings("ignore:xg_variance"), pytest.mark.parametrize("family", FAMILIES)]
 
 
@@ -194,7 +194,7 @@ def test_routed_adapters_train_with_vq_and_mi(family):
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in cah.find_router(model).parameters())
 
 
-@pytest.mark.support("sliding window", passed="refused past the window")
+@pytest.mark.support("sliding window", passed="exact within, refused past the window")
 def test_sliding_window_past_the_window_is_refused(family):
     """Sliding layers compute exactly while the keys fit the window (then sliding == full attention) and
     raise, naming the family, past it: in the forward and when a cache starts dropping keys."""
@@ -204,7 +204,7 @@ def test_sliding_window_past_the_window_is_refused(family):
     ids, mask = padded_batch(length=6)
     torch.testing.assert_close(model(ids, attention_mask=mask).logits[mask.bool()],
                                twin(model, "sdpa")(ids, attention_mask=mask).logits[mask.bool()], **TIGHT)
-    name = cah.families.FAMILIES[model.config.model_type]
+    name = cah.families.FAMILIES[family]
     long_ids, long_mask = padded_batch(length=11)
     with pytest.raises(NotImplementedError, match=f"{name} sliding-window attention .*beyond the window"):
         model(long_ids, attention_mask=long_mask)
