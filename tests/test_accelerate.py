@@ -108,9 +108,9 @@ def test_trainer_saves_adapters_from_the_gathered_state_dict(tmp_path, tiny_toke
 def test_fsdp2_config_reads_as_accelerates_fsdp2():
     """The documented FSDP2 config (examples/accelerate/fsdp2.yaml) is one Accelerate reads as FSDP v2 with a
     full state dict, wrapping a decoder layer class transformers has. Running it needs GPUs (module docstring)."""
-    from transformers.models.llama import modeling_llama
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.utils import DistributedType
+    from transformers.models.llama import modeling_llama
 
     config = load_config_from_file(str(ROOT / "examples" / "accelerate" / "fsdp2.yaml"))
     assert config.distributed_type == DistributedType.FSDP and config.num_processes == 2

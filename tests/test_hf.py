@@ -306,6 +306,12 @@ def test_misuse_raises_clear_errors():
     with pytest.raises(NotImplementedError, match="olmo2 layers normalise their keys"):
         cah.add_adapters(olmo)
     assert not cah.adapted_layers(olmo) and all(p.requires_grad for p in olmo.parameters())
+    # attention logit soft-capping (Gemma2's layers pass `softcap`): refused, never computed without it
+    from transformers import Gemma2Config
+
+    capped = build(Gemma2Config(**TINY, head_dim=16, attn_logit_softcapping=50.0))
+    with pytest.raises(NotImplementedError, match="gemma2 logit soft-capping"):
+        capped(ids, attention_mask=mask)
 
 
 # ------------------------------------------------------------------------------ save / load

@@ -7,6 +7,10 @@
         out = model(**batch, labels=labels, supervision=mask)
     (out.loss + stats.cat_loss() + 0.1 * stats.xg_loss()).backward()
 
+Families: Llama, Mistral, Qwen2, Qwen3, Gemma3 (text) and Phi3 (`causalattn.hf.families`: each one's
+key path for the adapter prompts, and what is refused). `save_adapters` / `load_adapters` keep our own
+folder format; `export_adaption_prompt` writes PEFT's AdaptionPrompt format where PEFT computes the same.
+
 Importing this package registers the attention and mask functions with transformers.
 `bridge_adaption_prompt` (PEFT) and `CausalTrainer` / `CausalCollator` (the HF Trainer) are imported
 on first use, so PEFT stays optional and this import stays cheap.
