@@ -2,17 +2,15 @@
 (gloo): the same logged losses and the same trained adapters as 1 process with the same global batch
 (2 processes x 2 samples against 1 process x 2 samples x 2 accumulation steps), within rounding.
 
-FSDP2 cannot be tried here: Accelerate (1.16) applies its FSDP plugin only to accelerator devices; a
-CPU run (`use_cpu`) is plain multi-CPU DDP whatever the config says. What FSDP changes for us, the
-Trainer handing `_save` a gathered state dict, is tested without it below.
+FSDP2 through Accelerate cannot run here: Accelerate (1.16) applies its FSDP plugin only to accelerator
+devices; a CPU run (`use_cpu`) is plain multi-CPU DDP whatever the config says. So the config
+(examples/accelerate/fsdp2.yaml) is checked as Accelerate reads it, FSDP2 itself runs on CPUs through
+torch's launcher (tests/test_fsdp2.py), and what it changes for the Trainer, `_save` handed a gathered
+state dict, is tested below.
 """
 import importlib.util
 import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +18,9 @@ from safetensors.torch import load_file
 
 import causalattn.hf as cah
 from hf_helpers import build, llama_config
+from launch_helpers import ROOT, free_port, run_workers
 from test_hf_trainer import cat_rows
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "accelerate_trainer.py"
 LOGGED = ("loss", "grad_norm", "ce", "cat", "xg")
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance", "ignore:.*use_cpu.*")
@@ -52,12 +50,6 @@ def run_in_process(argv):
     return module.main(argv)
 
 
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def logged(output):
     return [{name: row[name] for name in LOGGED} for row in json.loads((output / "log_history.json").read_text())
             if "ce" in row]
@@ -73,10 +65,7 @@ def test_two_cpu_processes_train_as_one_with_the_same_global_batch(tmp_path, bas
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(SCRIPT), *script_args(base, data, two)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    run_workers(launch)
 
     expected, got = logged(one), logged(two)
     assert len(expected) == len(got) == 3

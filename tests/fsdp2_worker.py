@@ -1,0 +1,25 @@
+"""One process of tests/test_fsdp2.py (started by torchrun): the adapted tiny LLaMA sharded with FSDP2
+(`fully_shard` per decoder layer, then the root), a few AdamW steps of CE + XG on the same batch on every
+rank, the adapters saved by rank 0 from the gathered full state dict, as the Trainer does under FSDP."""
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import fully_shard
+
+import causalattn.hf as cah
+from test_fsdp2 import train
+
+
+def main(output: str) -> None:
+    dist.init_process_group("gloo")
+    model = train(shard=lambda m: [fully_shard(layer) for layer in m.model.layers] and fully_shard(m))
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() == 0:
+        cah.save_adapters(model, output, state_dict=full)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
