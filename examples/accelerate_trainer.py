@@ -54,8 +54,8 @@ def main(argv: list[str] | None = None) -> cah.CausalTrainer:
     cah.set_backend(model, args.backend)
     rows = [json.loads(line) for line in Path(args.data).read_text(encoding="utf-8").splitlines() if line.strip()]
     training = TrainingArguments(
-        output_dir=args.output, per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.grad_accum,
-        max_steps=args.max_steps, learning_rate=args.lr, logging_steps=1, save_strategy="no", report_to=[],
+        output_dir=args.output, per_device_train_batch_size=args.batch_size,
+        gradient_accumulation_steps=args.grad_accum, max_steps=args.max_steps, learning_rate=args.lr, logging_steps=1, save_strategy="no", report_to=[],
         seed=0, dataloader_num_workers=0, disable_tqdm=True, use_cpu=args.cpu)
     trainer = cah.CausalTrainer(model=model, args=training, train_dataset=rows, processing_class=tokenizer,
                                 cat_weight=1.0, xg_weight=args.xg_weight)

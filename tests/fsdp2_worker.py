@@ -3,7 +3,6 @@
 rank, the adapters saved by rank 0 from the gathered full state dict, as the Trainer does under FSDP."""
 import sys
 
-import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard

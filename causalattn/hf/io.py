@@ -130,21 +130,18 @@ def save_adapters(model: nn.Module, directory: PathLike, state_dict: Optional[Ma
 
 
 def _config_path(directory: Path) -> Path:
-    """The folder's causalattn config: ours, or a legacy `adapter_config.json` in our format (not PEFT's)."""
-    path = directory / CONFIG_NAME
-    legacy = directory / LEGACY_CONFIG_NAME
+    """The folder's causalattn config: ours, or a legacy `adapter_config.json` in our format (PEFT's own is
+    not ours); otherwise where ours would be."""
+    path, legacy = directory / CONFIG_NAME, directory / LEGACY_CONFIG_NAME
     if path.is_file() or not legacy.is_file():
         return path
-    if json.loads(legacy.read_text(encoding="utf-8")).get("format") != FORMAT:
-        raise ValueError(f"{legacy}: a PEFT adapter, not a causalattn one; load it with peft.PeftModel.from_pretrained")
-    return legacy
+    return legacy if json.loads(legacy.read_text(encoding="utf-8")).get("format") == FORMAT else path
 
 
 def holds_adapters(directory: PathLike) -> bool:
-    """Whether `directory` holds a causalattn adapter (current or legacy config name)."""
+    """Whether `directory` holds a causalattn adapter (under the current or the legacy config name)."""
     directory = Path(directory)
-    return (directory / WEIGHTS_NAME).is_file() and any(
-        (directory / name).is_file() for name in (CONFIG_NAME, LEGACY_CONFIG_NAME))
+    return (directory / WEIGHTS_NAME).is_file() and _config_path(directory).is_file()
 
 
 def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
@@ -152,6 +149,9 @@ def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
     (which freezes the base and routes attention through causalattn), then copies the weights."""
     directory = Path(directory)
     config_path, weights_path = _config_path(directory), directory / WEIGHTS_NAME
+    if not config_path.is_file() and (directory / LEGACY_CONFIG_NAME).is_file():
+        raise ValueError(f"{directory}: a PEFT adapter, not a causalattn one; load it with "
+                         "peft.PeftModel.from_pretrained")
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no causalattn adapter file here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")

@@ -57,7 +57,8 @@ def export_adaption_prompt(model: nn.Module, directory: PathLike) -> Path:
         path = STATE_PREFIX + names[modules[index]]
         tensors[f"{path}.adaption_prompt"] = prompt.prompt.detach()[None].contiguous().cpu()
         # PEFT's gate is raw: a tanh gate's value is what it multiplies by
-        tensors[f"{path}.adaption_gate"] = gate_values(prompt.gate, prompt.gate_mode).detach().reshape(1).contiguous().cpu()
+        gate = gate_values(prompt.gate, prompt.gate_mode)
+        tensors[f"{path}.adaption_gate"] = gate.detach().reshape(1).contiguous().cpu()
     config = {"peft_type": "ADAPTION_PROMPT", "task_type": "CAUSAL_LM", "target_modules": "self_attn",
               "adapter_len": layers[min(layers)].prompt.shape[0], "adapter_layers": len(layers),
               "base_model_name_or_path": getattr(model.config, "_name_or_path", None) or None,
