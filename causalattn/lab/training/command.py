@@ -32,6 +32,7 @@ from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config
 from causalattn.lab.training.distributed import DistContext, setup, teardown
 from causalattn.lab.training.loop import Job, RunResult, Trainer
 from causalattn.lab.training.report import build_report, format_table, toy_note, write_report
+from causalattn.pretrained import resolve_pretrained
 
 ATTENTION_EXAMPLES = 3  # examples drawn in the attention heat maps
 
@@ -70,7 +71,11 @@ def load_tokenizer(path: Path):
 def resolve_model(config: TrainConfig, context: DistContext, log: Callable[[str], None]) -> tuple[Path, dict]:
     """The base checkpoint directory (building the tiny one on rank 0 when needed) and a description."""
     if config.model is not None:
-        return Path(config.model), {"path": config.model, "embedded": False}
+        if context.is_main:  # a GGUF file is converted once, by one process; the others then find the folder
+            resolve_pretrained(config.model, log=log)
+        context.barrier()
+        path = resolve_pretrained(config.model)
+        return path, {"path": str(path), "source": config.model, "embedded": False}
     settings = tiny.settings_for(config.task)
     if context.is_main:
         tiny.ensure_tiny_base(settings, show_progress=not config.quiet and sys.stderr.isatty(), log=log)

@@ -19,6 +19,7 @@ from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
 from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
+from causalattn.pretrained import SHIPPED_MODELS, is_pretrained_spec, shipped_file
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -183,9 +184,8 @@ class TrainConfig:
             if self.batch_size < 2:
                 raise ConfigError("--batch-size: the XG variance is taken over each micro-batch (SPEC §3) and needs "
                                   f"at least 2 examples per micro-batch, got {self.batch_size} (or pass --no-xg)")
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"--model: {self.model} is not a local Hugging Face checkpoint directory "
-                              "(no config.json)")
+        if self.model is not None:
+            _check_model(self.model)
         if self.data != STG and not Path(self.data).is_file():
             raise ConfigError(f"--data: {self.data}: no such file (expected 'stg' or a JSONL file)")
         self.eval_files()
@@ -268,13 +268,29 @@ def _check_stg_only_options(config: TrainConfig) -> None:
                               "used (cut the file instead)")
 
 
+def _check_model(model: str) -> None:
+    """--model names a folder with config.json, an existing .gguf file, or an installed shipped model."""
+    if is_pretrained_spec(model):
+        try:
+            if model in SHIPPED_MODELS:
+                shipped_file(model)
+            elif not Path(model).is_file():
+                raise FileNotFoundError(f"{model}: no such file")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"--model: {error}") from None
+    elif not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"--model: {model} is not a local Hugging Face checkpoint directory (no config.json), "
+                          f"a .gguf file or one of {sorted(SHIPPED_MODELS)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `causalattn train`."""
     d = TrainConfig()
     data = parser.add_argument_group("model and data")
-    data.add_argument("--model", default=None, metavar="DIR",
-                      help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM (default: the "
-                           "embedded tiny LLaMA, built and cached on first use)")
+    data.add_argument("--model", default=None, metavar="DIR|FILE.gguf|NAME",
+                      help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM, a .gguf file, or "
+                           f"a model a package ships ({', '.join(SHIPPED_MODELS)}); GGUF files are converted once and "
+                           "cached (default: the embedded tiny LLaMA, built and cached on first use)")
     data.add_argument("--data", default=d.data, metavar="stg|FILE.jsonl",
                       help="'stg' (the Spurious Token Game, with IID and OOD tests) or a JSONL file in CAT's format "
                            "(input, target, important), read as published (default: stg)")
