@@ -42,6 +42,9 @@ _MASK_ELEMENTS_PER_BLOCK = 1 << 22
 # tensors live at once). At N = 16k, 8 heads that is 16 rows per (16 x 64) @ (64 x 16k) product; 2**22
 # raised the peak of a 16k fwd+bwd by ~60 MB for no measurable speed.
 _MASS_ELEMENTS_PER_BLOCK = 1 << 21
+# Query rows per block of the portable path's log-sum-exp: B x Hq x rows x Nk fp32 scores near 2**22
+# elements (16 MB), recomputed under checkpointing in backward.
+_LSE_ELEMENTS_PER_BLOCK = 1 << 22
 # Packed sequences run one kernel call each (sum of L_s^2 work instead of N^2) up to this many; past
 # it the per-call overhead (~50 us) outweighs the saving and one block-masked pass runs instead.
 _MAX_SEQUENCE_CALLS = 64
@@ -90,22 +93,39 @@ class _KernelAttention(torch.autograd.Function):
 def _portable_attention(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool,
                         scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) on devices without the LSE kernel: the public SDPA (the device's fastest backend) for
-    out, and the lse as a logsumexp of recomputed scores under checkpointing (one more Q K^T pass)."""
+    out, and the lse from recomputed scores a block of query rows at a time (one more Q K^T pass).
+
+    Each block is checkpointed, so neither pass holds more than one block of scores: a full (Nq x Nk)
+    fp32 score matrix would be 8.6 GB per layer at 32 heads x 8k tokens, the block is at most 16 MB.
+    """
     group = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal and visible is None,
                                          scale=scale, enable_gqa=group > 1)
+    rows_per_block = max(1, _LSE_ELEMENTS_PER_BLOCK // (q.shape[0] * q.shape[1] * k.shape[2]))
+    blocks = []
+    for start in range(0, q.shape[2], rows_per_block):
+        end = min(q.shape[2], start + rows_per_block)
+        seen = visible[..., start:end, :] if visible is not None else None
+        diagonal = start + k.shape[2] - q.shape[2]  # causal, bottom-right aligned: row r sees keys <= r + diagonal
+        arguments = (q[:, :, start:end], k, seen, diagonal, causal, scale)
+        blocks.append(checkpoint(_block_lse, *arguments, use_reentrant=False) if torch.is_grad_enabled()
+                      else _block_lse(*arguments))
+    return out, torch.cat(blocks, dim=2)
 
-    def logsumexp(q: Tensor, k: Tensor) -> Tensor:
-        scores = q.unflatten(1, (k.shape[1], group)).float() @ k.float().unsqueeze(2).transpose(-1, -2) * scale
-        seen = visible
-        if seen is None and causal:  # plain causal self-attention (Nq == Nk)
-            seen = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        if seen is not None:
-            scores = scores.masked_fill(~seen.unsqueeze(-3), float("-inf"))
-        return torch.logsumexp(scores, dim=-1).flatten(1, 2)
 
-    lse = checkpoint(logsumexp, q, k, use_reentrant=False) if torch.is_grad_enabled() else logsumexp(q, k)
-    return out, lse
+def _block_lse(q: Tensor, k: Tensor, visible: Optional[Tensor], diagonal: int, causal: bool, scale: float) -> Tensor:
+    """(B, Hq, rows) log-sum-exp of one block of query rows' scores over the keys they see: `visible`
+    (B or 1, 1, rows, Nk), or causal (block row r sees keys j <= r + diagonal), or every key."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # In place on the product (a matmul keeps its inputs for backward, not its output): one block of
+    # scores alive instead of three.
+    scores = (q.unflatten(1, (k.shape[1], -1)).to(dtype) @ k.to(dtype).unsqueeze(2).transpose(-1, -2)).mul_(scale)
+    if visible is None and causal:
+        rows = torch.arange(q.shape[2], device=q.device)
+        visible = torch.arange(k.shape[2], device=q.device) <= rows[:, None] + diagonal
+    if visible is not None:
+        scores.masked_fill_(~visible.unsqueeze(-3), float("-inf"))
+    return torch.logsumexp(scores, dim=-1).flatten(1, 2)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool, scale: float):
