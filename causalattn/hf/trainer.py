@@ -16,7 +16,11 @@ What the plain `Trainer` gets wrong for this, and what the subclass does instead
 * `_prepare_inputs` moves tensors but not a `CausalMask`: it is moved to the batch's device here;
 * `save_pretrained` would write the whole frozen base (2.6 MB for the test model, gigabytes for a
   real one) and no adapters: checkpoints and `save_model` write the adapters (`save_adapters`), and
-  `resume_from_checkpoint` loads them back.
+  `resume_from_checkpoint` loads them back;
+* a checkpoint cut short or damaged on disk would be resumed from, or crash the resume: each checkpoint
+  gets a manifest of its files' sizes and SHA-256 once complete (`causalattn.checkpoint_files`), and
+  `train(resume_from_checkpoint=True)` takes the newest checkpoint that verifies, naming the bad file
+  of each one skipped (a ValueError when none verifies; a named checkpoint is verified as well).
 
 CE is the model's mean over the micro-batch's answer tokens and CAT/XG are means over it too, so
 each micro-batch counts the same under gradient accumulation (`model_accepts_loss_kwargs` off, the
@@ -26,13 +30,17 @@ of it, so other Trainer subclasses get the same (`causalattn.hf.sft.CausalSFTTra
 from __future__ import annotations
 
 import json
+import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from causalattn.checkpoint_files import is_sealed, newest_intact, no_intact_message, seal, verify
 from causalattn.data.annotations import check_annotations
 from causalattn.data.batches import collate
 from causalattn.data.jsonl import DataFile, parse_record
@@ -45,6 +53,7 @@ from causalattn.losses import CAT_LOSS_KINDS
 from causalattn.masks import CausalMask
 
 LOGGED_TERMS = ("ce", "cat", "xg")
+logger = logging.getLogger(__name__)
 
 
 def example_of(feature: Any, where: str = "features") -> Example:
@@ -108,10 +117,15 @@ class CausalLossMixin:
         if not adapted_layers(self.model):
             raise ValueError("model: has no causalattn adapters; call causalattn.hf.add_adapters(model, ...) first")
         self.model_accepts_loss_kwargs = False  # each micro-batch's losses are means (module docstring)
+        self.add_callback(SealCheckpoints())
         self.cat_weight, self.cat_alpha, self.cat_kind = cat_weight, cat_alpha, cat_kind
         self.xg_weight, self.xg_layers = xg_weight, xg_layers
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args, **kwargs):
+        """`Trainer.train`, resuming from a verified checkpoint (`resume_point`)."""
+        return super().train(resume_point(self.args.output_dir, resume_from_checkpoint), *args, **kwargs)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Tensor] = None):
@@ -159,6 +173,36 @@ class CausalLossMixin:
         if not has_adapters:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+
+class SealCheckpoints(TrainerCallback):
+    """Writes each Trainer checkpoint's manifest (`causalattn.checkpoint_files.seal`): `on_save` comes
+    after every file of the checkpoint is written, so the manifest is the last file of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            seal(folder)
+        return control
+
+
+def resume_point(output_dir: str, resume_from_checkpoint: Union[str, bool, None]) -> Union[str, bool, None]:
+    """What `Trainer.train` should resume from: for True, the newest `checkpoint-N` of `output_dir` that
+    verifies (damaged ones are logged with their bad file; a ValueError when none verifies); a named
+    checkpoint is verified when it has a manifest (those saved before manifests load unverified)."""
+    if resume_from_checkpoint is True:
+        folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
+                   and p.name.rpartition("-")[2].isdigit()]
+        if not folders:
+            return True  # the Trainer's own error: no checkpoint at all
+        folders.sort(key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
+        chosen, problems = newest_intact(folders, logger.warning)
+        if chosen is None:
+            raise ValueError("resume_from_checkpoint: " + no_intact_message(Path(output_dir), problems))
+        return str(chosen)
+    if resume_from_checkpoint and is_sealed(resume_from_checkpoint):
+        verify(resume_from_checkpoint)
+    return resume_from_checkpoint
 
 
 class CausalTrainer(CausalLossMixin, Trainer):

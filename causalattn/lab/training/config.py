@@ -128,6 +128,7 @@ class TrainConfig:
     # where and how it runs
     output_dir: Optional[str] = None
     resume: bool = False
+    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps inside an epoch
     backend: str = "auto"
     device: str = "auto"
     fsdp: bool = False
@@ -153,7 +154,8 @@ class TrainConfig:
             if value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         for flag, value in {"--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
-                            "--threads": self.threads, "--max-steps": self.max_steps}.items():
+                            "--threads": self.threads, "--max-steps": self.max_steps,
+                            "--save-steps": self.save_steps}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         if self.adapter_len > MAX_ADAPTER_TOKENS:
@@ -248,7 +250,7 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["runs"] = [run.name for run in self.runs]
         values["eval_data"] = list(self.eval_data)  # as the JSON of a checkpoint reads it back
-        for name in ("output_dir", "resume", "threads", "quiet"):
+        for name in ("output_dir", "resume", "threads", "quiet", "save_steps"):
             values.pop(name)
         if not self.routed:  # jobs without routed runs keep the options (and checkpoints) they had before
             for name in ROUTING_OPTIONS:
@@ -383,6 +385,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="checkpoints, report.json and plots (default: a new runs/train-<time> directory)")
     where.add_argument("--resume", action="store_true",
                        help="continue the job in --output-dir from its last checkpoint (same options)")
+    where.add_argument("--save-steps", type=int, default=None, metavar="N",
+                       help="also checkpoint every N optimizer steps inside an epoch, for long epochs: --resume then "
+                            "continues mid-epoch, bit for bit (default: a checkpoint per epoch only)")
     where.add_argument("--backend", choices=BACKENDS, default=d.backend,
                        help="attention backend (default auto: composed on CPU, the measured choice on GPUs)")
     where.add_argument("--device", choices=DEVICES, default=d.device, help="default: cuda when available")
