@@ -29,7 +29,6 @@ of it, so other Trainer subclasses get the same (`causalattn.hf.sft.CausalSFTTra
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -42,8 +41,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from causalattn.checkpoint_files import is_sealed, newest_intact, no_intact_message, seal, verify
 from causalattn.data.annotations import check_annotations
-from causalattn.data.batches import collate
-from causalattn.data.jsonl import DataFile, parse_record
+from causalattn.data.batches import check_max_length, collate
+from causalattn.data.jsonl import DataFile, loads_record, parse_record
 from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
 from causalattn.hf.contract import SUPERVISION_KWARG
@@ -56,17 +55,19 @@ LOGGED_TERMS = ("ce", "cat", "xg")
 logger = logging.getLogger(__name__)
 
 
-def example_of(feature: Any, where: str = "features") -> Example:
-    """An `Example` from an Example or a CAT-format mapping (`important` may be a JSON string)."""
+def example_of(feature: Any, where: str = "features", *, strict: bool = False) -> tuple[Example, int]:
+    """An `Example` from an Example or a CAT-format mapping (`important` may be a JSON string), read as
+    `causalattn.data.jsonl` reads a file's record, and the number of malformed annotation entries dropped
+    (with `strict=True` the first is an error instead)."""
     if isinstance(feature, Example):
-        return feature
+        return feature, 0
     if not isinstance(feature, Mapping):
         raise TypeError(f"{where}: expected a causalattn Example or a mapping with input/target/important, "
                         f"got {type(feature).__name__}")
     record = dict(feature)
     if isinstance(record.get("important"), str):
-        record["important"] = json.loads(record["important"])
-    return parse_record(record, where, strict=False)[0]
+        record["important"] = loads_record(record["important"], f"{where}['important']")
+    return parse_record(record, where, strict=strict)
 
 
 class CausalCollator:
@@ -80,14 +81,17 @@ class CausalCollator:
     def __init__(self, tokenizer, *, max_length: Optional[int] = None, strict: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
+        check_max_length(max_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.strict = strict
         self.skipped = 0
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
-        examples = [example_of(f, f"features[{i}]") for i, f in enumerate(features)]
-        checked, report = check_annotations(DataFile("batch", examples, list(range(len(examples)))),
+        read = [example_of(f, f"features[{i}]", strict=self.strict) for i, f in enumerate(features)]
+        examples = [example for example, _ in read]
+        malformed = sum(dropped for _, dropped in read)
+        checked, report = check_annotations(DataFile("batch", examples, list(range(len(examples))), malformed),
                                             self.tokenizer, strict=self.strict)
         self.skipped += report.skipped
         batch = collate(checked.examples, self.tokenizer, max_length=self.max_length)

@@ -1,0 +1,67 @@
+"""Bad input from a careful user or a hostile file: every case is a clear error naming the argument, flag
+or file:line and what was expected, before any long work; nothing is silently accepted. The numbered
+groups follow the classes the inputs were probed in (data readers and the collator, the routing
+helpers, the command line); `test_cli_probe_set` runs one command per class and asserts exit status 2
+and no traceback.
+"""
+import json
+from pathlib import Path
+
+import pytest
+
+import causalattn.hf as cah
+from causalattn.data.batches import collate
+from causalattn.data.jsonl import read_file
+from causalattn.data.records import Example
+
+GOOD = {"input": "Smoking: 7, Weight: 3. Answer: ", "target": "High Risk",
+        "important": [{"High Risk": ["Smoking: 7"]}]}
+
+
+def jsonl(path: Path, *lines: str | bytes) -> Path:
+    """A file of a good record followed by `lines` (so the bad one is on line 2)."""
+    body = [json.dumps(GOOD).encode()] + [line if isinstance(line, bytes) else line.encode() for line in lines]
+    path.write_bytes(b"\n".join(body) + b"\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ 1, 2, 9: the collator
+def test_strict_collator_rejects_a_malformed_annotation_and_the_lenient_one_counts_it(tiny_tokenizer):
+    bad = {**GOOD, "important": [{"x": 5}]}
+    with pytest.raises(ValueError, match=r"features\[1\]: causes of 'x' must be a list of non-empty strings"):
+        cah.CausalCollator(tiny_tokenizer, strict=True)([GOOD, bad])
+    lenient = cah.CausalCollator(tiny_tokenizer)
+    lenient([GOOD, bad])
+    assert lenient.skipped == 1
+
+
+def test_collator_names_the_feature_of_an_invalid_json_annotation(tiny_tokenizer):
+    with pytest.raises(ValueError, match=r"features\[0\]\['important'\]: invalid JSON"):
+        cah.CausalCollator(tiny_tokenizer)([{**GOOD, "important": '[{"High Risk": ['}])
+
+
+@pytest.mark.parametrize("max_length", [0, -3, 2.5, True])
+def test_max_length_must_be_positive_or_none(max_length, tiny_tokenizer):
+    with pytest.raises(ValueError, match="max_length: expected a positive int or None"):
+        cah.CausalCollator(tiny_tokenizer, max_length=max_length)
+    with pytest.raises(ValueError, match="max_length: expected a positive int or None"):
+        collate([Example("Smoking: 7. Answer:", "High Risk", {}, {})], tiny_tokenizer, max_length=max_length)
+
+
+# ------------------------------------------------------------------------------ 3, 4, 5: JSONL files
+@pytest.mark.parametrize("line, said", [
+    (b'{"input": "caf\xe9", "target": "x"}', r"not UTF-8 text \(byte 0xe9 at character 15\)"),
+    ('{"input": "a\\ud800b", "target": "x"}', r"'input' holds a lone surrogate '\\ud800' at index 1"),
+    ('{"input": "a", "target": "x", "important": [{"x": ["\\udfff"]}]}', "a cause of 'x' holds a lone surrogate"),
+    ('{"input": "a", "target": "x", "important": [{"x": ["a"]}], "important": []}',
+     "the key 'important' appears twice"),
+    ('{"input": "a", "target": NaN}', "NaN is not a JSON number"),
+    ('{"input": "a", "target": -Infinity}', "-Infinity is not a JSON number"),
+    ('{"input": "a", "target": 1e999}', "1e999 is beyond the float range"),
+    ('{"input": "a", "target": "x", "extra": ' + "[" * 100000 + "]" * 100000 + "}", "JSON nested too deeply"),
+], ids=["invalid-utf8", "lone-surrogate", "surrogate-cause", "duplicate-key", "nan", "infinity", "overflow",
+        "deep-nesting"])
+def test_jsonl_reader_names_file_and_line(line, said, tmp_path):
+    path = jsonl(tmp_path / "bad.jsonl", line)
+    with pytest.raises(ValueError, match=f"{path}:2: {said}"):
+        read_file(path)
