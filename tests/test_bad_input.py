@@ -8,11 +8,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import causalattn.hf as cah
+from causalattn import Adapter
 from causalattn.data.batches import collate
 from causalattn.data.jsonl import read_file
 from causalattn.data.records import Example
+from causalattn.routing import Router, segment_outputs
 
 GOOD = {"input": "Smoking: 7, Weight: 3. Answer: ", "target": "High Risk",
         "important": [{"High Risk": ["Smoking: 7"]}]}
@@ -65,3 +68,37 @@ def test_jsonl_reader_names_file_and_line(line, said, tmp_path):
     path = jsonl(tmp_path / "bad.jsonl", line)
     with pytest.raises(ValueError, match=f"{path}:2: {said}"):
         read_file(path)
+
+
+# ------------------------------------------------------------------------------ 6, 7: the routing helpers
+def segment_problem(segments, gate_rows):
+    q = torch.randn(1, 2, 3, 16)
+    return q, Adapter(torch.randn(1, 6, 16), torch.randn(1, 6, 16), torch.zeros(gate_rows, 2), segments=segments)
+
+
+@pytest.mark.parametrize("segments, gate_rows, said", [
+    ((2, 3), 2, r"adapter.segments: expected slot counts summing to the adapter length 6, got \(2, 3\)"),
+    ((3, 3), 3, r"adapter.gate: expected shape .* for 2 segment\(s\), got \(3, 2\)"),
+])
+def test_segment_outputs_checks_its_arguments_as_attention_does(segments, gate_rows, said):
+    with pytest.raises(ValueError, match=said):
+        segment_outputs(*segment_problem(segments, gate_rows))
+    q, adapter = segment_problem((3, 3), 2)
+    with pytest.raises(ValueError, match="q: expected 4 dims"):
+        segment_outputs(q[0], adapter)
+    with pytest.raises(ValueError, match="scale: expected a positive finite float"):
+        segment_outputs(q, adapter, scale=-1.0)
+
+
+def test_router_checks_its_arguments():
+    with pytest.raises(ValueError, match="hidden_size: expected a positive int"):
+        Router(0, 2)
+    with pytest.raises(ValueError, match=r"hidden: expected \(B, N, 8\) hidden states"):
+        Router(8, 2)(torch.randn(2, 3, 5))
+    with pytest.raises(TypeError, match="domain_ids: expected integer domain ids, got torch.float32"):
+        Router(8, 2, mode="oracle")(torch.randn(2, 3, 8), domain_ids=torch.tensor([0.7, 1.2]))
+    one_token = torch.tensor([[True, False, False]])
+    with pytest.raises(ValueError, match="token_mask: in training the router's batch norm .* at least 2"):
+        Router(8, 2)(torch.randn(1, 3, 8), one_token)
+    router = Router(8, 2).eval()
+    assert router(torch.randn(1, 3, 8), one_token).index.shape == (1,)  # fine with running statistics
