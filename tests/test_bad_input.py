@@ -5,6 +5,8 @@ helpers, the command line); `test_cli_probe_set` runs one command per class and 
 and no traceback.
 """
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +17,19 @@ from causalattn import Adapter
 from causalattn.data.batches import collate
 from causalattn.data.jsonl import read_file
 from causalattn.data.records import Example
+from causalattn.lab.cli import main
+from causalattn.lab.training import tiny
 from causalattn.routing import Router, segment_outputs
+from test_train import FAST, SMALL
 
 GOOD = {"input": "Smoking: 7, Weight: 3. Answer: ", "target": "High Risk",
         "important": [{"High Risk": ["Smoking: 7"]}]}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def small_model(tmp_path_factory):
+    return tiny.ensure_tiny_base(SMALL, tmp_path_factory.mktemp("cache"), show_progress=False, log=lambda m: None)
 
 
 def jsonl(path: Path, *lines: str | bytes) -> Path:
@@ -102,3 +113,63 @@ def test_router_checks_its_arguments():
         Router(8, 2)(torch.randn(1, 3, 8), one_token)
     router = Router(8, 2).eval()
     assert router(torch.randn(1, 3, 8), one_token).index.shape == (1,)  # fine with running statistics
+
+
+# ------------------------------------------------------------------------------ 8, 9: the command line
+def probes(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
+    """(arguments, start of the message) of one command per class of bad input."""
+    bad_utf8 = jsonl(tmp_path / "utf8.jsonl", b'{"input": "caf\xe9", "target": "x"}')
+    surrogate = jsonl(tmp_path / "surrogate.jsonl", '{"input": "a\\ud800", "target": "x"}')
+    duplicate = jsonl(tmp_path / "duplicate.jsonl", '{"input": "a", "target": "x", "target": "y"}')
+    nan = jsonl(tmp_path / "nan.jsonl", '{"input": "a", "target": NaN}')
+    deep = jsonl(tmp_path / "deep.jsonl", '{"input": "a", "target": "x", "e": ' + "[" * 50000 + "]" * 50000 + "}")
+    malformed = jsonl(tmp_path / "malformed.jsonl", json.dumps({**GOOD, "important": [{"x": 5}]}))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    out = str(tmp_path / "out")
+    m = ["--model", str(model)]
+    return [
+        (m + ["--data", str(malformed), "--strict", "--output-dir", out], f"--data: {malformed}:2: causes of 'x'"),
+        (m + ["--data", str(bad_utf8), "--output-dir", out], f"--data: {bad_utf8}:2: not UTF-8 text"),
+        (m + ["--data", str(surrogate), "--output-dir", out], f"--data: {surrogate}:2: 'input' holds a lone surrogate"),
+        (m + ["--data", str(duplicate), "--output-dir", out], f"--data: {duplicate}:2: the key 'target' appears twice"),
+        (m + ["--data", str(nan), "--output-dir", out], f"--data: {nan}:2: NaN is not a JSON number"),
+        (m + ["--data", str(deep), "--output-dir", out], f"--data: {deep}:2: JSON nested too deeply"),
+        (m + ["--backend", "triton", "--device", "cpu", "--output-dir", out], "--backend: triton runs on CUDA GPUs"),
+        (m + [*FAST, "--max-length", "3", "--output-dir", out], "--max-length: the generated train example 0 has"),
+        (m + ["--output-dir", "/sys/causalattn-probe"], "--output-dir: /sys/causalattn-probe cannot be written"),
+        (m + ["--output-dir", str(a_file)], f"--output-dir: {a_file} is a file"),
+        (m + ["--output-dir", str(a_file / "job")], f"--output-dir: {a_file / 'job'} cannot be created"),
+        (m + ["--no-xg", "--xg-lambda", "5", "--output-dir", out], "--xg-lambda: weighs the XG loss, which no run has"),
+        (m + ["--runs", "ce", "--domains", "4", "--output-dir", out], "--domains: configures routed adapters"),
+        (m + ["--runs", "ce", "--cat-decay", "1", "--output-dir", out], "--cat-decay: decays the CAT loss"),
+        (m + ["--qk-lr", "0.1", "--output-dir", out], "--qk-lr: the learning rate of the q/k weights"),
+        (m + ["--task", "cancer-risk", "--cue-agreement", "0.8", "--output-dir", out], "--cue-agreement: sets the cue"),
+        (m + ["--strict", "--output-dir", out], "--strict: checks the annotations of a JSONL --data file"),
+        (m + ["--mixed-precision", "bf16", "--dtype", "float64", "--output-dir", out], "--mixed-precision: bf16"),
+        (m + ["--save-steps", "0", "--output-dir", out], "--save-steps: expected a positive integer"),
+    ]
+
+
+def test_cli_probe_set(small_model, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the triton probe is about a machine without CUDA
+    results = []
+    for argv, said in probes(tmp_path, small_model):
+        code = main(["train", *argv])
+        captured = capsys.readouterr()
+        results.append((argv, code, said in captured.err, "Traceback" in captured.out + captured.err))
+        assert (code, "Traceback" in captured.err) == (2, False), (argv, captured.err[-2000:])
+        assert f"causalattn train: error: {said}" in captured.err, (argv, captured.err[-2000:])
+    assert not (tmp_path / "out").exists()  # every probe stopped before making the job's directory
+    assert len(results) == 19
+
+
+def test_cli_probe_in_a_real_process_prints_no_traceback(tmp_path):
+    """One probe through the console entry point: exit status 2 and argparse's "prog: error: message" form."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    done = subprocess.run([sys.executable, "-m", "causalattn.lab.cli", "train", "--output-dir", str(a_file)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == f"causalattn train: error: --output-dir: {a_file} is a file; expected a directory " \
+                                  "(new or existing)"
