@@ -154,7 +154,14 @@ def verify(folder: PathLike) -> None:
 
 def newest_intact(candidates: Sequence[Path], log: Callable[[str], None]) -> tuple[Optional[Path], list[str]]:
     """The first of `candidates` (ordered newest first) that verifies, and one line per candidate
-    skipped before it (each naming its bad file, also passed to `log`). (None, lines) when none does."""
+    skipped before it (each naming its bad file, also passed to `log`). (None, lines) when none does.
+
+    When no candidate has a manifest at all, they were written before manifests existed: the newest is
+    returned unverified (with a line to `log`), so that a job saved by an older version still resumes.
+    Once any candidate has one, a folder without one is damage (the manifest is written last)."""
+    if candidates and not any(is_sealed(candidate) for candidate in candidates):
+        log(f"checkpoint {candidates[0].name} was written before manifests: resumed from it unverified")
+        return candidates[0], []
     problems = []
     for candidate in candidates:
         try:

@@ -118,6 +118,27 @@ def test_no_intact_checkpoint_stops_with_every_bad_file_and_deletes_nothing(smal
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
 
+def test_checkpoints_written_before_manifests_still_resume(small_model, straight, tmp_path, capsys):
+    out = tmp_path / "job"
+    shutil.copytree(straight, out)
+    root = out / "ce-cat-xg" / "checkpoints"
+    for manifest in out.rglob(MANIFEST_NAME):
+        manifest.unlink()
+    shutil.rmtree(root / "epoch-002")
+    args = ["train", "--model", str(small_model), *OPTIONS, "--output-dir", str(out), "--resume"]
+    assert main(args) == 0
+    assert "epoch-001 was written before manifests: resumed from it unverified" in capsys.readouterr().err
+    same_run(straight, out)
+    # unverified, a damaged one is still named rather than crashing
+    for manifest in out.rglob(MANIFEST_NAME):
+        manifest.unlink()
+    truncate(root / "epoch-002" / "progress.json")
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert f"--resume: {root / 'epoch-002'} was written before manifests and cannot be read" in error
+    assert "Traceback" not in error
+
+
 @pytest.mark.parametrize("options", [[], ["--task", "dialects", "--runs", "ce+routed", "--route", "vq"]],
                          ids=["cat-xg", "routed"])
 def test_step_checkpoints_resume_mid_epoch_bit_identically(options, small_model, tmp_path, monkeypatch):

@@ -193,7 +193,7 @@ class SealCheckpoints(TrainerCallback):
 def resume_point(output_dir: str, resume_from_checkpoint: Union[str, bool, None]) -> Union[str, bool, None]:
     """What `Trainer.train` should resume from: for True, the newest `checkpoint-N` of `output_dir` that
     verifies (damaged ones are logged with their bad file; a ValueError when none verifies); a named
-    checkpoint is verified when it has a manifest (those saved before manifests load unverified)."""
+    checkpoint is verified when it has a manifest (folders saved before manifests load unverified)."""
     if resume_from_checkpoint is True:
         folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
                    and p.name.rpartition("-")[2].isdigit()]

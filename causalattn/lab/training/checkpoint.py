@@ -17,7 +17,8 @@ rename): a crash at any moment leaves the previous checkpoints usable, and the s
 killed write are removed when the next run starts. A resumed run verifies the checkpoints newest first
 against their manifests and continues from the first intact one; damaged ones newer than it are moved
 aside (`<name>.damaged`), never deleted, and every skip names its bad file (`latest` is only a pointer
-for people: the order comes from the names). Nothing random is drawn during training (the data order
+for people: the order comes from the names). A run whose checkpoints all predate manifests resumes
+from the newest unverified, and one that cannot be read is a ConfigError naming it. Nothing random is drawn during training (the data order
 is a function of seed and epoch), but the RNG states are restored anyway so models with stochastic
 layers resume on the same stream.
 """
@@ -36,7 +37,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from causalattn.checkpoint_files import newest_intact, no_intact_message, seal
+from causalattn.checkpoint_files import is_sealed, newest_intact, no_intact_message, seal
 from causalattn.hf import load_adapters, save_adapters
 from causalattn.hf.contract import ADAPTER_ATTR
 from causalattn.lab.training.config import ConfigError
@@ -253,6 +254,22 @@ def read_progress(checkpoint: Path, options: dict) -> Progress:
         raise ConfigError(f"--resume: {checkpoint} was made with other options, so the run could not continue the "
                           f"same trajectory ({details})")
     return progress
+
+
+def resume_from(checkpoint: Path, options: dict, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+                rank: int) -> tuple[Progress, dict]:
+    """`read_progress` then `restore`. A checkpoint written before manifests is read unverified: what
+    cannot be read in it is a ConfigError naming it (a verified one was checked byte for byte already)."""
+    try:
+        progress = read_progress(checkpoint, options)
+        return progress, restore(checkpoint, model, optimizer, scheduler, rank)
+    except ConfigError:
+        raise
+    except Exception as error:  # noqa: BLE001 - whatever a damaged unverified file raises
+        if is_sealed(checkpoint):
+            raise
+        raise ConfigError(f"--resume: {checkpoint} was written before manifests and cannot be read "
+                          f"({type(error).__name__}: {error}); nothing was deleted") from None
 
 
 def restore(checkpoint: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, rank: int) -> dict:

@@ -293,8 +293,7 @@ class Trainer:
             latest = ckpt.select_checkpoint(self.run_dir, self.steps, self.total_steps, self._warn)
         latest = context.broadcast(latest)
         if latest is not None:
-            progress = ckpt.read_progress(latest, self.options)
-            extra = ckpt.restore(latest, model, optimizer, scheduler, context.rank)
+            progress, extra = ckpt.resume_from(latest, self.options, model, optimizer, scheduler, context.rank)
             # a step checkpoint carries the routes of its epoch so far: the epoch's route statistics need them
             self._routes, self._domains = extra.get("routes", []), extra.get("domains", [])
             resumed_at = progress.epoch
