@@ -165,8 +165,8 @@ def save_checkpoint(run_dir: Path, name: str, model: nn.Module, optimizer: torch
                     **(extra_state or {})}, staging / STATE_NAME)
         (staging / PROGRESS_NAME).write_text(json.dumps(progress.__dict__, indent=1) + "\n", encoding="utf-8")
         seal(staging)  # last, inside the rename: a checkpoint in place always has its manifest
-        if final.exists():  # rewritten after a crash between the rename and `latest`, or moved-aside damage
-            shutil.rmtree(final)
+        # never over an existing folder: a resume continues after its newest intact checkpoint and moves the
+        # damaged newer ones aside, so this name is free (os.rename refuses a non-empty folder otherwise)
         os.rename(staging, final)
         _write_text_atomic(root / LATEST_NAME, name + "\n")
     except OSError as error:
