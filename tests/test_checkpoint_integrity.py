@@ -181,6 +181,27 @@ def test_full_disk_at_the_first_checkpoint_is_a_clear_error(small_model, tmp_pat
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # no staging left behind
 
 
+def test_full_disk_at_the_final_adapters_keeps_the_checkpoints(small_model, straight, tmp_path, monkeypatch, capsys):
+    import causalattn.hf.io as io
+
+    real_save_file = io.save_file
+
+    def full_in_the_adapter_folder(tensors, path, **kwargs):
+        if Path(path).parent.name == "adapter":
+            raise OSError(28, "No space left on device")
+        real_save_file(tensors, path, **kwargs)
+
+    monkeypatch.setattr(io, "save_file", full_in_the_adapter_folder)
+    out = tmp_path / "job"
+    args = ["train", "--model", str(small_model), *OPTIONS, "--output-dir", str(out)]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "--output-dir: could not write the trained adapters" in error and "Traceback" not in error
+    monkeypatch.setattr(io, "save_file", real_save_file)
+    assert main(args + ["--resume"]) == 0  # from the last checkpoint: nothing to train again
+    same_run(straight, out)
+
+
 # ------------------------------------------------------------------------------ the library
 def sealed_folder(root: Path) -> Path:
     folder = root / "saved"

@@ -195,7 +195,12 @@ def train(config: TrainConfig) -> Optional[dict]:
         report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
                               device=str(context.device), wall_seconds=time.perf_counter() - start,
                               plots={"files": plotter.files, "notes": plotter.notes}, note=note)
-        path = write_report(output_dir, report)
+        try:
+            path = write_report(output_dir, report)
+        except OSError as error:
+            raise ConfigError(f"--output-dir: could not write the report in {output_dir} "
+                              f"({error.strerror or error}); the runs' checkpoints and adapters are written: make "
+                              "room and rerun with --resume") from None
         print(_summary(report, results, data, path, note, plotter.notes))
         return report
     finally:

@@ -319,9 +319,14 @@ class Trainer:
             job.log(self._epoch_line(progress))
         adapter_dir = self.run_dir / ADAPTER_DIR
         if context.is_main:
-            cah.save_adapters(model, adapter_dir)
-            ckpt.save_trained_base_weights(model, adapter_dir)
-            seal(adapter_dir)  # the manifest then lists the trained base weights too
+            try:
+                cah.save_adapters(model, adapter_dir)
+                ckpt.save_trained_base_weights(model, adapter_dir)
+                seal(adapter_dir)  # the manifest then lists the trained base weights too
+            except OSError as error:
+                raise ConfigError(f"--output-dir: could not write the trained adapters to {adapter_dir} "
+                                  f"({error.strerror or error}); the last checkpoint holds them: make room and "
+                                  "rerun with --resume") from None
         context.barrier()
         examples = progress.step * global_batch_size(config, context.world_size)
         result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
