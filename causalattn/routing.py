@@ -95,9 +95,10 @@ class Router(nn.Module):
         if self.mode == "oracle":
             return self._oracle(domain_ids, batch, hidden.device)
         token_mask = token_mask.bool()
-        if not bool(token_mask.any(dim=1).all()):
+        real = token_mask.sum(dim=1).tolist()  # one device sync for both checks
+        if not all(count >= 1 for count in real):
             raise ValueError("token_mask: every sample needs at least one real token to be routed")
-        if self.training and int(token_mask.sum()) < 2:
+        if self.training and sum(real) < 2:
             raise ValueError("token_mask: in training the router's batch norm takes its statistics over the batch's "
                              "real tokens and needs at least 2, got 1 (a bigger batch, or router.eval())")
         # in the router's own dtype (fp32 master weights) even under bf16 autocast: the argmin compares
