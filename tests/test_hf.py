@@ -306,7 +306,8 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     ids, mask = padded_batch()
     model = adapted(mistral_config(), gate="raw", gate_per_head=True, xg_tokens=1)
     directory = cah.save_adapters(model, tmp_path / "adapter")
-    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors"]  # no temp files left
+    assert sorted(os.listdir(directory)) == ["adapter_config.json", "adapter_model.safetensors",
+                                             "causalattn_manifest.json"]  # no temp files left
     fresh = build(mistral_config())
     summary = cah.load_adapters(fresh, directory)
     assert summary == cah.summarize(model)
