@@ -132,7 +132,7 @@ pack
 
 stage "6. tile-config A/B, N = 4k/16k (budget ${TILES_BUDGET_S} s over all configurations)"
 if can_run 30; then
-    # "default" is the table in kernels/common.py; the others change one kernel's tiles
+    # "default" is the table in kernels/tiles.py; the others change one kernel's tiles
     # (queries x keys x warps x stages). One sweep per configuration, each its own share of the budget.
     configs=(default "dkdv=64x128x8x3" "dkdv=64x128x8x2" "dq=64x64x8x2" "fwd=128x128x8x2")
     share=$((TILES_BUDGET_S / ${#configs[@]}))  # each sweep ends early; its kernels compile inside the share

@@ -35,7 +35,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _interpreting() -> bool:
-    from causalattn.kernels.common import interpreting
+    from causalattn.kernels.tiles import interpreting
 
     return interpreting()
 
@@ -43,7 +43,7 @@ def _interpreting() -> bool:
 def fused_kernels_take(adapter: Optional[Adapter]) -> bool:
     """Whether the Triton kernels take this adapter: up to MAX_SEGMENTS segments (SPEC §7, unrolled in
     the kernels), any gate shape; more segments run on the composed and reference backends."""
-    from causalattn.kernels.common import MAX_SEGMENTS
+    from causalattn.kernels.jit_helpers import MAX_SEGMENTS
 
     return adapter is None or adapter.num_segments <= MAX_SEGMENTS
 
@@ -67,7 +67,7 @@ def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_
         if not (q.is_cuda or _interpreting()):
             raise ValueError(f"q: the triton backend needs CUDA tensors (or TRITON_INTERPRET=1), got device {q.device}")
         if not fused_kernels_take(adapter):
-            from causalattn.kernels.common import MAX_SEGMENTS
+            from causalattn.kernels.jit_helpers import MAX_SEGMENTS
 
             raise ValueError(f"adapter: the triton backend takes at most {MAX_SEGMENTS} segments, got "
                              f"{adapter.num_segments} (use backend='composed' or 'auto')")
@@ -235,7 +235,7 @@ def attention(
         gamma = adapter.gammas(heads_q).float().contiguous()  # (1 or B, S, Hq)
     slot_segment = None
     if adapter is not None and adapter.num_segments > 1:
-        from causalattn.kernels.common import slot_segments
+        from causalattn.kernels.jit_helpers import slot_segments
 
         slot_segment = slot_segments(adapter.segment_sizes, q.device)
     xg_weight = None

@@ -29,10 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from causalattn.kernels.common import (
-    LOG2E, adapter_block, adapter_probs, cause_bits, launch_tuned, query_tile_flags, segment_slot_lse,
-    sequence_bounds, tile_config, tile_summary,
+from causalattn.kernels.autotune import launch_tuned
+from causalattn.kernels.jit_helpers import (
+    LOG2E, adapter_block, adapter_probs, cause_bits, query_tile_flags, segment_slot_lse, sequence_bounds, tile_summary,
 )
+from causalattn.kernels.tiles import tile_config
 
 # Programs the row kernel aims for: a few waves of 132 SMs, while keeping the fp32 partials
 # (chunks x samples x Hkv x M x d) at a few MB.

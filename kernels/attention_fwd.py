@@ -24,7 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
-from causalattn.kernels.common import LN2, LOG2E, adapter_block, cause_bits, sequence_bounds, tile_config, tile_summary
+from causalattn.kernels.jit_helpers import LN2, LOG2E, adapter_block, cause_bits, sequence_bounds, tile_summary
+from causalattn.kernels.tiles import tile_config
 
 
 @triton.jit

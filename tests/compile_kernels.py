@@ -41,7 +41,7 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from causalattn.kernels import attention_bwd, attention_fwd  # noqa: E402
-from causalattn.kernels.common import slot_segments  # noqa: E402
+from causalattn.kernels.jit_helpers import slot_segments  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
