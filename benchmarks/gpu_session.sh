@@ -21,6 +21,13 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
+# The package is not installed on the device machine: `kernels/` becomes `causalattn.kernels` only
+# through an install's package-dir mapping (setup.py), so the tree gets the same mapping as a link,
+# removed again at exit when this script made it.
+if [ ! -e causalattn/kernels ]; then
+    ln -s ../kernels causalattn/kernels
+    trap 'rm -f causalattn/kernels' EXIT
+fi
 OUT=${OUT:-benchmarks/results/gpu-session}
 WORK=$(mktemp -d)
 TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-75}
@@ -83,6 +90,7 @@ stage "machine"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    python3 -c "import causalattn.kernels.attention_fwd as k; print('kernels from', k.__file__)"
     echo "commit ${CAUSALATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } | note
 has_cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
