@@ -1,6 +1,7 @@
 """Pieces shared by the fused attention forward and backward kernels.
 
 * `sequence_bounds`: where a program's (sample or packed sequence, head) lives and which keys it sees;
+* `tile_ptrs`: the pointers to a (rows, head dim) tile of a (B, H, N, d) tensor;
 * `adapter_probs`: the adapter tile's softmax recomputed from its saved log-sum-exp;
 * `slot_segments` / `segment_slot_lse`: adapter segments (SPEC §7), each slot's segment and LSE;
 * `cause_bits`: one (BLOCK_M, BLOCK_N) tile of the bit-packed CausalMask;
@@ -59,36 +60,44 @@ def query_tile_flags(grad_mass: torch.Tensor, block_m: int) -> torch.Tensor:
 
 
 @triton.jit
-def sequence_bounds(CuSeqlens, KeyLengths, s, n_q, n_k, VARLEN: tl.constexpr, HAS_KEY_LENGTHS: tl.constexpr):
+def sequence_bounds(packing, s, sizes):
     """(batch index, first row in the packed layout, query length, key length, causal offset).
 
     Without packing, program `s` is batch item `s`; with packing it is sequence `s` of batch item 0.
     Causal rows see keys j <= i + offset (bottom-right alignment when Nq < Nk).
     """
-    if VARLEN:
+    if packing.cu_seqlens is not None:
         b = s * 0
-        row0 = tl.load(CuSeqlens + s)
-        len_q = tl.load(CuSeqlens + s + 1) - row0
+        row0 = tl.load(packing.cu_seqlens + s)
+        len_q = tl.load(packing.cu_seqlens + s + 1) - row0
         len_k = len_q
         offset = 0
     else:
         b = s
         row0 = 0
-        len_q = n_q
-        len_k = n_k
-        offset = n_k - n_q
-        if HAS_KEY_LENGTHS:
-            len_k = tl.load(KeyLengths + s)
+        len_q = sizes.n_q
+        len_k = sizes.n_k
+        offset = sizes.n_k - sizes.n_q
+        if packing.key_lengths is not None:
+            len_k = tl.load(packing.key_lengths + s)
     return b, row0, len_q, len_k, offset
 
 
 @triton.jit
-def adapter_probs(q, ka, La2, scale_log2, adapter_len, BLOCK_A: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def tile_ptrs(base, strides, b64, h, rows, dims):
+    """Pointers to the (rows, dims) tile of head h of sample b in a (B, H, N, d) tensor at `base` with
+    `strides` (batch, head, row; the last dim is contiguous). Added to the pointer term by term, so
+    the per-element offsets stay 32-bit (only the scalar batch term is 64-bit)."""
+    return base + b64 * strides[0] + h * strides[1] + rows[:, None] * strides[2] + dims[None, :]
+
+
+@triton.jit
+def adapter_probs(q, ka, La2, scale_log2, adapter, DOT_PRECISION: tl.constexpr):
     """Pa (BLOCK_M, BLOCK_A) fp32 from the saved adapter log-sum-exp (base 2); padded slots are 0."""
-    slots = tl.arange(0, BLOCK_A)
+    slots = tl.arange(0, adapter.BLOCK_A)
     logits = tl.dot(q, tl.trans(ka), input_precision=DOT_PRECISION) * scale_log2
     probs = tl.exp2(logits - La2[:, None])
-    return tl.where(slots[None, :] < adapter_len, probs, 0.0)
+    return tl.where(slots[None, :] < adapter.length, probs, 0.0)
 
 
 # Segments are unrolled (tl.static_range): each costs a masked row max and sum over the adapter tile.
@@ -111,12 +120,11 @@ def slot_segments(sizes: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 @triton.jit
-def segment_slot_lse(AdapterLse2, stat, segment_stride, row_ok, slot_segment, NUM_SEGMENTS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_A: tl.constexpr):
+def segment_slot_lse(adapter, stat, row_ok, slot_segment, BLOCK_M: tl.constexpr):
     """(BLOCK_M, BLOCK_A): the saved base-2 LSE of each slot's segment, so that Pa^s = exp2(logits - it)."""
-    slot_lse = tl.zeros([BLOCK_M, BLOCK_A], dtype=tl.float32)
-    for segment in tl.static_range(NUM_SEGMENTS):
-        lse = tl.load(AdapterLse2 + segment * segment_stride + stat, mask=row_ok, other=0.0)
+    slot_lse = tl.zeros([BLOCK_M, adapter.BLOCK_A], dtype=tl.float32)
+    for segment in tl.static_range(adapter.NUM_SEGMENTS):
+        lse = tl.load(adapter.lse2 + segment * adapter.segment_stride + stat, mask=row_ok, other=0.0)
         slot_lse = tl.where((slot_segment == segment)[None, :], lse[:, None], slot_lse)
     return slot_lse
 
