@@ -236,13 +236,13 @@ def adapter_args(inputs: OpInputs, lse2: torch.Tensor) -> AdapterArgs:
     return AdapterArgs(
         ka=keys, va=inputs.adapter_values, gamma=inputs.gamma,
         slot_segment=inputs.slot_segment if num_segments > 1 else None, lse2=lse2, length=adapter_len,
-        batch_stride=heads_kv * adapter_len * head_dim if keys.dim() == 4 else 0, segment_stride=inputs.q.shape[0]
-        * inputs.q.shape[1] * inputs.q.shape[2], BLOCK_A=tl.constexpr(adapter_block(adapter_len)),
+        batch_stride=heads_kv * adapter_len * head_dim if keys.dim() == 4 else 0,
+        segment_stride=inputs.q.shape[:3].numel(), BLOCK_A=tl.constexpr(adapter_block(adapter_len)),
         NUM_SEGMENTS=tl.constexpr(num_segments), GATE_PER_SAMPLE=tl.constexpr(inputs.gamma.shape[0] > 1))
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots (the reference's precision); half inputs run on tensor cores."""
+    """"ieee" for fp32 inputs: exact fp32 dots, not TF32 (fp16/bf16 dots do not read the setting)."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -266,10 +266,10 @@ def attention_forward(inputs: OpInputs, flags: OpFlags) -> OpOutputs:
                                   mass=outputs.mass, grad_mass=None, grad_tiles=None)
     xg, xg_partial = absent(Xg), None
     if flags.xg_tokens:
-        values = outputs.xg
+        written = outputs.xg
         if flags.xg_pooled:  # per-tile partial sums, reduced below
-            values = xg_partial = q.new_zeros(flags.num_samples * heads_q, n_row_tiles, block_d, dtype=torch.float32)
-        xg = Xg(tensor=values, weight=inputs.xg_weight if flags.xg_pooled else None,
+            written = xg_partial = q.new_zeros(flags.num_samples * heads_q, n_row_tiles, block_d, dtype=torch.float32)
+        xg = Xg(tensor=written, weight=inputs.xg_weight if flags.xg_pooled else None,
                 TOKENS=tl.constexpr(flags.xg_tokens), POOLED=tl.constexpr(flags.xg_pooled))
     grid = (flags.num_samples * heads_q, n_row_tiles)
     _fwd_kernel[grid](
