@@ -21,6 +21,13 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
+# The package is not installed on the device machine: `kernels/` becomes `causalattn.kernels` only
+# through an install's package-dir mapping (setup.py), so the tree gets the same mapping as a link,
+# removed again at exit when this script made it.
+if [ ! -e causalattn/kernels ]; then
+    ln -s ../kernels causalattn/kernels
+    trap 'rm -f causalattn/kernels' EXIT
+fi
 OUT=${OUT:-benchmarks/results/gpu-session}
 WORK=$(mktemp -d)
 TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-75}
@@ -83,6 +90,7 @@ stage "machine"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    python3 -c "import causalattn.kernels.attention_fwd as k; print('kernels from', k.__file__)"
     echo "commit ${CAUSALATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } | note
 has_cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
@@ -132,7 +140,7 @@ pack
 
 stage "6. tile-config A/B, N = 4k/16k (budget ${TILES_BUDGET_S} s over all configurations)"
 if can_run 30; then
-    # "default" is the table in kernels/common.py; the others change one kernel's tiles
+    # "default" is the table in kernels/tiles.py; the others change one kernel's tiles
     # (queries x keys x warps x stages). One sweep per configuration, each its own share of the budget.
     configs=(default "dkdv=64x128x8x3" "dkdv=64x128x8x2" "dq=64x64x8x2" "fwd=128x128x8x2")
     share=$((TILES_BUDGET_S / ${#configs[@]}))  # each sweep ends early; its kernels compile inside the share
