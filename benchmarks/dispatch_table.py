@@ -1,13 +1,14 @@
 """Regenerate the CUDA dispatch table of `backend="auto"` from benchmark rows.
 
     python -m benchmarks --preset dispatch --out OUT            # on the GPU: fused vs composed, 5 densities
-    python -m benchmarks.dispatch_table OUT/dispatch.csv [--out causalattn/dispatch_table.json]
+    python -m benchmarks.dispatch_table OUT/dispatch.csv --verified [--out causalattn/dispatch_table.json]
 
 For every (device capability, dtype, head dim, features, density bucket) measured fwd+bwd, the rule
 names the faster backend: the fused op ("causalattn<features>" rows, backend "triton") or the composed
 one ("composed<features>"), by the geometric mean of their time ratio over the measured shapes. Keys
 measured already in the existing table and not in the new rows are kept, so sessions on different
-devices add up. See `causalattn.dispatch` for how the table is read.
+devices add up. `--verified` says the GPU tests passed on that device in the same session: only such
+rules are used by `backend="auto"` (see `causalattn.dispatch`); without it they are recorded, not used.
 """
 from __future__ import annotations
 
@@ -32,8 +33,9 @@ def _features(provider: str) -> tuple[str, str]:
     return ("triton" if backend == FUSED else "composed"), features
 
 
-def rules_from_rows(rows: Sequence[dict[str, Any]], capability: str) -> list[dict[str, Any]]:
-    """One rule per measured key: the backend with the lower geometric-mean time, and that speed-up."""
+def rules_from_rows(rows: Sequence[dict[str, Any]], capability: str, verified: bool = False) -> list[dict[str, Any]]:
+    """One rule per measured key: the backend with the lower geometric-mean time, that speed-up, and
+    whether the device's correctness tests passed (`verified`)."""
     timings: dict[tuple, dict[tuple, dict[str, float]]] = {}
     for row in rows:
         backend_name = row["provider"].partition("+")[0]
@@ -51,7 +53,8 @@ def rules_from_rows(rows: Sequence[dict[str, Any]], capability: str) -> list[dic
             continue
         composed_over_fused = math.exp(sum(map(math.log, ratios)) / len(ratios))
         rules.append({**dict(zip(KEY_FIELDS, key)), "backend": "composed" if composed_over_fused < 1 else "triton",
-                      "composed_over_fused": round(composed_over_fused, 3), "shapes": len(ratios)})
+                      "composed_over_fused": round(composed_over_fused, 3), "shapes": len(ratios),
+                      "verified": verified})
     return rules
 
 
@@ -77,12 +80,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("csv", nargs="+", type=Path, help="result files of the dispatch preset")
     parser.add_argument("--out", type=Path, default=TABLE_PATH, help="the table to update (default: the package's)")
     parser.add_argument("--capability", help="compute capability the rows were measured on (default: this GPU's)")
+    parser.add_argument("--verified", action="store_true",
+                        help="the GPU correctness tests passed on this device in the same session: "
+                             "backend='auto' may use these rules")
     args = parser.parse_args(argv)
     rows = [row for path in args.csv for row in read_rows(path) if row.get("device_type") == "cuda"]
     if not rows:
         print("no CUDA rows in " + ", ".join(map(str, args.csv)) + ": table unchanged")
         return 0
-    new = rules_from_rows(rows, capability_of(args.capability))
+    new = rules_from_rows(rows, capability_of(args.capability), args.verified)
     table = json.loads(args.out.read_text()) if args.out.is_file() else {"rules": []}
     table["rules"] = merge(table.get("rules", []), new)
     scratch = args.out.with_name(args.out.name + ".tmp")
@@ -90,7 +96,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.replace(scratch, args.out)
     for rule in new:
         print(f"{rule['capability']} {rule['dtype']} d={rule['head_dim']} {rule['features']:15s} rows {rule['density']:5s}"
-              f" -> {rule['backend']:8s} (composed / fused = {rule['composed_over_fused']:.2f} over {rule['shapes']} shapes)")
+              f" -> {rule['backend']:8s} (composed / fused = {rule['composed_over_fused']:.2f} over {rule['shapes']} shapes)"
+              + ("" if rule["verified"] else "  [not verified: recorded, not used]"))
     print(f"{len(new)} rules from {len(rows)} rows -> {args.out}")
     return 0
 

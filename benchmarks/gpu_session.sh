@@ -3,10 +3,11 @@
 # in under 7 minutes. Stages, most important first; each prints its part of the summary and packs
 # the results as soon as it ends, so a session cut short still returns what it measured:
 #   1. correctness gate: the gpu-marked tests, compiled, stop at the first failure (<= 75 s)
-#   2. kernel core: causalattn vs sdpa-flash vs sdpa-cudnn, N = 1k/4k/16k, fwd and bwd apart
-#   3. all features: the harness's all-features preset (every feature, the composed path, baselines)
-#   4. the dispatch table of backend="auto": fused vs composed over supervised-row densities, at 4k
-#      (commit the returned dispatch_table.json as causalattn/dispatch_table.json)
+#   2. the dispatch table of backend="auto": fused vs composed over supervised-row densities, at 4k;
+#      its rules are marked verified only when stage 1 passed, and only verified rules make `auto`
+#      run the fused kernels (commit the returned dispatch_table.json as causalattn/dispatch_table.json)
+#   3. kernel core: causalattn vs sdpa-flash vs sdpa-cudnn, N = 1k/4k/16k, fwd and bwd apart
+#   4. all features: the harness's all-features preset (every feature, the composed path, baselines)
 #   5. per-kernel GPU time of one step (torch profiler)
 #   6. tile-config A/B of the backward and forward kernels (CAUSALATTN_TILES)
 # Ratios are printed against sdpa-flash and against the fastest SDPA backend of each shape.
@@ -21,6 +22,13 @@
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export PYTHONPATH=.
+# The package is not installed on the device machine: `kernels/` becomes `causalattn.kernels` only
+# through an install's package-dir mapping (setup.py), so the tree gets the same mapping as a link,
+# removed again at exit when this script made it.
+if [ ! -e causalattn/kernels ]; then
+    ln -s ../kernels causalattn/kernels
+    trap 'rm -f causalattn/kernels' EXIT
+fi
 OUT=${OUT:-benchmarks/results/gpu-session}
 WORK=$(mktemp -d)
 TESTS_TIMEOUT_S=${TESTS_TIMEOUT_S:-75}
@@ -83,6 +91,7 @@ stage "machine"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
     python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+    python3 -c "import causalattn.kernels.attention_fwd as k; print('kernels from', k.__file__)"
     echo "commit ${CAUSALATTN_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } | note
 has_cuda=$(python3 -c "import torch; print(int(torch.cuda.is_available()))" 2>/dev/null || echo 0)
@@ -97,7 +106,19 @@ if can_run 30; then
 fi
 pack
 
-stage "2. kernel core: causalattn vs sdpa-flash, sdpa-cudnn; fwd, bwd (budget ${KERNEL_CORE_BUDGET_S} s)"
+stage "2. dispatch table: fused vs composed over 5 densities of supervised rows (budget ${DISPATCH_BUDGET_S} s)"
+if can_run 30; then
+    sweep dispatch "$DISPATCH_BUDGET_S" --preset dispatch --seq-lens 4096 \
+        --providers sdpa-flash causalattn+all composed+all causalattn+cat composed+cat
+    cp causalattn/dispatch_table.json "$WORK/dispatch_table.json"
+    # Rules become verified (used by backend="auto") only when stage 1's tests passed on this device.
+    verified=()
+    [ "$tests_status" = 0 ] && [ -s "$WORK/gpu_tests.log" ] && verified=(--verified)
+    python3 -m benchmarks.dispatch_table "$WORK/dispatch.csv" --out "$WORK/dispatch_table.json" "${verified[@]}" 2>&1 | note
+fi
+pack
+
+stage "3. kernel core: causalattn vs sdpa-flash, sdpa-cudnn; fwd, bwd (budget ${KERNEL_CORE_BUDGET_S} s)"
 if can_run 40; then
     sweep kernel-core "$KERNEL_CORE_BUDGET_S" --preset kernel-core --providers sdpa-flash sdpa-cudnn causalattn \
         --seq-lens 1024 4096 16384 --heads-kv 8 --modes fwd bwd
@@ -105,19 +126,10 @@ if can_run 40; then
 fi
 pack
 
-stage "3. all features, incl. the composed path (budget ${ALL_FEATURES_BUDGET_S} s)"
+stage "4. all features, incl. the composed path (budget ${ALL_FEATURES_BUDGET_S} s)"
 if can_run 40; then
     sweep all-features "$ALL_FEATURES_BUDGET_S" --preset all-features --modes fwd fwd+bwd
     python3 -m benchmarks.ratios "$WORK/all-features.csv" 2>&1 | note
-fi
-pack
-
-stage "4. dispatch table: fused vs composed over 5 densities of supervised rows (budget ${DISPATCH_BUDGET_S} s)"
-if can_run 30; then
-    sweep dispatch "$DISPATCH_BUDGET_S" --preset dispatch --seq-lens 4096 \
-        --providers sdpa-flash causalattn+all composed+all causalattn+cat composed+cat
-    cp causalattn/dispatch_table.json "$WORK/dispatch_table.json"
-    python3 -m benchmarks.dispatch_table "$WORK/dispatch.csv" --out "$WORK/dispatch_table.json" 2>&1 | note
 fi
 pack
 
@@ -132,7 +144,7 @@ pack
 
 stage "6. tile-config A/B, N = 4k/16k (budget ${TILES_BUDGET_S} s over all configurations)"
 if can_run 30; then
-    # "default" is the table in kernels/common.py; the others change one kernel's tiles
+    # "default" is the table in kernels/tiles.py; the others change one kernel's tiles
     # (queries x keys x warps x stages). One sweep per configuration, each its own share of the budget.
     configs=(default "dkdv=64x128x8x3" "dkdv=64x128x8x2" "dq=64x64x8x2" "fwd=128x128x8x2")
     share=$((TILES_BUDGET_S / ${#configs[@]}))  # each sweep ends early; its kernels compile inside the share

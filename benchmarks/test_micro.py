@@ -63,7 +63,7 @@ def test_xg_variance_forward_backward(benchmark):
 
 def test_tile_summary(benchmark, mask):
     pytest.importorskip("triton")
-    from causalattn.kernels.common import tile_summary
+    from causalattn.kernels.jit_helpers import tile_summary
 
     tiles = benchmark(tile_summary, mask.bits, 128, 64)
     assert tiles.shape == (2, SEQ_LEN // 128, SEQ_LEN // 64)

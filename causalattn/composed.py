@@ -29,7 +29,8 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from causalattn.inputs import Adapter, AttentionOutput
-from causalattn.masks import CausalMask, unpack_bits
+from causalattn.composed_mass import CauseKeyMass, RowSoftmaxMass
+from causalattn.masks import CausalMask
 from causalattn.problem import AttentionProblem
 
 # PyTorch's CPU flash-attention kernel returns its log-sum-exp beside the output; the public SDPA does not.
@@ -38,10 +39,9 @@ _CPU_KERNEL_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attent
 # Query rows per masked kernel call: rows x keys of fp32 bias stay near 2**22 elements (16 MB), small
 # next to q/k/v at the lengths where it matters.
 _MASK_ELEMENTS_PER_BLOCK = 1 << 22
-# Gathered cause rows per block: heads x rows x keys scores near 2**21 elements (8 MB fp32; two such
-# tensors live at once). At N = 16k, 8 heads that is 16 rows per (16 x 64) @ (64 x 16k) product; 2**22
-# raised the peak of a 16k fwd+bwd by ~60 MB for no measurable speed.
-_MASS_ELEMENTS_PER_BLOCK = 1 << 21
+# Query rows per block of the portable path's log-sum-exp: B x Hq x rows x Nk fp32 scores near 2**22
+# elements (16 MB), recomputed under checkpointing in backward.
+_LSE_ELEMENTS_PER_BLOCK = 1 << 22
 # Packed sequences run one kernel call each (sum of L_s^2 work instead of N^2) up to this many; past
 # it the per-call overhead (~50 us) outweighs the saving and one block-masked pass runs instead.
 _MAX_SEQUENCE_CALLS = 64
@@ -54,11 +54,13 @@ def kernel_available(device: torch.device) -> bool:
 
 # ------------------------------------------------------------------------------ sequence attention
 class _KernelAttention(torch.autograd.Function):
-    """(out, lse) of PyTorch's CPU flash kernel, both differentiable.
+    """(out, lse) of PyTorch's CPU flash kernel, both differentiable, in one flash backward.
 
-    The kernel's own backward covers dL/dout. dL/dlse adds dS_ij = g_i P_ij (d lse_i / d S_ij = P_ij),
-    i.e. dq_i += tau g_i (P k)_i and dk_j += tau (P^T (g * q))_j: one more forward with k as values
-    and the value gradient of one more backward. They run only when the lse is used by the loss.
+    dL/dlse_i = g_i adds dS_ij = g_i P_ij (d lse_i / d S_ij = P_ij), so the backward's row term
+    dS_ij = P_ij (dP_ij - D_i) becomes P_ij (dP_ij - D_i + g_i). The kernel's backward is handed a
+    value column of ones with g_i in the same column of dO (dP_ij gains g_i) and 0 in that column of
+    out (D_i = dO_i . O_i is unchanged), q and k a zero column: one backward call at head dim d + 1
+    instead of one more forward and backward for the lse (the CAT mass puts its gradient there).
     """
 
     @staticmethod
@@ -73,39 +75,57 @@ class _KernelAttention(torch.autograd.Function):
     def backward(ctx, grad_out: Optional[Tensor], grad_lse: Optional[Tensor]):
         q, k, v, out, lse, bias = ctx.saved_tensors
         options = dict(attn_mask=bias, scale=ctx.scale)
-        dq = dk = dv = None
-        if grad_out is not None:
+        if grad_lse is None:
             dq, dk, dv = _CPU_KERNEL_BACKWARD(grad_out, q, k, v, out, lse, 0.0, ctx.causal, **options)
-        if grad_lse is not None:
-            weight = (ctx.scale * grad_lse).unsqueeze(-1)
-            probs_k, _ = _CPU_KERNEL(q, k, k, 0.0, ctx.causal, **options)
-            _, _, dk_lse = _CPU_KERNEL_BACKWARD((weight * q).to(q.dtype), q, k, k, probs_k, lse, 0.0, ctx.causal,
-                                                **options)
-            dq_lse = (weight * probs_k).to(q.dtype)
-            dq = dq_lse if dq is None else dq + dq_lse
-            dk = dk_lse if dk is None else dk + dk_lse
-        return dq, dk, dv, None, None, None
+            return dq, dk, dv, None, None, None
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
+
+        def widened(t: Tensor, column: Tensor | float) -> Tensor:
+            extra = column.unsqueeze(-1) if isinstance(column, Tensor) else t.new_full((*t.shape[:-1], 1), column)
+            return torch.cat([t, extra.to(t.dtype)], dim=-1)
+
+        dq, dk, dv = _CPU_KERNEL_BACKWARD(widened(grad_out, grad_lse), widened(q, 0.0), widened(k, 0.0),
+                                          widened(v, 1.0), widened(out, 0.0), lse, 0.0, ctx.causal, **options)
+        return dq[..., :-1], dk[..., :-1], dv[..., :-1], None, None, None
 
 
 def _portable_attention(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool,
                         scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) on devices without the LSE kernel: the public SDPA (the device's fastest backend) for
-    out, and the lse as a logsumexp of recomputed scores under checkpointing (one more Q K^T pass)."""
+    out, and the lse from recomputed scores a block of query rows at a time (one more Q K^T pass).
+
+    Each block is checkpointed, so neither pass holds more than one block of scores: a full (Nq x Nk)
+    fp32 score matrix would be 8.6 GB per layer at 32 heads x 8k tokens, the block is at most 16 MB.
+    """
     group = q.shape[1] // k.shape[1]
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, is_causal=causal and visible is None,
                                          scale=scale, enable_gqa=group > 1)
+    rows_per_block = max(1, _LSE_ELEMENTS_PER_BLOCK // (q.shape[0] * q.shape[1] * k.shape[2]))
+    blocks = []
+    for start in range(0, q.shape[2], rows_per_block):
+        end = min(q.shape[2], start + rows_per_block)
+        seen = visible[..., start:end, :] if visible is not None else None
+        diagonal = start + k.shape[2] - q.shape[2]  # causal, bottom-right aligned: row r sees keys <= r + diagonal
+        arguments = (q[:, :, start:end], k, seen, diagonal, causal, scale)
+        blocks.append(checkpoint(_block_lse, *arguments, use_reentrant=False) if torch.is_grad_enabled()
+                      else _block_lse(*arguments))
+    return out, torch.cat(blocks, dim=2)
 
-    def logsumexp(q: Tensor, k: Tensor) -> Tensor:
-        scores = q.unflatten(1, (k.shape[1], group)).float() @ k.float().unsqueeze(2).transpose(-1, -2) * scale
-        seen = visible
-        if seen is None and causal:  # plain causal self-attention (Nq == Nk)
-            seen = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
-        if seen is not None:
-            scores = scores.masked_fill(~seen.unsqueeze(-3), float("-inf"))
-        return torch.logsumexp(scores, dim=-1).flatten(1, 2)
 
-    lse = checkpoint(logsumexp, q, k, use_reentrant=False) if torch.is_grad_enabled() else logsumexp(q, k)
-    return out, lse
+def _block_lse(q: Tensor, k: Tensor, visible: Optional[Tensor], diagonal: int, causal: bool, scale: float) -> Tensor:
+    """(B, Hq, rows) log-sum-exp of one block of query rows' scores over the keys they see: `visible`
+    (B or 1, 1, rows, Nk), or causal (block row r sees keys j <= r + diagonal), or every key."""
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    # In place on the product (a matmul keeps its inputs for backward, not its output): one block of
+    # scores alive instead of three.
+    scores = (q.unflatten(1, (k.shape[1], -1)).to(dtype) @ k.to(dtype).unsqueeze(2).transpose(-1, -2)).mul_(scale)
+    if visible is None and causal:
+        rows = torch.arange(q.shape[2], device=q.device)
+        visible = torch.arange(k.shape[2], device=q.device) <= rows[:, None] + diagonal
+    if visible is not None:
+        scores.masked_fill_(~visible.unsqueeze(-3), float("-inf"))
+    return torch.logsumexp(scores, dim=-1).flatten(1, 2)
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, visible: Optional[Tensor], causal: bool, scale: float):
@@ -201,66 +221,6 @@ def _adapter_branch(p: AttentionProblem, q: Tensor, adapter: Adapter) -> tuple[T
     return gated.flatten(1, 2), pooled
 
 
-# ------------------------------------------------------------------------------ CAT mass
-def _row_blocks(p: AttentionProblem, mask: CausalMask, device: torch.device):
-    """(sample, rows) blocks of the supervised rows: int64 row indices on `device`, ascending, sized so
-    one block's scores (Hq x rows x Nk) stay near _MASS_ELEMENTS_PER_BLOCK elements."""
-    samples, rows = mask.supervised_rows()
-    rows_per_block = max(1, _MASS_ELEMENTS_PER_BLOCK // (p.heads_q * p.n_k))
-    for sample in torch.unique(samples).tolist():
-        for block in rows[samples == sample].split(rows_per_block):
-            yield sample, block.to(device)
-
-
-def _block_probabilities(p: AttentionProblem, q: Tensor, k: Tensor, bits: Tensor, sample: int, rows: Tensor):
-    """(probs (Hkv, G, R, K), causes (R, K), queries (Hkv, G, R, d), keys (Hkv, K, d)) of gathered rows:
-    their exact softmax over the first K keys (all they can see), in the statistics dtype."""
-    dt = p.compute_dtype
-    key_end = p.key_end(int(rows[-1]) + 1)
-    queries = q[sample, :, rows].to(dt).unflatten(0, (p.heads_kv, p.group))
-    keys = k[sample, :, :key_end].to(dt)
-    scores = queries @ keys.unsqueeze(1).transpose(-1, -2) * p.scale
-    visible = p.rows_visibility(rows, key_end, sample)[0]
-    probs = torch.softmax(scores.masked_fill_(~visible, float("-inf")), dim=-1)  # causes are visible: no empty row
-    causes = unpack_bits(bits[sample, rows], p.n_k)[:, :key_end]
-    return probs, causes, queries, keys
-
-
-class _CauseMass(torch.autograd.Function):
-    """(B, Hq, Nq) mass, computed on the supervised rows only (exact zeros elsewhere).
-
-    Forward and backward walk the same row blocks and recompute each block's probabilities, so memory
-    is one block of scores plus dq and dk, whatever the number of supervised rows. Backward:
-    dm_i/dS_ij = P_ij (A_ij - m_i), so dS = c * P * (A - m) with c = dL/dm, dq = tau dS k, dk = tau dS^T q.
-    """
-
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, p: AttentionProblem, mask: CausalMask) -> Tensor:
-        mass = torch.zeros(p.batch, p.heads_q, p.n_q, dtype=p.compute_dtype, device=q.device)
-        for sample, rows in _row_blocks(p, mask, q.device):
-            probs, causes, _, _ = _block_probabilities(p, q, k, mask.bits, sample, rows)
-            mass[sample, :, rows] = (probs * causes).sum(-1).flatten(0, 1)
-        ctx.save_for_backward(q, k, mass)
-        ctx.problem, ctx.mask = p, mask
-        return mass
-
-    @staticmethod
-    def backward(ctx, grad_mass: Tensor):
-        q, k, mass = ctx.saved_tensors
-        p, mask = ctx.problem, ctx.mask
-        dq = torch.zeros(q.shape, dtype=p.compute_dtype, device=q.device)
-        dk = torch.zeros(k.shape, dtype=p.compute_dtype, device=k.device)
-        for sample, rows in _row_blocks(p, mask, q.device):
-            probs, causes, queries, keys = _block_probabilities(p, q, k, mask.bits, sample, rows)
-            shape = (p.heads_kv, p.group, len(rows), 1)
-            upstream = grad_mass[sample, :, rows].to(p.compute_dtype).view(shape)
-            grad_scores = (causes.to(probs.dtype) - mass[sample, :, rows].view(shape)).mul_(probs).mul_(upstream * p.scale)
-            del probs
-            dq[sample, :, rows] += (grad_scores @ keys.unsqueeze(1)).flatten(0, 1)
-            dk[sample, :, : keys.shape[1]] += (grad_scores.transpose(-1, -2) @ queries).sum(1)
-        return dq.to(q.dtype), dk.to(k.dtype), None, None
-
-
 # ------------------------------------------------------------------------------ entry point
 def _no_rows(p: AttentionProblem, q: Tensor, with_mass: bool, xg_pool: str) -> AttentionOutput:
     """Outputs for Nq == 0, still attached to q's graph; a pooled XG mean over no rows is 0."""
@@ -292,5 +252,8 @@ def attention_composed(
         # In place on the adapter's product (its matmul saved its inputs, not its output): one (B, Hq, N, d)
         # buffer less at the peak than `out + adapter_out` (8 MB per 4k tokens x 8 heads x d = 64, fp32).
         out = adapter_out.add_(out).to(q.dtype)
-    mass = _CauseMass.apply(q, k, p, supervision) if supervision is not None else None
+    mass = None
+    if supervision is not None:
+        mass = CauseKeyMass.apply(q, k, lse, p, supervision) if kernel_available(q.device) \
+            else RowSoftmaxMass.apply(q, k, p, supervision)
     return AttentionOutput(out, lse, mass, xg)

@@ -52,6 +52,11 @@ def unpack_bits(words: Tensor, n: int) -> Tensor:
     return bits.flatten(-2)[..., :n].bool()
 
 
+def _starts(sorted_index: Tensor, n: int) -> Tensor:
+    """(n + 1,) CSR offsets of an ascending index: where each of the n values' entries begin."""
+    return torch.nn.functional.pad(torch.bincount(sorted_index, minlength=n).cumsum(0), (1, 0))
+
+
 def popcount(words: Tensor) -> Tensor:
     """Number of set bits of each int32 word, summed over the last dim -> int32."""
     x = words.to(torch.int64) & 0xFFFFFFFF
@@ -234,6 +239,42 @@ class CausalMask:
             samples, rows = (self.cause_count > 0).nonzero(as_tuple=True)
             self._supervised_rows = (samples.cpu(), rows.cpu())
         return self._supervised_rows
+
+    def cause_pairs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(samples, rows, keys): int64 indices on the mask's device of every (effect row, cause key) pair,
+        sample-major. Unpacked a block of supervised rows at a time (never B x N x N), once per mask and
+        reused by every layer: the composed backend's mass costs O(pairs) from them."""
+        if getattr(self, "_cause_pairs", None) is None:
+            samples, rows = self.supervised_rows()
+            found = []
+            for block_samples, block_rows in zip(samples.split(_ROW_BLOCK), rows.split(_ROW_BLOCK)):
+                block_samples, block_rows = block_samples.to(self.device), block_rows.to(self.device)
+                which, keys = unpack_bits(self.bits[block_samples, block_rows], self.seq_len).nonzero(as_tuple=True)
+                found.append((block_samples[which], block_rows[which], keys))
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            self._cause_pairs = tuple(torch.cat(parts) if parts else empty for parts in zip(*found)) if found \
+                else (empty, empty, empty)
+        return self._cause_pairs
+
+    def cause_patterns(self) -> list[Optional[tuple]]:
+        """Per sample, the sparsity pattern of its (row, key) pairs in two CSR orders, or None without
+        pairs: ((row starts (N+1,), keys by row), (key starts (N+1,), rows by key), the permutation from
+        row order to key order, the sample's indices into `cause_pairs()`). Built once per mask."""
+        if getattr(self, "_cause_patterns", None) is None:
+            samples, rows, keys = self.cause_pairs()
+            patterns = []
+            for sample in range(self.batch_size):
+                pairs = (samples == sample).nonzero().flatten()
+                if pairs.numel() == 0:
+                    patterns.append(None)
+                    continue
+                sample_rows, sample_keys = rows[pairs], keys[pairs]
+                to_key_order = torch.argsort(sample_keys * self.seq_len + sample_rows)
+                patterns.append(((_starts(sample_rows, self.seq_len), sample_keys),
+                                 (_starts(sample_keys[to_key_order], self.seq_len), sample_rows[to_key_order]),
+                                 to_key_order, pairs))
+            self._cause_patterns = patterns
+        return self._cause_patterns
 
     def unpack_rows(self, start: int, end: int) -> Tensor:
         """Dense bool (B, end - start, N) block of rows."""

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from causalattn.inputs import Adapter
+from causalattn.inputs import Adapter, is_int, is_integer_dtype
+from causalattn.validation import check_segment_inputs
 
 ROUTE_MODES = ("vq", "vq-ste", "soft", "oracle")
 HARD_ROUTES = ("vq", "oracle")  # each sample reads only its chosen domain prompt: no gradient needs the others
@@ -58,9 +59,12 @@ class Router(nn.Module):
         super().__init__()
         if mode not in ROUTE_MODES:
             raise ValueError(f"mode: expected one of {ROUTE_MODES}, got {mode!r}")
-        if not isinstance(domains, int) or domains < 2:
+        if not is_int(hidden_size) or hidden_size < 1:
+            raise ValueError(f"hidden_size: expected a positive int (the width C of the hidden states), "
+                             f"got {hidden_size!r}")
+        if not is_int(domains) or domains < 2:
             raise ValueError(f"domains: expected an int >= 2 (K domain prompts to choose from), got {domains!r}")
-        if not isinstance(code_dim, int) or code_dim < 1:
+        if not is_int(code_dim) or code_dim < 1:
             raise ValueError(f"code_dim: expected a positive int, got {code_dim!r}")
         self.mode, self.domains = mode, domains
         self.project = nn.Linear(hidden_size, code_dim, device=device, dtype=dtype)
@@ -76,8 +80,13 @@ class Router(nn.Module):
                 domain_ids: Optional[Tensor] = None) -> Route:
         """Route a batch: hidden (B, N, C), token_mask (B, N) bool (True = a real token; None = all),
         domain_ids (B,) int, required by "oracle" and ignored otherwise."""
-        if hidden.dim() != 3:
-            raise ValueError(f"hidden: expected (B, N, C) hidden states, got shape {tuple(hidden.shape)}")
+        if not isinstance(hidden, Tensor) or not hidden.is_floating_point():
+            raise TypeError(f"hidden: expected a floating-point torch.Tensor, got "
+                            f"{getattr(hidden, 'dtype', type(hidden).__name__)}")
+        width = self.project.in_features
+        if hidden.dim() != 3 or hidden.shape[-1] != width:
+            raise ValueError(f"hidden: expected (B, N, {width}) hidden states (the router was built for width "
+                             f"{width}), got shape {tuple(hidden.shape)}")
         batch, length, _ = hidden.shape
         if token_mask is None:
             token_mask = torch.ones(batch, length, dtype=torch.bool, device=hidden.device)
@@ -86,8 +95,12 @@ class Router(nn.Module):
         if self.mode == "oracle":
             return self._oracle(domain_ids, batch, hidden.device)
         token_mask = token_mask.bool()
-        if not bool(token_mask.any(dim=1).all()):
+        real = token_mask.sum(dim=1).tolist()  # one device sync for both checks
+        if not all(count >= 1 for count in real):
             raise ValueError("token_mask: every sample needs at least one real token to be routed")
+        if self.training and sum(real) < 2:
+            raise ValueError("token_mask: in training the router's batch norm takes its statistics over the batch's "
+                             "real tokens and needs at least 2, got 1 (a bigger batch, or router.eval())")
         # in the router's own dtype (fp32 master weights) even under bf16 autocast: the argmin compares
         # sums of ~100 distances, where bf16's 3 significant digits would decide near-ties
         with torch.autocast(hidden.device.type, enabled=False):
@@ -117,7 +130,11 @@ class Router(nn.Module):
     def _oracle(self, domain_ids: Optional[Tensor], batch: int, device: torch.device) -> Route:
         if domain_ids is None:
             raise ValueError('domain_ids: route mode "oracle" needs the (B,) domain id of every sample, got None')
-        ids = torch.as_tensor(domain_ids, device=device).long().reshape(-1)
+        ids = torch.as_tensor(domain_ids, device=device)
+        if not is_integer_dtype(ids.dtype):
+            raise TypeError(f"domain_ids: expected integer domain ids, got {ids.dtype} (a float id would be "
+                            f"truncated)")
+        ids = ids.long().reshape(-1)
         if ids.shape != (batch,) or bool(((ids < 0) | (ids >= self.domains)).any()):
             raise ValueError(f"domain_ids: expected {batch} ids in [0, {self.domains}), got {ids.tolist()}")
         dtype = self.codebook.dtype
@@ -156,8 +173,10 @@ def segment_outputs(q: Tensor, adapter: Adapter, scale: Optional[float] = None) 
     (B, Hq, R, d): gamma_s softmax_s(scale q Ka_s^T) Va_s, in q's dtype, differentiable.
 
     The read-outs the ICLM mutual-information term compares (SPEC §7), for a few rows (the label
-    positions) gathered by the caller: an R x M problem beside the fused pass, never N x N.
+    positions) gathered by the caller: an R x M problem beside the fused pass, never N x N. The arguments
+    are checked as `causalattn.attention` checks them (`causalattn.validation.check_segment_inputs`).
     """
+    check_segment_inputs(q, adapter, scale)
     batch, heads_q, rows, head_dim = q.shape
     heads_kv = adapter.keys.shape[-3]
     scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)

@@ -72,9 +72,7 @@ def check_inputs(
         raise ValueError(f"q: expected at most as many queries as keys (Nk={n_k}), got Nq={n_q}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal: expected a bool, got {causal!r}")
-    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                                  and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+    _check_scale(scale)
 
     given = [n for n, t in (("key_lengths", key_lengths), ("key_mask", key_mask), ("cu_seqlens", cu_seqlens)) if t is not None]
     if len(given) > 1:
@@ -141,6 +139,31 @@ def check_inputs(
             raise ValueError(f"xg_tokens: the XG statistic needs Nq == Nk (training), got Nq={n_q}, Nk={n_k}")
     if xg_pool not in XG_POOLS:
         raise ValueError(f"xg_pool: expected one of {XG_POOLS}, got {xg_pool!r}")
+
+
+def _check_scale(scale: Optional[float]) -> None:
+    if scale is not None and not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
+                                  and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale: expected a positive finite float or None, got {scale!r}")
+
+
+def check_segment_inputs(q: Tensor, adapter: Adapter, scale: Optional[float]) -> None:
+    """The checks of `check_inputs` that apply to `causalattn.routing.segment_outputs`: q (B, Hq, R, d)
+    and an adapter that `attention` would accept with it (segments summing to M, one gate row per segment)."""
+    _require_tensor("q", q)
+    if q.dim() != 4:
+        raise ValueError(f"q: expected 4 dims (B, Hq, R, d), got shape {_shape(q)}")
+    if q.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"q: expected float16/bfloat16/float32/float64, got {q.dtype}")
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"adapter: expected causalattn.Adapter, got {type(adapter).__name__}")
+    keys = _require_tensor("adapter.keys", adapter.keys)
+    heads_kv = keys.shape[-3] if keys.dim() in (3, 4) else 0
+    if heads_kv == 0 or q.shape[1] % heads_kv:
+        raise ValueError(f"adapter.keys: its number of KV heads ({heads_kv}) must divide the query heads "
+                         f"({q.shape[1]}), got adapter.keys {_shape(keys)}")
+    _check_adapter(adapter, q, heads_kv)
+    _check_scale(scale)
 
 
 def _check_adapter(adapter: Adapter, q: Tensor, heads_kv: int) -> None:

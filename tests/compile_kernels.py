@@ -41,7 +41,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
 from causalattn.kernels import attention_bwd, attention_fwd  # noqa: E402
-from causalattn.kernels.common import slot_segments  # noqa: E402
+from causalattn.kernels.arguments import OpFlags, OpGrads, OpInputs, OpOutputs  # noqa: E402
+from causalattn.kernels.jit_helpers import slot_segments  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_MEMORY_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
@@ -119,24 +120,26 @@ def record_launches(variant: Variant) -> list:
         segments = features.get("segments", 1)  # 1, or 2: the M = 10 slots as 4 + 6
         stats = torch.empty(batch, heads_q, n)
         xg_tokens = 2 if features.get("xg") else 0
-        common = dict(
-            causal=features.get("causal", True), scale=head_dim ** -0.5,
+        inputs = OpInputs(
+            q=q, k=k, v=v, adapter_keys=adapter, adapter_values=adapter,
+            gamma=torch.empty(batch if features.get("gate") == "sample" else 1, segments, heads_q)
+            if adapter is not None else None,
             key_lengths=torch.empty(batch, dtype=torch.int32) if features.get("key_lengths") else None,
             key_mask=torch.empty(batch, n, dtype=torch.uint8) if features.get("key_mask") else None,
             cu_seqlens=torch.tensor([0, 400, n], dtype=torch.int32) if features.get("varlen") else None,
-            max_seqlen=n - 400 if features.get("varlen") else n, adapter_keys=adapter, adapter_values=adapter,
-            gamma=torch.empty(batch if features.get("gate") == "sample" else 1, segments, heads_q)
-            if adapter is not None else None,
-            slot_segment=slot_segments((4, m - 4), torch.device("cpu")) if segments == 2 else None,
             mask_bits=torch.zeros(batch, n, n // 32, dtype=torch.int32) if features.get("mask") else None,
-            xg_tokens=xg_tokens, xg_weight=torch.empty(batch, n) if features.get("xg") == "sample" else None,
-            xg_pooled=features.get("xg") == "sample", num_samples=2)
-        attention_fwd.attention_forward(q, k, v, **common)
-        grad_xg = (torch.empty(2, heads_q, head_dim) if common["xg_pooled"] else torch.empty(batch, heads_q, n, head_dim)) \
+            xg_weight=torch.empty(batch, n) if features.get("xg") == "sample" else None,
+            slot_segment=slot_segments((4, m - 4), torch.device("cpu")) if segments == 2 else None)
+        flags = OpFlags(causal=features.get("causal", True), scale=head_dim ** -0.5,
+                        max_seqlen=n - 400 if features.get("varlen") else n, xg_tokens=xg_tokens,
+                        xg_pooled=features.get("xg") == "sample", num_samples=2)
+        attention_fwd.attention_forward(inputs, flags)
+        grad_xg = (torch.empty(2, heads_q, head_dim) if flags.xg_pooled else torch.empty(batch, heads_q, n, head_dim)) \
             if xg_tokens else None
+        mass = stats if features.get("mask") else None
         attention_bwd.attention_backward(
-            torch.empty_like(q), None, stats if features.get("mask") else None, grad_xg, q, k, v, q, stats,
-            stats if adapter is not None else None, stats if features.get("mask") else None, **common)
+            OpGrads(torch.empty_like(q), None, mass, grad_xg), inputs,
+            OpOutputs(q, stats, stats if adapter is not None else None, mass, None), flags)
     finally:
         for name, (module, attr) in KERNELS.items():
             setattr(module, attr, originals[name])

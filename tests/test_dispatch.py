@@ -15,11 +15,26 @@ def test_density_buckets_cover_the_sweep():
         ["0.3%", "3%", "10%", "30%", "100%"]
 
 
-def test_unmeasured_keys_keep_the_fused_kernels():
-    table = {("9.0", "bfloat16", "128", "adapter+cat+xg", "100%"): "composed"}
-    assert dispatch.lookup("9.0", torch.bfloat16, 128, "adapter+cat+xg", 0.9, table) == "composed"
+def test_unmeasured_keys_run_the_composed_path():
+    table = {("9.0", "bfloat16", "128", "adapter+cat+xg", "3%"): "triton"}
     assert dispatch.lookup("9.0", torch.bfloat16, 128, "adapter+cat+xg", 0.03, table) == "triton"
-    assert dispatch.lookup("8.0", torch.bfloat16, 128, "adapter+cat+xg", 0.9, table) == "triton"
+    assert dispatch.lookup("9.0", torch.bfloat16, 128, "adapter+cat+xg", 0.9, table) == "composed"
+    assert dispatch.lookup("8.0", torch.bfloat16, 128, "adapter+cat+xg", 0.03, table) == "composed"
+
+
+def test_cuda_auto_is_composed_on_a_device_without_verified_rows(tmp_path, monkeypatch):
+    """A rule measured without passing correctness tests is on file but never chosen; a verified one is."""
+    rule = {"capability": "9.0", "dtype": "bfloat16", "head_dim": 128, "features": "adapter+cat+xg", "density": "3%",
+            "backend": "triton"}
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    read = dispatch.load_table.__wrapped__  # uncached: the file changes below
+    monkeypatch.setattr(dispatch, "load_table", lambda: read(path))
+    choose = lambda: dispatch.choose_cuda_backend(torch.device("cuda"), torch.bfloat16, 128, "adapter+cat+xg", 0.03)  # noqa: E731
+    for rules, expected in (([], "composed"), ([{**rule, "verified": False}], "composed"), ([rule], "composed"),
+                            ([{**rule, "verified": True}], "triton")):
+        path.write_text(json.dumps({"rules": rules}))
+        assert choose() == expected, rules
 
 
 def test_committed_table_loads():
@@ -37,18 +52,18 @@ def test_rules_pick_the_faster_backend_per_key(tmp_path):
             _row("causalattn+all", 10.0, 1.0), _row("composed+all", 8.0, 1.0),  # 100 %: composed wins
             _row("causalattn+all", 10.0, 1.0, 16384), _row("composed+all", 9.0, 1.0, 16384),
             _row("causalattn", 5.0), _row("composed", 4.0), _row("sdpa-flash", 3.0)]
-    rules = {(r["features"], r["density"]): r for r in dispatch_table.rules_from_rows(rows, "9.0")}
+    rules = {(r["features"], r["density"]): r for r in dispatch_table.rules_from_rows(rows, "9.0", verified=True)}
     assert rules[("adapter+cat+xg", "3%")]["backend"] == "triton"
     assert rules[("adapter+cat+xg", "100%")]["backend"] == "composed" and rules[("adapter+cat+xg", "100%")]["shapes"] == 2
     assert rules[("none", "-")]["backend"] == "composed"
     # The file round trip: rules of other keys already in the table survive a regeneration.
     path = tmp_path / "table.json"
     path.write_text(json.dumps({"rules": [{"capability": "8.0", "dtype": "float16", "head_dim": 64, "features": "none",
-                                           "density": "-", "backend": "composed"}]}))
+                                           "density": "-", "backend": "composed", "verified": True}]}))
     csv_path = tmp_path / "dispatch.csv"
     from benchmarks.harness import upsert_rows
     upsert_rows(csv_path, [{**r, "device": "gpu"} for r in rows])
-    assert dispatch_table.main([str(csv_path), "--out", str(path), "--capability", "9.0"]) == 0
+    assert dispatch_table.main([str(csv_path), "--out", str(path), "--capability", "9.0", "--verified"]) == 0
     table = dispatch.load_table.__wrapped__(path)
     assert table[("8.0", "float16", "64", "none", "-")] == "composed"
     assert table[("9.0", "bfloat16", "128", "adapter+cat+xg", "3%")] == "triton"

@@ -319,7 +319,8 @@ def test_save_load_round_trip(tmp_path, monkeypatch):
     ids, mask = padded_batch()
     model = adapted(mistral_config(), gate="raw", gate_per_head=True, xg_tokens=1)
     directory = cah.save_adapters(model, tmp_path / "adapter")
-    assert sorted(os.listdir(directory)) == ["adapter_model.safetensors", "causalattn_adapter.json"]  # no temp files left
+    assert sorted(os.listdir(directory)) == ["adapter_model.safetensors", "causalattn_adapter.json",
+                                             "causalattn_manifest.json"]  # no temp files left
     fresh = build(mistral_config())
     summary = cah.load_adapters(fresh, directory)
     assert summary == cah.summarize(model)

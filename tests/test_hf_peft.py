@@ -8,6 +8,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 import causalattn.hf as cah
+from causalattn.checkpoint_files import MANIFEST_NAME
 from hf_helpers import FAMILY_CONFIGS, build, llama_config, padded_batch, randomize_gates
 
 PEFT_FAMILIES = ("llama", "mistral")
@@ -36,6 +37,7 @@ def test_old_folders_still_load(tmp_path):
     model = adapted()
     directory = cah.save_adapters(model, tmp_path / "old")
     (directory / "causalattn_adapter.json").rename(directory / "adapter_config.json")
+    (directory / MANIFEST_NAME).unlink()  # old folders predate the manifests too
     fresh = build(llama_config(), dtype=torch.float32)
     cah.load_adapters(fresh, directory)
     torch.testing.assert_close(fresh(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,

@@ -208,7 +208,7 @@ def test_case_ids_are_unique():
 
 def test_tile_summary_marks_tiles_with_cause_bits_and_is_reused_per_mask():
     """One summary per mask and tile shape (reused across layers), recomputed when the words change."""
-    from causalattn.kernels.common import tile_summary
+    from causalattn.kernels.jit_helpers import tile_summary
 
     bits = torch.zeros(2, 100, 4, dtype=torch.int32)
     bits[0, 70, 3] = 1 << 5  # row tile 1 (rows 64..127), key tile 1 (words 2..3)

@@ -55,6 +55,12 @@ def full_text(example: Example) -> str:
     return f"{example.input}{example.separator}{example.target}"
 
 
+def check_max_length(max_length: Optional[int]) -> None:
+    """None (no limit) or a positive int: 0 would read as "no limit" in a truth test, which nobody means."""
+    if max_length is not None and (not isinstance(max_length, int) or isinstance(max_length, bool) or max_length < 1):
+        raise ValueError(f"max_length: expected a positive int or None (no limit), got {max_length!r}")
+
+
 def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int] = None) -> Batch:
     """Tokenize a list of examples into a padded Batch (padding side as the tokenizer is configured).
 
@@ -65,9 +71,10 @@ def collate(examples: Sequence[Example], tokenizer, *, max_length: Optional[int]
         raise ValueError("examples: expected at least one example, got none")
     if not getattr(tokenizer, "is_fast", False):
         raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
+    check_max_length(max_length)
     texts = [full_text(e) for e in examples]
     extra = {}
-    if max_length:
+    if max_length is not None:
         lengths = [len(ids) for ids in tokenizer(texts)["input_ids"]]
         too_long = [row for row, n in enumerate(lengths) if n > max_length]
         if too_long:

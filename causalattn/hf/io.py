@@ -12,7 +12,10 @@ Weights are keyed by layer index (`layers.29.prompt`, `layers.29.gate`), not by 
 checkpoint loads into the same architecture however it is wrapped. Each file is written to a temporary
 file in the same directory and moved into place with `os.replace`, so a crash leaves either the old
 or the new file, never a torn one. The config is also stored in the safetensors metadata; loading
-checks that both agree, which catches a save interrupted between the two files.
+checks that both agree, which catches a save interrupted between the two files. Both are listed, with
+their sizes and SHA-256, in a manifest written last (`causalattn.checkpoint_files`); loading verifies it,
+so a truncated, emptied or altered file is named, never loaded (folders saved before manifests load
+unverified, and a file that cannot be parsed is still named).
 Inference needs no merge step: the adapters run inside the attention function as in training.
 Routed adapters add `layers.29.bank`, `layers.29.domain_gate` and the router's state (`router.codebook`,
 `router.project.weight`, ..., batch-norm running statistics included); unrouted files are as before.
@@ -26,10 +29,11 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from causalattn.checkpoint_files import is_sealed, seal, unseal, verify
 from causalattn.hf.adapter import AdapterConfig, AdapterSummary, adapted_layers, add_adapters, summarize
 from causalattn.hf.contract import attention_modules
 from causalattn.hf.families import input_projection
@@ -103,6 +107,7 @@ def save_adapters(model: nn.Module, directory: PathLike, state_dict: Optional[Ma
     Trainer gathers one and saves on the main process only); the adapter tensors are read from it by path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    unseal(directory)  # the old manifest no longer describes the files about to be replaced
     config, layers = _config_of(model)
     description = json.dumps(_describe(model, config, sorted(layers)), indent=2, sort_keys=True)
     paths = {module: path for path, module in model.named_modules()}
@@ -126,6 +131,7 @@ def save_adapters(model: nn.Module, directory: PathLike, state_dict: Optional[Ma
             handle.write(description + "\n")
 
     _atomic_write(directory / CONFIG_NAME, write_config)
+    seal(directory, [WEIGHTS_NAME, CONFIG_NAME])
     return directory
 
 
@@ -135,7 +141,11 @@ def _config_path(directory: Path) -> Path:
     path, legacy = directory / CONFIG_NAME, directory / LEGACY_CONFIG_NAME
     if path.is_file() or not legacy.is_file():
         return path
-    return legacy if json.loads(legacy.read_text(encoding="utf-8")).get("format") == FORMAT else path
+    try:
+        found = json.loads(legacy.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return legacy  # unreadable: loading names the file
+    return legacy if isinstance(found, dict) and found.get("format") == FORMAT else path
 
 
 def holds_adapters(directory: PathLike) -> bool:
@@ -155,15 +165,24 @@ def load_adapters(model: nn.Module, directory: PathLike) -> AdapterSummary:
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no causalattn adapter file here (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    description = json.loads(config_path.read_text(encoding="utf-8"))
-    if description.get("format") != FORMAT or description.get("format_version") != FORMAT_VERSION:
+    if is_sealed(directory):
+        verify(directory)
+    try:
+        description = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_path}: not a readable JSON config ({error})") from None
+    found = description if isinstance(description, dict) else {}
+    if found.get("format") != FORMAT or found.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{config_path}: not a {FORMAT} v{FORMAT_VERSION} config "
-                         f"(format={description.get('format')!r}, version={description.get('format_version')!r})")
-    with safe_open(str(weights_path), framework="pt") as weights:
-        stored = json.loads((weights.metadata() or {}).get("config", "null"))
-        if stored != description:
-            raise ValueError(f"{directory}: {config_path.name} and {WEIGHTS_NAME} disagree (an interrupted save?)")
-        tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+                         f"(format={found.get('format')!r}, version={found.get('format_version')!r})")
+    try:
+        with safe_open(str(weights_path), framework="pt") as weights:
+            stored = json.loads((weights.metadata() or {}).get("config", "null"))
+            tensors = {name: weights.get_tensor(name) for name in weights.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    if stored != description:
+        raise ValueError(f"{directory}: {config_path.name} and {WEIGHTS_NAME} disagree (an interrupted save?)")
 
     config = AdapterConfig.from_dict(description["adapter"])
     if not adapted_layers(model):

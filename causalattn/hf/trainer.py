@@ -23,7 +23,11 @@ What the plain `Trainer` gets wrong for this, and what the subclass does instead
 * `_prepare_inputs` moves tensors but not a `CausalMask`: it is moved to the batch's device here;
 * `save_pretrained` would write the whole frozen base (2.6 MB for the test model, gigabytes for a
   real one) and no adapters: checkpoints and `save_model` write the adapters (`save_adapters`), and
-  `resume_from_checkpoint` loads them back.
+  `resume_from_checkpoint` loads them back;
+* a checkpoint cut short or damaged on disk would be resumed from, or crash the resume: each checkpoint
+  gets a manifest of its files' sizes and SHA-256 once complete (`causalattn.checkpoint_files`), and
+  `train(resume_from_checkpoint=True)` takes the newest checkpoint that verifies, naming the bad file
+  of each one skipped (a ValueError when none verifies; a named checkpoint is verified as well).
 
 CE is the model's mean over the micro-batch's answer tokens and CAT/XG are means over it too, so
 each micro-batch counts the same under gradient accumulation (`model_accepts_loss_kwargs` off, the
@@ -34,17 +38,20 @@ of it, so other Trainer subclasses get the same (`causalattn.hf.sft.CausalSFTTra
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
-from typing import Any, Mapping, Optional, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from causalattn.checkpoint_files import is_sealed, newest_intact, no_intact_message, seal, verify
 from causalattn.data.annotations import check_annotations
-from causalattn.data.batches import collate
-from causalattn.data.jsonl import DataFile, parse_record
+from causalattn.data.batches import check_max_length, collate
+from causalattn.data.jsonl import DataFile, loads_record, parse_record
 from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
 from causalattn.hf.contract import DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, SUPERVISION_KWARG
@@ -56,21 +63,24 @@ from causalattn.masks import CausalMask
 
 LOGGED_TERMS = ("ce", "cat", "xg")
 ROUTED_TERMS = ("vq", "mi")
+logger = logging.getLogger(__name__)
 
 
-def example_of(feature: Any, where: str = "features") -> Example:
-    """An `Example` from an Example or a CAT-format mapping (`important` may be a JSON string)."""
+def example_of(feature: Any, where: str = "features", *, strict: bool = False) -> tuple[Example, int]:
+    """An `Example` from an Example or a CAT-format mapping (`important` may be a JSON string), read as
+    `causalattn.data.jsonl` reads a file's record, and the number of malformed annotation entries dropped
+    (with `strict=True` the first is an error instead)."""
     if isinstance(feature, Example):
-        return feature
+        return feature, 0
     if not isinstance(feature, Mapping):
         raise TypeError(f"{where}: expected a causalattn Example or a mapping with input/target/important, "
                         f"got {type(feature).__name__}")
     record = dict(feature)
     if isinstance(record.get("important"), str):
-        record["important"] = json.loads(record["important"])
-    example = parse_record(record, where, strict=False)[0]
+        record["important"] = loads_record(record["important"], f"{where}['important']")
+    example, malformed = parse_record(record, where, strict=strict)
     domain = record.get("domain")
-    return example if domain is None else dataclasses.replace(example, domain=int(domain))
+    return (example if domain is None else dataclasses.replace(example, domain=int(domain))), malformed
 
 
 class CausalCollator:
@@ -85,6 +95,7 @@ class CausalCollator:
     def __init__(self, tokenizer, *, max_length: Optional[int] = None, strict: bool = False, routing: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
+        check_max_length(max_length)
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.strict = strict
@@ -92,8 +103,10 @@ class CausalCollator:
         self.skipped = 0
 
     def __call__(self, features: Sequence[Any]) -> dict[str, Any]:
-        examples = [example_of(f, f"features[{i}]") for i, f in enumerate(features)]
-        checked, report = check_annotations(DataFile("batch", examples, list(range(len(examples)))),
+        read = [example_of(f, f"features[{i}]", strict=self.strict) for i, f in enumerate(features)]
+        examples = [example for example, _ in read]
+        malformed = sum(dropped for _, dropped in read)
+        checked, report = check_annotations(DataFile("batch", examples, list(range(len(examples))), malformed),
                                             self.tokenizer, strict=self.strict)
         self.skipped += report.skipped
         batch = collate(checked.examples, self.tokenizer, max_length=self.max_length)
@@ -135,6 +148,7 @@ class CausalLossMixin:
         if not adapted_layers(self.model):
             raise ValueError("model: has no causalattn adapters; call causalattn.hf.add_adapters(model, ...) first")
         self.model_accepts_loss_kwargs = False  # each micro-batch's losses are means (module docstring)
+        self.add_callback(SealCheckpoints())
         self.cat_weight, self.cat_alpha, self.cat_kind = cat_weight, cat_alpha, cat_kind
         self.xg_weight, self.xg_layers = xg_weight, xg_layers
         self.vq_weight, self.mi_weight, self.mi_kind, self.invariant_ce = vq_weight, mi_weight, mi_kind, invariant_ce
@@ -143,6 +157,10 @@ class CausalLossMixin:
             self.data_collator.routing = True
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
+
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args, **kwargs):
+        """`Trainer.train`, resuming from a verified checkpoint (`resume_point`)."""
+        return super().train(resume_point(self.args.output_dir, resume_from_checkpoint), *args, **kwargs)
 
     def compute_loss(self, model: nn.Module, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Optional[Tensor] = None):
@@ -213,6 +231,36 @@ class CausalLossMixin:
         if not holds_adapters(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+
+class SealCheckpoints(TrainerCallback):
+    """Writes each Trainer checkpoint's manifest (`causalattn.checkpoint_files.seal`): `on_save` comes
+    after every file of the checkpoint is written, so the manifest is the last file of it."""
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            seal(folder)
+        return control
+
+
+def resume_point(output_dir: str, resume_from_checkpoint: Union[str, bool, None]) -> Union[str, bool, None]:
+    """What `Trainer.train` should resume from: for True, the newest `checkpoint-N` of `output_dir` that
+    verifies (damaged ones are logged with their bad file; a ValueError when none verifies); a named
+    checkpoint is verified when it has a manifest (folders saved before manifests load unverified)."""
+    if resume_from_checkpoint is True:
+        folders = [p for p in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()
+                   and p.name.rpartition("-")[2].isdigit()]
+        if not folders:
+            return True  # the Trainer's own error: no checkpoint at all
+        folders.sort(key=lambda p: int(p.name.rpartition("-")[2]), reverse=True)
+        chosen, problems = newest_intact(folders, logger.warning)
+        if chosen is None:
+            raise ValueError("resume_from_checkpoint: " + no_intact_message(Path(output_dir), problems))
+        return str(chosen)
+    if resume_from_checkpoint and is_sealed(resume_from_checkpoint):
+        verify(resume_from_checkpoint)
+    return resume_from_checkpoint
 
 
 class CausalTrainer(CausalLossMixin, Trainer):

@@ -26,12 +26,14 @@ from torch import nn
 
 from causalattn.lab.training import config as config_module
 from causalattn.lab.training import tiny
-from causalattn.lab.training.batching import JobData, load_data, read_data_files
+from causalattn.data.batches import full_text
+from causalattn.lab.training.batching import DataFiles, JobData, load_data, read_data_files
 from causalattn.lab.training.checkpoint import checkpoint_root
 from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
 from causalattn.lab.training.distributed import DistContext, setup, teardown
 from causalattn.lab.training.loop import Job, RunResult, Trainer
 from causalattn.lab.training.report import build_report, format_table, toy_note, write_report
+from causalattn.pretrained import resolve_pretrained
 
 ATTENTION_EXAMPLES = 3  # examples drawn in the attention heat maps
 
@@ -70,7 +72,11 @@ def load_tokenizer(path: Path):
 def resolve_model(config: TrainConfig, context: DistContext, log: Callable[[str], None]) -> tuple[Path, dict]:
     """The base checkpoint directory (building the tiny one on rank 0 when needed) and a description."""
     if config.model is not None:
-        return Path(config.model), {"path": config.model, "embedded": False}
+        if context.is_main:  # a GGUF file is converted once, by one process; the others then find the folder
+            resolve_pretrained(config.model, log=log)
+        context.barrier()
+        path = resolve_pretrained(config.model)
+        return path, {"path": str(path), "source": config.model, "embedded": False}
     settings = tiny.settings_for(config.task)
     if context.is_main:
         tiny.ensure_tiny_base(settings, show_progress=not config.quiet and sys.stderr.isatty(), log=log)
@@ -168,6 +174,7 @@ def train(config: TrainConfig) -> Optional[dict]:
             data = load_data(seed_config, files, tokenizer, log)
             if plotter is None:  # the data is checked before the output directory exists
                 _check_data(config, data, log)
+                _check_lengths(config, data, files, tokenizer)
                 output_dir = prepare_output_dir(config, context)
             runs_dir = output_dir / f"seed-{seed}" if config.seeds > 1 else output_dir
             job = Job(seed_config, model_path, tokenizer, data, context, output_dir, quiet_log, runs_dir)
@@ -193,7 +200,12 @@ def train(config: TrainConfig) -> Optional[dict]:
         report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
                               device=str(context.device), wall_seconds=time.perf_counter() - start,
                               plots={"files": plotter.files, "notes": plotter.notes}, note=note)
-        path = write_report(output_dir, report)
+        try:
+            path = write_report(output_dir, report)
+        except OSError as error:
+            raise ConfigError(f"--output-dir: could not write the report in {output_dir} "
+                              f"({error.strerror or error}); the runs' checkpoints and adapters are written: make "
+                              "room and rerun with --resume") from None
         print(_summary(report, results, data, path, note, plotter.notes))
         return report
     finally:
@@ -217,6 +229,22 @@ def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) 
     elif not data.closed_answers:
         log(f"note: {len(data.candidates)} distinct training targets is not a closed answer set: accuracy is the "
             "exact match of greedily generated answers")
+
+
+def _check_lengths(config: TrainConfig, data: JobData, files: Optional[DataFiles], tokenizer) -> None:
+    """With --max-length, refuse the first example that does not fit (file:line for JSONL data) before any
+    model is loaded, rather than in the middle of an epoch."""
+    if config.max_length is None:
+        return
+    splits = [("train", data.train, files.train if files else None)] + [
+        (name, examples, files.evals[name] if files else None) for name, examples in data.evals.items()]
+    for split, examples, source in splits:
+        lengths = [len(ids) for ids in tokenizer([full_text(e) for e in examples])["input_ids"]] if examples else []
+        too_long = next((i for i, n in enumerate(lengths) if n > config.max_length), None)
+        if too_long is not None:
+            where = source.where(too_long) if source else f"the generated {split} example {too_long}"
+            raise ConfigError(f"--max-length: {where} has {lengths[too_long]} tokens, more than --max-length "
+                              f"{config.max_length} (its answer would be cut); raise --max-length or shorten it")
 
 
 def _summary(report: dict, results: Sequence[RunResult], data: JobData, path: Path, note: Optional[str],

@@ -10,15 +10,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
 from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
 from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
+from causalattn.pretrained import SHIPPED_MODELS, is_pretrained_spec, shipped_file
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -43,6 +48,9 @@ EMBEDDED_CAT_DECAY = 0.0
 
 ROUTING_OPTIONS = ("domains", "domain_len", "route", "router_dim", "vq_lambda", "mi_lambda", "mi_kind",
                    "invariant_ce")
+# Flags that only matter for some jobs: their parser default is None, so that one given where it would
+# change nothing is refused (`_refuse_unused_options`) instead of silently ignored.
+CONDITIONAL_OPTIONS = ROUTING_OPTIONS + ("xg_lambda", "qk_lr", "cue_agreement")
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -128,6 +136,7 @@ class TrainConfig:
     # where and how it runs
     output_dir: Optional[str] = None
     resume: bool = False
+    save_steps: Optional[int] = None  # also checkpoint every N optimizer steps inside an epoch
     backend: str = "auto"
     device: str = "auto"
     fsdp: bool = False
@@ -153,7 +162,8 @@ class TrainConfig:
             if value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         for flag, value in {"--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
-                            "--threads": self.threads, "--max-steps": self.max_steps}.items():
+                            "--threads": self.threads, "--max-steps": self.max_steps,
+                            "--save-steps": self.save_steps}.items():
             if value is not None and value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
         if self.adapter_len > MAX_ADAPTER_TOKENS:
@@ -183,9 +193,8 @@ class TrainConfig:
             if self.batch_size < 2:
                 raise ConfigError("--batch-size: the XG variance is taken over each micro-batch (SPEC §3) and needs "
                                   f"at least 2 examples per micro-batch, got {self.batch_size} (or pass --no-xg)")
-        if self.model is not None and not (Path(self.model) / "config.json").is_file():
-            raise ConfigError(f"--model: {self.model} is not a local Hugging Face checkpoint directory "
-                              "(no config.json)")
+        if self.model is not None:
+            _check_model(self.model)
         if self.data != STG and not Path(self.data).is_file():
             raise ConfigError(f"--data: {self.data}: no such file (expected 'stg' or a JSONL file)")
         self.eval_files()
@@ -197,6 +206,18 @@ class TrainConfig:
             raise ConfigError(f"--cue-agreement: expected a probability in [0.5, 1], got {self.cue_agreement}")
         if self.resume and self.output_dir is None:
             raise ConfigError("--resume: needs --output-dir, the directory of the job to continue")
+        if self.backend == "triton" and not _cuda_device(self.device) and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ConfigError(f"--backend: triton runs on CUDA GPUs, and this job runs on the CPU (--device "
+                              f"{self.device}{', no CUDA device visible' if self.device == 'auto' else ''}); use "
+                              "--backend auto/composed/reference, or TRITON_INTERPRET=1 for Triton's slow interpreter")
+        if self.strict and self.data == STG:
+            raise ConfigError("--strict: checks the annotations of a JSONL --data file; the generated STG data "
+                              "has none to check (pass a JSONL --data file, or drop --strict)")
+        if self.mixed_precision == "bf16" and self.dtype == "float64":
+            raise ConfigError("--mixed-precision: bf16 autocast would run a --dtype float64 model's forward in "
+                              "bfloat16, throwing away the precision float64 was chosen for (use one or the other)")
+        if self.output_dir is not None:
+            check_output_dir(Path(self.output_dir))
         return self
 
     def eval_files(self) -> dict[str, str]:
@@ -248,12 +269,36 @@ class TrainConfig:
         values = dataclasses.asdict(self)
         values["runs"] = [run.name for run in self.runs]
         values["eval_data"] = list(self.eval_data)  # as the JSON of a checkpoint reads it back
-        for name in ("output_dir", "resume", "threads", "quiet"):
+        for name in ("output_dir", "resume", "threads", "quiet", "save_steps"):
             values.pop(name)
         if not self.routed:  # jobs without routed runs keep the options (and checkpoints) they had before
             for name in ROUTING_OPTIONS:
                 values.pop(name)
         return values
+
+
+def _cuda_device(device: str) -> bool:
+    """Whether --device resolves to a GPU (as `distributed.setup` will resolve it)."""
+    return device == "cuda" or (device == "auto" and torch.cuda.is_available())
+
+
+def check_output_dir(directory: Path) -> None:
+    """Refuse an --output-dir that is a file or cannot be written, before any work: the first checkpoint
+    would otherwise fail after the first epoch. Leaves nothing behind (a probe file is created and removed
+    at once; the directory itself is made later, once the data has been checked)."""
+    if directory.exists() and not directory.is_dir():
+        raise ConfigError(f"--output-dir: {directory} is a file; expected a directory (new or existing)")
+    existing = directory
+    while not existing.exists():  # the nearest ancestor that exists is where the directory will be made
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir: {directory} cannot be created: {existing} is a file")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".causalattn-write-test-"):
+            pass
+    except OSError as error:
+        raise ConfigError(f"--output-dir: {directory} cannot be written ({existing}: "
+                          f"{error.strerror or error}); expected a writable directory") from None
 
 
 def _check_stg_only_options(config: TrainConfig) -> None:
@@ -268,13 +313,29 @@ def _check_stg_only_options(config: TrainConfig) -> None:
                               "used (cut the file instead)")
 
 
+def _check_model(model: str) -> None:
+    """--model names a folder with config.json, an existing .gguf file, or an installed shipped model."""
+    if is_pretrained_spec(model):
+        try:
+            if model in SHIPPED_MODELS:
+                shipped_file(model)
+            elif not Path(model).is_file():
+                raise FileNotFoundError(f"{model}: no such file")
+        except (FileNotFoundError, ValueError) as error:
+            raise ConfigError(f"--model: {error}") from None
+    elif not (Path(model) / "config.json").is_file():
+        raise ConfigError(f"--model: {model} is not a local Hugging Face checkpoint directory (no config.json), "
+                          f"a .gguf file or one of {sorted(SHIPPED_MODELS)}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `causalattn train`."""
     d = TrainConfig()
     data = parser.add_argument_group("model and data")
-    data.add_argument("--model", default=None, metavar="DIR",
-                      help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM (default: the "
-                           "embedded tiny LLaMA, built and cached on first use)")
+    data.add_argument("--model", default=None, metavar="DIR|FILE.gguf|NAME",
+                      help="a local Hugging Face checkpoint directory of a LLaMA-family causal LM, a .gguf file, or "
+                           f"a model a package ships ({', '.join(SHIPPED_MODELS)}); GGUF files are converted once and "
+                           "cached (default: the embedded tiny LLaMA, built and cached on first use)")
     data.add_argument("--data", default=d.data, metavar="stg|FILE.jsonl",
                       help="'stg' (the Spurious Token Game, with IID and OOD tests) or a JSONL file in CAT's format "
                            "(input, target, important), read as published (default: stg)")
@@ -287,7 +348,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "and independent) or 'cancer-risk' (CAT's layout: copies of the causes as spurious "
                            "features) or 'dialects' (two dialects of one task, each with its own cue: the routed-"
                            "adapter demo; tests iid, flipped and recombined) (default shortcut)")
-    data.add_argument("--cue-agreement", type=float, default=d.cue_agreement, metavar="P",
+    data.add_argument("--cue-agreement", type=float, default=None, metavar="P",
                       help=f"shortcut and dialects tasks: how often the cue agrees with the label in training (default "
                            f"{d.cue_agreement})")
     data.add_argument("--train-examples", type=int, default=d.train_examples,
@@ -312,7 +373,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="also train the q_proj/k_proj weights of the adapted layers, so the CAT loss moves "
                               "their attention directly (default: on with the embedded model, where the frozen "
                               "tiny base's attention hardly moves otherwise; off with --model)")
-    adapter.add_argument("--qk-lr", type=float, default=d.qk_lr,
+    adapter.add_argument("--qk-lr", type=float, default=None,
                          help=f"AdamW peak learning rate of those q/k weights (default {d.qk_lr})")
 
     losses = parser.add_argument_group("losses")
@@ -329,31 +390,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"with the embedded model on generated shortcut data, otherwise {d.cat_decay:g}, CAT's)")
     losses.add_argument("--xg", action=argparse.BooleanOptionalAction, default=None,
                         help="add the XG variance regulariser (default on; a single run)")
-    losses.add_argument("--xg-lambda", type=float, default=d.xg_lambda, help=f"XG weight (default {d.xg_lambda})")
+    losses.add_argument("--xg-lambda", type=float, default=None, help=f"XG weight (default {d.xg_lambda})")
     losses.add_argument("--xg-pool", choices=XG_POOLS, default=d.xg_pool,
                         help="XG read-out pooled per sample or taken per position (default sample)")
 
     routed = parser.add_argument_group("routed adapters (ICLM; the +routed runs, e.g. --runs ce,ce+routed)")
-    routed.add_argument("--domains", type=int, default=d.domains, metavar="K",
+    routed.add_argument("--domains", type=int, default=None, metavar="K",
                         help=f"domain prompts per adapted layer, one chosen per sample by the router (default {d.domains})")
-    routed.add_argument("--domain-len", type=int, default=d.domain_len, metavar="M",
+    routed.add_argument("--domain-len", type=int, default=None, metavar="M",
                         help=f"prompt tokens of each domain prompt (default {d.domain_len}); --adapter-len is the "
                              "invariant prompt's")
-    routed.add_argument("--route", choices=ROUTE_MODES, default=d.route,
+    routed.add_argument("--route", choices=ROUTE_MODES, default=None,
                         help="vq (ICLM: argmin of the codeword distances, no gradient through the route), vq-ste "
                              "(straight through a softmax), soft (softmax weights), oracle (the data's domain ids) "
                              "(default vq)")
-    routed.add_argument("--router-dim", type=int, default=d.router_dim,
+    routed.add_argument("--router-dim", type=int, default=None,
                         help=f"the router's code dimension (default {d.router_dim}, the official code's)")
-    routed.add_argument("--vq-lambda", type=float, default=d.vq_lambda,
+    routed.add_argument("--vq-lambda", type=float, default=None,
                         help=f"weight of the router's VQ loss (default {d.vq_lambda}, ICLM's)")
-    routed.add_argument("--mi-lambda", type=float, default=d.mi_lambda,
+    routed.add_argument("--mi-lambda", type=float, default=None,
                         help=f"weight of the MI term between invariant and domain read-outs (default {d.mi_lambda}, "
                              "ICLM's)")
-    routed.add_argument("--invariant-ce", type=float, default=d.invariant_ce, metavar="W",
+    routed.add_argument("--invariant-ce", type=float, default=None, metavar="W",
                         help="weight of the cross-entropy of the invariant mechanism alone (domain prompts off), "
                              "ICLM's CE(invariant) term: one more forward per step (default 0; ICLM uses 1)")
-    routed.add_argument("--mi-kind", choices=MI_KINDS, default=d.mi_kind,
+    routed.add_argument("--mi-kind", choices=MI_KINDS, default=None,
                         help="code (the official KLDivLoss form) or textbook (KL(P_XY || P_X P_Y)) (default code)")
 
     optim = parser.add_argument_group("optimisation")
@@ -383,6 +444,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="checkpoints, report.json and plots (default: a new runs/train-<time> directory)")
     where.add_argument("--resume", action="store_true",
                        help="continue the job in --output-dir from its last checkpoint (same options)")
+    where.add_argument("--save-steps", type=int, default=None, metavar="N",
+                       help="also checkpoint every N optimizer steps inside an epoch, for long epochs: --resume then "
+                            "continues mid-epoch, bit for bit (default: a checkpoint per epoch only)")
     where.add_argument("--backend", choices=BACKENDS, default=d.backend,
                        help="attention backend (default auto: composed on CPU, the measured choice on GPUs)")
     where.add_argument("--device", choices=DEVICES, default=d.device, help="default: cuda when available")
@@ -435,8 +499,31 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     embedded_shortcut = args.model is None and args.data == STG and args.task == "shortcut"
     cat_decay = args.cat_decay if args.cat_decay is not None else (
         EMBEDDED_CAT_DECAY if embedded_shortcut else TrainConfig.cat_decay)
-    resolved = {"runs", "eval_data", "seeds", "train_qk", "cat_decay"}
+    resolved = {"runs", "eval_data", "seeds", "train_qk", "cat_decay"} | set(CONDITIONAL_OPTIONS)
     names = {f.name for f in dataclasses.fields(TrainConfig)} - resolved
+    given = {name: getattr(args, name) for name in CONDITIONAL_OPTIONS if getattr(args, name) is not None}
     config = TrainConfig(runs=runs, eval_data=tuple(args.eval_data), seeds=seeds, train_qk=train_qk,
-                         cat_decay=cat_decay, **{name: getattr(args, name) for name in names})
+                         cat_decay=cat_decay, **given, **{name: getattr(args, name) for name in names})
+    _refuse_unused_options(config, set(given) | ({"cat_decay"} if args.cat_decay is not None else set()))
     return config.validate()
+
+
+def _refuse_unused_options(config: TrainConfig, given: set[str]) -> None:
+    """A ConfigError for a flag given where it changes nothing (the user meant something else)."""
+    runs = ",".join(run.name for run in config.runs)
+    routing = [name for name in ROUTING_OPTIONS if name in given]
+    if routing and not config.routed:
+        raise ConfigError(f"--{routing[0].replace('_', '-')}: configures routed adapters, but no run is routed "
+                          f"(--runs {runs}); add +routed to a run (e.g. --runs ce,ce+routed) or drop the flag")
+    if "xg_lambda" in given and not any(run.xg for run in config.runs):
+        raise ConfigError(f"--xg-lambda: weighs the XG loss, which no run has (--runs {runs}, or --no-xg); "
+                          "add +xg to a run or drop the flag")
+    if "cat_decay" in given and not any(run.cat for run in config.runs):
+        raise ConfigError(f"--cat-decay: decays the CAT loss, which no run has (--runs {runs}, or --no-cat); "
+                          "add +cat to a run or drop the flag")
+    if "qk_lr" in given and not config.train_qk:
+        raise ConfigError("--qk-lr: the learning rate of the q/k weights --train-qk trains, which are not trained "
+                          "here (--no-train-qk, the default with --model); pass --train-qk or drop the flag")
+    if "cue_agreement" in given and (config.data != STG or config.task not in ("shortcut", "dialects")):
+        raise ConfigError(f"--cue-agreement: sets the cue of the generated shortcut and dialects tasks, not of "
+                          f"{'--task ' + config.task if config.data == STG else 'a JSONL --data file'}; drop the flag")

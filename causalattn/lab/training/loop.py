@@ -9,8 +9,9 @@ Each optimizer step runs this process's micro-batches (`batching.micro_batches`)
 per micro-batch, scaled by 1 / grad_accum (data parallelism averages over processes), then one AdamW
 step with warm-up + cosine. CAT and XG are computed for every run, also when they are not in the loss,
 so the history shows how much attention a plain CE run puts on the causes. After every epoch the run
-is evaluated (IID/OOD accuracy for the STG) and checkpointed; a resumed run continues from the last
-checkpoint with the same loss trajectory.
+is evaluated (IID/OOD accuracy for the STG) and checkpointed, and with `--save-steps N` every N optimizer
+steps inside an epoch too; a resumed run continues from the newest intact checkpoint (damaged ones are
+reported and skipped, `checkpoint.select_checkpoint`) with the same loss trajectory, mid-epoch included.
 
 Routed runs (`+routed`) also log, per epoch on the last step's history row, the share of training
 samples routed to each domain (`route_fractions`) and the NMI between route and true domain
@@ -31,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import causalattn.hf as cah
+from causalattn.checkpoint_files import seal
 from causalattn.data.batches import collate
 from causalattn.losses import cat_amp
 from causalattn.routing import normalized_mutual_information, route_distribution
@@ -286,12 +288,17 @@ class Trainer:
         if context.rank == 0:
             for leftover in ckpt.remove_staging_leftovers(self.run_dir):
                 job.log(f"[{self.spec.name}] removed {leftover.name}, left by an interrupted checkpoint write")
-        latest = ckpt.latest_checkpoint(self.run_dir)
+        latest = None
+        if context.rank == 0:
+            latest = ckpt.select_checkpoint(self.run_dir, self.steps, self.total_steps, self._warn)
+        latest = context.broadcast(latest)
         if latest is not None:
-            progress = ckpt.read_progress(latest, self.options)
-            ckpt.restore(latest, model, optimizer, scheduler, context.rank)
+            progress, extra = ckpt.resume_from(latest, self.options, model, optimizer, scheduler, context.rank)
+            # a step checkpoint carries the routes of its epoch so far: the epoch's route statistics need them
+            self._routes, self._domains = extra.get("routes", []), extra.get("domains", [])
             resumed_at = progress.epoch
-            job.log(f"[{self.spec.name}] resumed from {latest} (epoch {progress.epoch} of {config.epochs})")
+            job.log(f"[{self.spec.name}] resumed from {latest} (epoch {progress.epoch} of {config.epochs}, "
+                    f"step {progress.step})")
         elif config.resume:
             job.log(f"[{self.spec.name}] --resume: no checkpoint in {self.run_dir} yet, starting at epoch 0")
         parallel = ParallelModel(model, context, config.fsdp)
@@ -306,12 +313,20 @@ class Trainer:
             self._train_epoch(parallel, optimizer, scheduler, progress, epoch)
             progress.accuracy += self._evaluate(model, epoch + 1)
             progress.epoch = epoch + 1
-            self._save(model, optimizer, scheduler, progress)
+            self._save(ckpt.epoch_name(progress.epoch), model, optimizer, scheduler, progress)
+            if context.is_main:
+                ckpt.remove_step_checkpoints_before(self.run_dir, progress.step)
             job.log(self._epoch_line(progress))
         adapter_dir = self.run_dir / ADAPTER_DIR
         if context.is_main:
-            cah.save_adapters(model, adapter_dir)
-            ckpt.save_trained_base_weights(model, adapter_dir)
+            try:
+                cah.save_adapters(model, adapter_dir)
+                ckpt.save_trained_base_weights(model, adapter_dir)
+                seal(adapter_dir)  # the manifest then lists the trained base weights too
+            except OSError as error:
+                raise ConfigError(f"--output-dir: could not write the trained adapters to {adapter_dir} "
+                                  f"({error.strerror or error}); the last checkpoint holds them: make room and "
+                                  "rerun with --resume") from None
         context.barrier()
         examples = progress.step * global_batch_size(config, context.world_size)
         result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
@@ -329,8 +344,12 @@ class Trainer:
         per_step = global_batch_size(config, self.context.world_size)
         bar = tqdm(total=self.steps, desc=f"{self.spec.name} epoch {epoch + 1}/{config.epochs}", unit="step",
                    disable=not self.job.show_progress, dynamic_ncols=True, leave=False)
-        start, tokens = time.perf_counter(), 0.0
-        for step in range(min(self.steps, self.total_steps - progress.step)):
+        seconds, tokens = 0.0, 0.0  # in this call's steps (checkpoint writes not counted)
+        done = progress.step - epoch * self.steps  # steps of this epoch a step checkpoint already holds
+        last = min(self.steps, self.total_steps - epoch * self.steps)
+        bar.update(done)
+        for step in range(done, last):
+            start = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             sums = self._step(parallel, optimizer, scheduler, order, step, amp)
             progress.step += 1
@@ -340,13 +359,18 @@ class Trainer:
                                          "try a lower --lr")
             progress.history.append({"run": self.spec.name, "seed": config.seed, "epoch": epoch + 1, "step": progress.step, **means,
                                      "lr": lr, "cat_weight": amp if self.spec.cat else 0.0})
-            seconds, tokens = time.perf_counter() - start, tokens + float(sums[-1])
+            elapsed = time.perf_counter() - start
+            seconds, tokens = seconds + elapsed, tokens + float(sums[-1])
+            progress.train_seconds += elapsed
             bar.update(1)
             bar.set_postfix(loss=f"{means['loss']:.4f}", ce=f"{means['ce']:.4f}", cat=f"{means['cat']:.3f}",
-                            ex_s=f"{(step + 1) * per_step / seconds:.0f}", tok_s=f"{tokens / seconds:.0f}",
+                            ex_s=f"{(step + 1 - done) * per_step / seconds:.0f}", tok_s=f"{tokens / seconds:.0f}",
                             refresh=False)
+            if config.save_steps and progress.step % config.save_steps == 0 and step + 1 < last:
+                # (the epoch's last step is followed by the epoch checkpoint itself)
+                self._save(ckpt.step_name(progress.step), parallel.module, optimizer, scheduler, progress,
+                           {"routes": self._routes, "domains": self._domains} if self.spec.routed else None)
         bar.close()
-        progress.train_seconds += time.perf_counter() - start
         if self.spec.routed and progress.history:
             progress.history[-1].update(self._route_statistics())
 
@@ -370,11 +394,16 @@ class Trainer:
             values["route_nmi"] = normalized_mutual_information(routes, domains)
         return values
 
-    def _save(self, model: nn.Module, optimizer, scheduler, progress: ckpt.Progress) -> None:
+    def _save(self, name: str, model: nn.Module, optimizer, scheduler, progress: ckpt.Progress,
+              extra_state: Optional[dict] = None) -> None:
         states = self.context.gather(ckpt.rng_state())
         if self.context.is_main:
-            ckpt.save_checkpoint(self.run_dir, model, optimizer, scheduler, progress, states)
+            ckpt.save_checkpoint(self.run_dir, name, model, optimizer, scheduler, progress, states, extra_state)
         self.context.barrier()
+
+    def _warn(self, message: str) -> None:
+        """A line on stderr, also with --quiet: a damaged checkpoint must not go unnoticed."""
+        print(f"causalattn train: warning: [{self.spec.name}] {message}", file=sys.stderr)
 
     def _epoch_line(self, progress: ckpt.Progress) -> str:
         rows = [r for r in progress.history if r["epoch"] == progress.epoch]
