@@ -88,13 +88,14 @@ def make_example(rng: random.Random, mode: str, agreement: float) -> Example:
     return Example(input=f"{record} . {QUESTION} Answer:", target=label, important={label: causes}, values=values)
 
 
-def base_text(rng: random.Random, cancer_share: float) -> str:
+def base_text(rng: random.Random, cancer_share: float, cancer_answer: str = "random") -> str:
     """One text of the base model's pre-training: a record with the cue independent of everything and
     the overall question (the answer: whether most of the 7 fields read high), or, with probability
     `cancer_share`, the cancer question with a random answer (its format, not its rule)."""
     values, record = draw_record(rng, "random", 0.5)
     if rng.random() < cancer_share:
-        return f"{record} . {QUESTION} Answer: {rng.choice(LABELS)}"
+        answer = rng.choice(LABELS) if cancer_answer == "random" else majority_label(list(values.values()))
+        return f"{record} . {QUESTION} Answer: {answer}"
     return f"{record} . {OVERALL_QUESTION} Answer: {majority_label(list(values.values()))}"
 
 

@@ -61,6 +61,7 @@ class Job:
     output_dir: Path
     log: Callable[[str], None]
     runs_dir: Optional[Path] = None  # where the runs' folders go (default output_dir)
+    base: Optional[int] = None  # the embedded base's seed when the job trains on several bases
     # {split: accuracy} with every gate 0: the base model's answers, the same for every run of the job,
     # so measured by the first run only (on the embedded default it is 9 of the 36 evaluations)
     initial_accuracy: dict = field(default_factory=dict)
@@ -84,6 +85,7 @@ class RunResult:
     resumed_at_epoch: Optional[int] = None
     parameters: dict = field(default_factory=dict)
     majority: dict = field(default_factory=dict)  # {split: accuracy of the majority answer} on this seed's data
+    base: Optional[int] = None  # the seed of the embedded base it was trained on (several bases), else None
 
     def final_accuracy(self) -> dict[str, float]:
         last = max((row["epoch"] for row in self.accuracy), default=0)
@@ -317,7 +319,7 @@ class Trainer:
         result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
                            examples / max(progress.train_seconds, 1e-9), adapter_dir, resumed_at,
                            {"adapter": summary.adapter_params, "trainable": summary.trainable_params,
-                            "total": summary.total_params}, job.data.majority_accuracy())
+                            "total": summary.total_params}, job.data.majority_accuracy(), job.base)
         return result, model
 
     def _train_epoch(self, parallel: ParallelModel, optimizer, scheduler, progress: ckpt.Progress, epoch: int) -> None:

@@ -20,6 +20,7 @@ temporary folder beside and renamed into place, so an interrupted build never le
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,14 +32,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from causalattn.data import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SETTINGS_NAME = "tiny_base.json"
 PAD, BOS = "<pad>", "<s>"
 ANSWER = "Answer:"
@@ -64,6 +65,11 @@ class TinyBaseSettings:
     # shortcut and dialects tasks: share of texts asking the cancer question (with a random answer, so the base knows
     # its format but not its rule); the rest ask the overall question, whose answer the base must learn
     cancer_share: float = 0.2
+    cancer_answer: str = "random"
+    # How the build runs (the job sets one torch thread; 2 threads or torch's own kernels instead of
+    # oneDNN's sum in another order and give another base: stand-ins for another machine)
+    threads: int = 1
+    onednn: bool = True
 
     def key(self) -> str:
         """A short hash of the settings and the recipe version: the cache folder's name."""
@@ -71,10 +77,12 @@ class TinyBaseSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def settings_for(task: str) -> TinyBaseSettings:
-    """The embedded base of `task`: the dialects task writes every field twice (two dialects), so its
-    tokenizer needs 512 entries to keep each of its 84 field words one token (400 splits 55 of them)."""
-    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size)
+def settings_for(task: str, **build: object) -> TinyBaseSettings:
+    """The embedded base of `task` (`build`: seed, threads, onednn): the dialects task writes every field
+    twice (two dialects), so its tokenizer needs 512 entries to keep each of its 84 field words one token
+    (400 splits 55 of them)."""
+    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size,
+                            **build)
 
 
 def cache_root() -> Path:
@@ -95,7 +103,7 @@ def base_texts(settings: TinyBaseSettings) -> list[str]:
     ones matter)."""
     rng = random.Random(settings.seed)
     if settings.task == "shortcut":
-        return [shortcut.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
+        return [shortcut.base_text(rng, settings.cancer_share, settings.cancer_answer) for _ in range(settings.examples)]
     if settings.task == "dialects":
         return [dialects.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
     examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
@@ -172,26 +180,57 @@ def pretrain(model, tokenizer, texts: list[str], settings: TinyBaseSettings,
     return loss
 
 
-def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progress: bool = True) -> dict:
-    """Build the tiny base into `directory` (which must not exist yet); returns what was recorded."""
+@contextlib.contextmanager
+def build_conditions(settings: TinyBaseSettings) -> Iterator[None]:
+    """Torch's thread count and oneDNN switch as `settings` asks, restored afterwards."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(settings.threads)
+    torch.backends.mkldnn.enabled = settings.onednn
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
+
+
+def weights_digest(model) -> str:
+    """A short hash of every parameter's bytes: two builds give the same base exactly when it matches."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progress: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
+    """Build the tiny base into `directory` (which must not exist yet); returns what was recorded. Without a
+    progress bar, `log` gets a line at every quarter of the pre-training."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    texts = base_texts(settings)
-    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task in ("shortcut", "dialects"))
-    model = build_model(settings, tokenizer)
-    bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
-               disable=not show_progress, dynamic_ncols=True)
+    with build_conditions(settings):
+        torch.manual_seed(settings.seed)
+        texts = base_texts(settings)
+        tokenizer = train_tokenizer(texts, settings.vocab_size,
+                                    split_on_spaces_only=settings.task in ("shortcut", "dialects"))
+        model = build_model(settings, tokenizer)
+        total = len(texts) // settings.batch_size
+        bar = tqdm(total=total, desc="tiny base: format pre-training", unit="step",
+                   disable=not show_progress, dynamic_ncols=True)
 
-    def progress(step: int, steps: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        def progress(step: int, steps: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if not show_progress and step % max(steps // 4, 1) == 0:
+                log(f"tiny base (seed {settings.seed}): step {step}/{steps}, loss {loss:.3f}, "
+                    f"{time.perf_counter() - start:.0f} s")
 
-    final_loss = pretrain(model, tokenizer, texts, settings, progress)
-    bar.close()
+        final_loss = pretrain(model, tokenizer, texts, settings, progress)
+        bar.close()
     record = {"settings": dataclasses.asdict(settings), "recipe": RECIPE_VERSION, "final_lm_loss": final_loss,
-              "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
+              "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start,
+              "weights_sha256": weights_digest(model)}
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -211,10 +250,10 @@ def ensure_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(), root: Opti
     if (final / SETTINGS_NAME).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building the embedded tiny LLaMA (once; cached in {final})")
+    log(f"building the embedded tiny LLaMA, seed {settings.seed} (once; cached in {final})")
     staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     try:
-        record = build_tiny_base(settings, staging, show_progress=show_progress)
+        record = build_tiny_base(settings, staging, show_progress=show_progress, log=log)
         try:
             os.rename(staging, final)
         except OSError:
