@@ -24,7 +24,7 @@ from causalattn.training.report import format_table, pooled, summarize_runs
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
 SMALL = tiny.TinyBaseSettings(vocab_size=300, hidden_size=32, intermediate_size=64, layers=2, heads=2, kv_heads=1,
-                              examples=32, batch_size=16)
+                              examples=32, batch_size=16, max_rounds=1)
 FAST = ["--train-examples", "32", "--eval-examples", "12", "--batch-size", "4", "--eval-batch-size", "8",
         "--adapter-len", "4", "--epochs", "1", "--lr", "0.05", "--warmup-steps", "1", "--backend", "reference",
         "--threads", "1"]
@@ -115,7 +115,7 @@ def test_a_job_on_two_bases_reports_each_and_pools_them(small_bases, tmp_path, c
     assert code == 0
     printed = capsys.readouterr().out
     # stdout is not a terminal here: the base builds and every run still say where the job is
-    assert "tiny base (seed 6): step" in printed and "[base 6, seed 1] ce+cat: training" in printed
+    assert "tiny base (seed 6): round 1, step" in printed and "[base 6, seed 1] ce+cat: training" in printed
     assert "[base 5, seed 0] [ce] epoch 1/1" in printed
     assert "over 2 independently built bases" in printed and "accuracy per base" in printed
     report = report_of(out)

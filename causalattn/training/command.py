@@ -98,7 +98,8 @@ def resolve_bases(config: TrainConfig, context: DistContext, log: Callable[[str]
         info = tiny.read_record(path)
         bases.append(Base(each.seed if config.bases > 1 else None, path, {
             "path": str(path), "embedded": True, "parameters": info["parameters"], "seed": each.seed,
-            "base_lm_loss": info["final_lm_loss"], "weights_sha256": info.get("weights_sha256"),
+            "base_lm_loss": info["final_lm_loss"], "reading_accuracy": info.get("reading_accuracy"),
+            "weights_sha256": info.get("weights_sha256"),
             "build_seconds": info["seconds"], "settings": info["settings"]}))
     return bases
 

@@ -2,7 +2,7 @@
 
 Each optimizer step runs this process's micro-batches (`batching.micro_batches`) with
 
-    loss = CE + [cat] exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
+    loss = CE + [cat] w * exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
                + [routed] vq_lambda * VQ + mi_lambda * MI                 (SPEC §7, ICLM)
                + [routed] invariant_ce * CE(invariant prompts alone)     (ICLM's CE(invariant); 0 by default)
 
@@ -326,7 +326,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         config = self.config
-        amp = cat_amp(epoch, config.cat_decay)
+        amp = config.cat_weight * cat_amp(epoch, config.cat_decay)
         order = epoch_order(len(self.job.data.train), config.seed, epoch)
         per_step = global_batch_size(config, self.context.world_size)
         bar = tqdm(total=self.steps, desc=f"{self.spec.name} epoch {epoch + 1}/{config.epochs}", unit="step",

@@ -22,6 +22,7 @@ from causalattn.training.config import TrainConfig
 from causalattn.training.loop import INVARIANT_SUFFIX, RunResult
 
 REPORT_NAME = "report.json"
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 def majority_accuracy(results: Sequence[RunResult]) -> dict[str, list[float]]:
@@ -49,20 +50,26 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         return _cancer_risk_note(model_info, data, results)
     steps = results[0].history[-1]["step"] if results[0].history else 0
     trained = "adapter and q/k" if config.train_qk else "adapter"
+    bases = model_info.get("bases", [model_info])
+    reads = [base.get("reading_accuracy") for base in bases if base.get("reading_accuracy") is not None]
+    reading = (f" (on fresh records the base{'s' if len(bases) > 1 else ''} answered that question right "
+               f"{', '.join(f'{r:.0%}' for r in reads)})") if reads else ""
+    built = (f"{len(bases)} bases, each built here from its own seed ({', '.join(str(b.get('seed')) for b in bases)}), "
+             "are" if len(bases) > 1 else "The base is")
     return (
-        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
-        "task's records with another question (is the overall risk high: the majority of all fields) and the cancer "
-        "question with random answers: it can read fields, but not which ones the cancer question is about. Each run "
+        f"This is a toy. {built} a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
+        "task's records, asked whether the overall risk (or the cancer risk) is high, answered by the majority of all "
+        f"7 fields{reading}: it can read fields, but not which ones the cancer question is about. Each run "
         f"trains {results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
         f"{len(data.train)} examples. In training the one-word cue (Fingers=yellow/clean) agrees with the label on "
         f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Alcohol: the label is their majority) "
         f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
         "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
-        f"all three. CAT here is the {config.cat_kind} loss with weight exp(-{config.cat_decay:g} × epoch). "
-        "'cause attn' shows whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
-        "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
-        "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
-        "(use --model with a real checkpoint for that).")
+        f"all three. CAT here is the {config.cat_kind} loss with weight {config.cat_weight:g} × "
+        f"exp(-{config.cat_decay:g} × epoch). 'cause attn' shows whether CAT moved the answer rows' attention onto "
+        "the causes, the accuracy columns whether the answers followed; ce+cat-random is the control (CAT onto as "
+        "many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
+        "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
 
 
 def _dialects_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
@@ -298,7 +305,10 @@ def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult
         "environment": {"world_size": world_size, "device": device, "torch": torch.__version__,
                         "transformers": transformers.__version__, "python": platform.python_version(),
                         "threads": torch.get_num_threads(), "cpu": cpu_model(), "onednn": torch.backends.mkldnn.enabled,
-                        "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        # the switches that change which CPU kernels run (and so the bits of a base build)
+                        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+                        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "wall_seconds": wall_seconds,
     }
 
