@@ -99,6 +99,7 @@ def resolve_bases(config: TrainConfig, context: DistContext, log: Callable[[str]
         bases.append(Base(each.seed if config.bases > 1 else None, path, {
             "path": str(path), "embedded": True, "parameters": info["parameters"], "seed": each.seed,
             "base_lm_loss": info["final_lm_loss"], "reading_accuracy": info.get("reading_accuracy"),
+            "reading_by_round": info.get("reading_by_round"),
             "weights_sha256": info.get("weights_sha256"),
             "build_seconds": info["seconds"], "settings": info["settings"]}))
     return bases
