@@ -243,9 +243,9 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     sizes = ", ".join(f"{s} {len(data.evals[s])}" for s in splits)
     if len(bases) > 1:
-        spread = (f"mean ± standard error over {len(bases)} independently built bases, each base's value the mean "
-                  f"of its {seeds} seeds ({len(bases) * seeds} runs per row; data, adapter init and order change with "
-                  "the seed); ")
+        each = f"the mean of its {seeds} seeds" if seeds > 1 else "its one seed"
+        spread = (f"mean ± standard error over {len(bases)} independently built bases, each base's value {each} "
+                  f"({len(bases) * seeds} runs per row; data, adapter init and order change with the seed); ")
     else:
         spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the "
                   "seed); " if seeds > 1 else "one seed; ")
