@@ -53,7 +53,7 @@ def test_the_cue_agrees_more_often_than_any_single_cause():
 
 def test_base_texts_answer_the_overall_question_and_the_cancer_question_at_random():
     rng = random.Random(13)
-    texts = [shortcut.base_text(rng, cancer_share=0.25) for _ in range(2000)]
+    texts = [shortcut.base_text(rng, cancer_share=0.25, cancer_answer="random") for _ in range(2000)]
     cancer = [t for t in texts if QUESTION in t]
     assert abs(len(cancer) / len(texts) - 0.25) < 0.04
     assert abs(sum(t.endswith(LABELS[0]) for t in cancer) / len(cancer) - 0.5) < 0.07
@@ -65,6 +65,26 @@ def test_base_texts_answer_the_overall_question_and_the_cancer_question_at_rando
             assert question.startswith(shortcut.OVERALL_QUESTION)
             numbers = [int(v) if v.isdigit() else v for v in values]
             assert question.endswith(shortcut.majority_label(numbers))
+
+
+def test_the_overall_base_answers_the_cancer_question_by_every_field():
+    rng = random.Random(14)
+    texts = [shortcut.base_text(rng, cancer_share=0.5, cancer_answer="overall") for _ in range(400)]
+    cancer = [t for t in texts if QUESTION in t]
+    assert 150 < len(cancer) < 250
+    for text in cancer:  # the same read-out as the overall question: the majority of all 7 fields
+        record, question = text.split(" . ")
+        values = [int(v) if v.isdigit() else v for v in (f.split("=")[1] for f in record.split(" "))]
+        assert question.endswith(shortcut.majority_label(values))
+
+
+def test_the_base_reading_check_asks_the_overall_question_of_fresh_records():
+    examples = shortcut.overall_examples(200, seed=3)
+    assert examples == shortcut.overall_examples(200, seed=3) and examples != shortcut.overall_examples(200, seed=4)
+    for example in examples:
+        assert shortcut.OVERALL_QUESTION in example.input and example.important == {}
+        assert example.target == shortcut.majority_label(list(example.values.values()))
+    assert 0.35 < sum(e.target == LABELS[0] for e in examples) / len(examples) < 0.65
 
 
 def test_reading_high_and_the_majority():

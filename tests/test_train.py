@@ -28,7 +28,7 @@ from causalattn.lab.training.config import TrainConfig, add_arguments, config_fr
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
 SMALL = tiny.TinyBaseSettings(vocab_size=300, hidden_size=32, intermediate_size=64, layers=2, heads=2, kv_heads=1,
-                              examples=32, batch_size=16)
+                              examples=32, batch_size=16, max_rounds=1)
 # Small enough for seconds per run; every path on: CAT, XG, two epochs, two micro-batches per step.
 FAST = ["--train-examples", "32", "--eval-examples", "12", "--batch-size", "4", "--eval-batch-size", "8",
         "--adapter-len", "4", "--epochs", "2", "--lr", "0.05", "--warmup-steps", "1", "--backend", "reference",
@@ -133,12 +133,17 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     embedded = config_from_args(parser.parse_args([]))
-    assert (embedded.cat_kind, embedded.cat_decay, embedded.train_qk, embedded.seeds) == ("div", 0.0, True, 3)
-    assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat+xg", "ce+cat-random"]
+    assert (embedded.cat_kind, embedded.cat_decay, embedded.cat_weight, embedded.train_qk, embedded.seeds) == (
+        "mass", 0.0, 1.0, True, 3)
+    assert embedded.cue_agreement == 0.97
+    assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat-random"]
     cancer = config_from_args(parser.parse_args(["--task", "cancer-risk"]))
     assert (cancer.cat_kind, cancer.cat_decay) == ("div", 1.0)  # CAT's own
-    chosen = config_from_args(parser.parse_args(["--cat-kind", "mass", "--cat-decay", "2"]))
-    assert (chosen.cat_kind, chosen.cat_decay) == ("mass", 2.0)
+    assert [run.name for run in cancer.runs] == ["ce", "ce+cat", "ce+cat+xg", "ce+cat-random"]
+    dialects = config_from_args(parser.parse_args(["--task", "dialects"]))
+    assert dialects.cue_agreement == 0.93
+    chosen = config_from_args(parser.parse_args(["--cat-kind", "div", "--cat-decay", "2", "--cue-agreement", "0.9"]))
+    assert (chosen.cat_kind, chosen.cat_decay, chosen.cue_agreement) == ("div", 2.0, 0.9)
 
 
 def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):

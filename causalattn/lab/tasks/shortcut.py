@@ -17,12 +17,14 @@ a shortcut model scores ~0 %, a causal one keeps its accuracy) and "independent"
 flip). Every example carries the causal annotation {label: ["Smoking=s", "Weight=w", "Alcohol=a"]}.
 
 The tiny base model learns this format from `base_text`: the same records, mostly with the question
-"Is the overall risk high or low?", answered by the majority of all 7 fields (the cue's "yellow" reads
-high), and otherwise the cancer question with a random answer. So the base has a read-out (attend to
-fields, add up how high they read), as a pretrained LLM can read a record, but does not know which
-fields the cancer question is about: the adapters must learn where to look, and that is what CE and
-CAT disagree on. (A base asked about *named* fields, "Is the Smoking risk high or low?", would be
-closer to an LLM, but the tiny one did not learn to match a name to its field in 3,000 steps.)
+"Is the overall risk high or low?", the rest with the cancer question, both answered by the majority of
+all 7 fields (the cue's "yellow" reads high). So the base has one read-out (attend to the fields, add up
+how high they read), as a pretrained LLM can read a record, and no reason to prefer any field: which
+fields the cancer question is about is left to the adapters, and that is what CE and CAT disagree on.
+(An earlier base answered the cancer question at random; whether it then shared the overall read-out
+with the cancer question differed from one base build to the next, and so did the CAT gain. A base
+asked about *named* fields, "Is the Smoking risk high or low?", would be closer to an LLM, but the tiny
+one did not learn to match a name to its field in 3,000 steps.)
 
 Each `Name=value` is one whitespace-delimited word, so the embedded tokenizer (which splits on spaces
 only, see `causalattn.lab.training.tiny`) gives it one token: a cause's name and value cannot be split
@@ -45,6 +47,7 @@ HIGH_FROM = 4  # 4, 5 and 6 of 1..6 read high: half the draws, so both majoritie
 DEFAULT_AGREEMENT = 0.93
 OVERALL_QUESTION = "Is the overall risk high or low?"
 CUE_MODES = ("train", "flipped", "independent", "random")
+CANCER_ANSWERS = ("overall", "random")  # how the base's texts answer the cancer question (see base_text)
 
 
 def reads_high(value) -> bool:
@@ -89,14 +92,30 @@ def make_example(rng: random.Random, mode: str, agreement: float) -> Example:
     return Example(input=f"{record} . {QUESTION} Answer:", target=label, important={label: causes}, values=values)
 
 
-def base_text(rng: random.Random, cancer_share: float) -> str:
+def base_text(rng: random.Random, cancer_share: float, cancer_answer: str) -> str:
     """One text of the base model's pre-training: a record with the cue independent of everything and
     the overall question (the answer: whether most of the 7 fields read high), or, with probability
-    `cancer_share`, the cancer question with a random answer (its format, not its rule)."""
+    `cancer_share`, the cancer question, answered the same way (`cancer_answer` "overall", the default
+    base: one read-out for both questions) or at random ("random": its format, not its rule)."""
+    if cancer_answer not in CANCER_ANSWERS:
+        raise ValueError(f"cancer_answer: expected one of {CANCER_ANSWERS}, got {cancer_answer!r}")
     values, record = draw_record(rng, "random", 0.5)
+    overall = majority_label(list(values.values()))
     if rng.random() < cancer_share:
-        return f"{record} . {QUESTION} Answer: {rng.choice(LABELS)}"
-    return f"{record} . {OVERALL_QUESTION} Answer: {majority_label(list(values.values()))}"
+        return f"{record} . {QUESTION} Answer: {overall if cancer_answer == 'overall' else rng.choice(LABELS)}"
+    return f"{record} . {OVERALL_QUESTION} Answer: {overall}"
+
+
+def overall_examples(n: int, *, seed: int) -> list[Example]:
+    """`n` records (every field independent) with the base's own question, "Is the overall risk high or
+    low?", and its answer: what the tiny base must read right before the adapters can redirect it."""
+    rng = random.Random(seed)
+    examples = []
+    for _ in range(n):
+        values, record = draw_record(rng, "random", 0.5)
+        examples.append(Example(input=f"{record} . {OVERALL_QUESTION} Answer:",
+                                target=majority_label(list(values.values())), important={}, values=values))
+    return examples
 
 
 def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAULT_AGREEMENT) -> list[Example]:

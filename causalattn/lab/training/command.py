@@ -18,15 +18,16 @@ import dataclasses
 import datetime
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
-from causalattn.lab.training import config as config_module
-from causalattn.lab.training import tiny
 from causalattn.data.batches import full_text
+from causalattn.lab.training import config as config_module
+from causalattn.lab.training import tiny, workers
 from causalattn.lab.training.batching import DataFiles, JobData, load_data, read_data_files
 from causalattn.lab.training.checkpoint import checkpoint_root
 from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
@@ -36,6 +37,15 @@ from causalattn.lab.training.report import build_report, format_table, toy_note,
 from causalattn.pretrained import resolve_pretrained
 
 ATTENTION_EXAMPLES = 3  # examples drawn in the attention heat maps
+
+
+class Base(NamedTuple):
+    """A base checkpoint of the job: its seed (an embedded base when the job has several, else None), its
+    directory and what the report says about it."""
+
+    seed: Optional[int]
+    path: Path
+    info: dict
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,22 +79,36 @@ def load_tokenizer(path: Path):
     return tokenizer
 
 
-def resolve_model(config: TrainConfig, context: DistContext, log: Callable[[str], None]) -> tuple[Path, dict]:
-    """The base checkpoint directory (building the tiny one on rank 0 when needed) and a description."""
+def resolve_bases(config: TrainConfig, context: DistContext, log: Callable[[str], None]) -> list[Base]:
+    """The base checkpoints of the job: --model, or the embedded tiny bases (seeds --base-seed, ...), built
+    on rank 0 when not cached yet (in --workers processes when there are several)."""
     if config.model is not None:
         if context.is_main:  # a GGUF file is converted once, by one process; the others then find the folder
             resolve_pretrained(config.model, log=log)
         context.barrier()
         path = resolve_pretrained(config.model)
-        return path, {"path": str(path), "source": config.model, "embedded": False}
-    settings = tiny.settings_for(config.task)
+        return [Base(None, path, {"path": str(path), "source": config.model, "embedded": False})]
+    settings = [tiny.settings_for(config.task, seed=seed, threads=config.base_threads, onednn=config.base_onednn)
+                for seed in range(config.base_seed, config.base_seed + config.bases)]
     if context.is_main:
-        tiny.ensure_tiny_base(settings, show_progress=not config.quiet and sys.stderr.isatty(), log=log)
+        show = not config.quiet and sys.stderr.isatty() and config.workers == 1
+        missing = [s for s in settings if not (tiny.cached_path(s) / tiny.SETTINGS_NAME).is_file()]
+        if config.workers > 1 and len(missing) > 1:
+            workers.build_bases(missing, config.workers)
+        for each in settings:
+            tiny.ensure_tiny_base(each, show_progress=show, log=log)
     context.barrier()
-    path = tiny.cached_path(settings)
-    info = tiny.read_record(path)
-    return path, {"path": str(path), "embedded": True, "parameters": info["parameters"],
-                  "base_lm_loss": info["final_lm_loss"], "settings": info["settings"]}
+    bases = []
+    for each in settings:
+        path = tiny.cached_path(each)
+        info = tiny.read_record(path)
+        bases.append(Base(each.seed if config.bases > 1 else None, path, {
+            "path": str(path), "embedded": True, "parameters": info["parameters"], "seed": each.seed,
+            "base_lm_loss": info["final_lm_loss"], "reading_accuracy": info.get("reading_accuracy"),
+            "reading_by_round": info.get("reading_by_round"),
+            "weights_sha256": info.get("weights_sha256"),
+            "build_seconds": info["seconds"], "settings": info["settings"]}))
+    return bases
 
 
 def prepare_output_dir(config: TrainConfig, context: DistContext) -> Path:
@@ -102,15 +126,16 @@ def prepare_output_dir(config: TrainConfig, context: DistContext) -> Path:
 
 
 class Plotter:
-    """Calls `causalattn.lab.training.plots` when that module is installed; rank 0 only; a failing plot is
-    reported and skipped, never the end of a finished training."""
+    """Calls `causalattn.lab.training.plots` when that module is installed and `active` (rank 0, and the job's
+    first unit for the attention figures); a failing plot is reported and skipped, never the end of a
+    finished training."""
 
-    def __init__(self, job: Job):
-        self.job = job
+    def __init__(self, output_dir: Path, active: bool):
+        self.output_dir = output_dir
         self.files: dict[str, str] = {}
         self.notes: list[str] = []
         self.module = None
-        if not job.context.is_main:
+        if not active:
             return
         try:
             from causalattn.lab.training import plots
@@ -121,32 +146,81 @@ class Plotter:
     def _call(self, key: str, filename: str, draw: Callable[[str], None]) -> None:
         if self.module is None:
             return
-        path = self.job.output_dir / filename
+        path = self.output_dir / filename
         try:
             draw(str(path))
             self.files[key] = str(path)
         except Exception as error:  # noqa: BLE001 - a plot must not cost the trained adapters
             self.notes.append(f"plot {filename} failed: {type(error).__name__}: {error}")
 
-    def attention(self, model: nn.Module, key: str, title: str) -> None:
-        if self.job.config.fsdp and self.job.context.distributed:
+    def attention(self, model: nn.Module, job: Job, key: str, title: str) -> None:
+        if job.config.fsdp and job.context.distributed:
             # a sharded model cannot run a forward on rank 0 alone
             note = "attention plots skipped: the model is sharded (--fsdp)"
             self.notes += [note] if note not in self.notes else []
             return
-        data = self.job.data
+        data = job.data
         # annotated examples, so the causes can be marked: test files often have no annotations
         pools = [*data.evals.values(), data.train]
         annotated = next(([e for e in pool if e.important] for pool in pools if any(e.important for e in pool)), [])
         examples = (annotated or pools[0])[:ATTENTION_EXAMPLES]
         self._call(f"attention_{key}", f"attention-{key.replace('+', '-')}.png",
-                   lambda path: self.module.plot_attention(model, self.job.tokenizer, examples, path, title))
+                   lambda path: self.module.plot_attention(model, job.tokenizer, examples, path, title))
 
     def curves(self, results: Sequence[RunResult]) -> None:
-        keys = ("run", "seed", "step", "loss", "ce", "cat", "xg")
-        history = [{k: row[k] for k in keys} for result in results for row in result.history]
-        accuracy = [row for r in results for row in r.accuracy]
+        keys = ("run", "step", "loss", "ce", "cat", "xg")
+        # one line per (base, seed): the same seed on two bases is two trainings
+        history = [{**{k: row[k] for k in keys}, "seed": (r.base, r.seed)} for r in results for row in r.history]
+        accuracy = [{**row, "seed": (r.base, r.seed)} for r in results for row in r.accuracy]
         self._call("curves", "curves.png", lambda path: self.module.plot_curves(history, accuracy, path))
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One (base, seed) of a job: every run of --runs from one base model on one seed's data."""
+
+    base: Base
+    seed: int
+    first: bool  # the job's first unit draws the attention figures
+
+    def runs_dir(self, config: TrainConfig, output_dir: Path) -> Path:
+        """<output-dir>[/base-B][/seed-K]: a level for each of several bases and several seeds."""
+        directory = output_dir / f"base-{self.base.seed}" if self.base.seed is not None else output_dir
+        return directory / f"seed-{self.seed}" if config.seeds > 1 else directory
+
+
+@dataclass
+class UnitResult:
+    results: list[RunResult]
+    plot_files: dict[str, str]
+    plot_notes: list[str]
+
+
+def run_unit(config: TrainConfig, unit: Unit, output_dir: Path, files: Optional[DataFiles],
+             context: Optional[DistContext] = None) -> UnitResult:
+    """Train every run of the job on `unit`; without `context` this is a worker process of its own."""
+    if context is None:
+        torch.set_num_threads(config.threads or 1)
+        context = DistContext(0, 1, 0, torch.device("cpu"))
+    where = f"base {unit.base.seed}, " if unit.base.seed is not None else ""
+    prefix = f"[{where}seed {unit.seed}] " if unit.base.seed is not None or config.seeds > 1 else ""
+    log: Callable[[str], None] = (lambda m: workers.log_line(prefix + m)) if context.is_main else (lambda m: None)
+    tokenizer = load_tokenizer(unit.base.path)
+    seed_config = dataclasses.replace(config, seed=unit.seed)
+    data = load_data(seed_config, files, tokenizer, log)
+    job = Job(seed_config, unit.base.path, tokenizer, data, context, output_dir,
+              (lambda m: None) if config.quiet else log, unit.runs_dir(config, output_dir), base=unit.base.seed)
+    plotter = Plotter(output_dir, context.is_main and unit.first)
+    results = []
+    for index, spec in enumerate(config.runs):
+        log(f"{spec.name}: training ({index + 1}/{len(config.runs)} of this unit)")
+        before = ((lambda model: plotter.attention(model, job, "before", "before adapter training (gates 0)"))
+                  if index == 0 else None)
+        result, model = Trainer(job, spec).run(before_training=before)
+        plotter.attention(model, job, spec.name, f"after training: {spec.name} (seed {unit.seed})")
+        del model
+        results.append(result)
+    return UnitResult(results, plotter.files, plotter.notes)
 
 
 def train(config: TrainConfig) -> Optional[dict]:
@@ -164,38 +238,36 @@ def train(config: TrainConfig) -> Optional[dict]:
         # one training step took 0.19 s with 1 thread and 3.8 s with 2 (threads waiting on each other).
         torch.set_num_threads(1)
     try:
-        log: Callable[[str], None] = print if context.is_main else (lambda message: None)
-        quiet_log = (lambda message: None) if config.quiet else log
-        model_path, model_info = resolve_model(config, context, log)
-        tokenizer = load_tokenizer(model_path)
-        results, plotter, data, output_dir = [], None, None, None
-        for seed in range(config.seed, config.seed + config.seeds):
-            seed_config = dataclasses.replace(config, seed=seed)
-            data = load_data(seed_config, files, tokenizer, log)
-            if plotter is None:  # the data is checked before the output directory exists
-                _check_data(config, data, log)
-                _check_lengths(config, data, files, tokenizer)
-                output_dir = prepare_output_dir(config, context)
-            runs_dir = output_dir / f"seed-{seed}" if config.seeds > 1 else output_dir
-            job = Job(seed_config, model_path, tokenizer, data, context, output_dir, quiet_log, runs_dir)
-            log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) on "
-                f"{data.source}; {context.world_size} process(es) on {context.device}; output in {output_dir}")
-            first_seed = plotter is None
-            plotter = plotter or Plotter(job)
-
-            def plot_before(model: nn.Module) -> None:
-                plotter.attention(model, "before", "before adapter training (gates 0)")
-
-            for index, spec in enumerate(config.runs):
-                before = plot_before if index == 0 and first_seed and context.is_main else None
-                result, model = Trainer(job, spec).run(before_training=before)
-                if context.is_main and first_seed:
-                    plotter.attention(model, spec.name, f"after training: {spec.name} (seed {seed})")
-                del model
-                results.append(result)
+        log: Callable[[str], None] = workers.log_line if context.is_main else (lambda message: None)
+        bases = resolve_bases(config, context, log)
+        tokenizer = load_tokenizer(bases[0].path)
+        data = load_data(config, files, tokenizer, lambda message: None)
+        _check_data(config, data, log)  # the data is checked before the output directory exists
+        _check_lengths(config, data, files, tokenizer)
+        output_dir = prepare_output_dir(config, context)
+        seeds = range(config.seed, config.seed + config.seeds)
+        pairs = [(base, seed) for base in bases for seed in seeds]
+        units = [Unit(base, seed, first=index == 0) for index, (base, seed) in enumerate(pairs)]
+        parallel = config.workers > 1 and len(units) > 1 and not context.distributed
+        log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) x "
+            f"{config.seeds} seed(s) x {len(bases)} base(s) on {data.source.split(' (')[0]}; "
+            f"{config.workers if parallel else context.world_size} process(es) on {context.device}; "
+            f"output in {output_dir}")
+        if parallel:
+            outcomes = workers.map_units(run_unit, [(config, unit, output_dir, files) for unit in units],
+                                         config.workers)
+        else:
+            outcomes = [run_unit(config, unit, output_dir, files, context) for unit in units]
         if not context.is_main:
             return None
+        results = [result for outcome in outcomes for result in outcome.results]
+        plotter = Plotter(output_dir, True)
+        for outcome in outcomes:
+            plotter.files.update(outcome.plot_files)
+            plotter.notes += outcome.plot_notes
         plotter.curves(results)
+        model_info = bases[0].info if len(bases) == 1 else {
+            "embedded": True, "parameters": bases[0].info["parameters"], "bases": [base.info for base in bases]}
         note = toy_note(model_info, data, results, config) if model_info["embedded"] and config.data == STG else None
         report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
                               device=str(context.device), wall_seconds=time.perf_counter() - start,
@@ -206,7 +278,7 @@ def train(config: TrainConfig) -> Optional[dict]:
             raise ConfigError(f"--output-dir: could not write the report in {output_dir} "
                               f"({error.strerror or error}); the runs' checkpoints and adapters are written: make "
                               "room and rerun with --resume") from None
-        print(_summary(report, results, data, path, note, plotter.notes))
+        print(_summary(report, results, data, path, note, plotter.notes), flush=True)
         return report
     finally:
         teardown(context)

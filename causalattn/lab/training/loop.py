@@ -2,7 +2,7 @@
 
 Each optimizer step runs this process's micro-batches (`batching.micro_batches`) with
 
-    loss = CE + [cat] exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
+    loss = CE + [cat] w * exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
                + [routed] vq_lambda * VQ + mi_lambda * MI                 (SPEC §7, ICLM)
                + [routed] invariant_ce * CE(invariant prompts alone)     (ICLM's CE(invariant); 0 by default)
 
@@ -63,6 +63,7 @@ class Job:
     output_dir: Path
     log: Callable[[str], None]
     runs_dir: Optional[Path] = None  # where the runs' folders go (default output_dir)
+    base: Optional[int] = None  # the embedded base's seed when the job trains on several bases
     # {split: accuracy} with every gate 0: the base model's answers, the same for every run of the job,
     # so measured by the first run only (on the embedded default it is 9 of the 36 evaluations)
     initial_accuracy: dict = field(default_factory=dict)
@@ -86,6 +87,7 @@ class RunResult:
     resumed_at_epoch: Optional[int] = None
     parameters: dict = field(default_factory=dict)
     majority: dict = field(default_factory=dict)  # {split: accuracy of the majority answer} on this seed's data
+    base: Optional[int] = None  # the seed of the embedded base it was trained on (several bases), else None
 
     def final_accuracy(self) -> dict[str, float]:
         last = max((row["epoch"] for row in self.accuracy), default=0)
@@ -332,14 +334,14 @@ class Trainer:
         result = RunResult(self.spec.name, config.seed, progress.history, progress.accuracy, progress.train_seconds,
                            examples / max(progress.train_seconds, 1e-9), adapter_dir, resumed_at,
                            {"adapter": summary.adapter_params, "trainable": summary.trainable_params,
-                            "total": summary.total_params}, job.data.majority_accuracy())
+                            "total": summary.total_params}, job.data.majority_accuracy(), job.base)
         return result, model
 
     def _train_epoch(self, parallel: ParallelModel, optimizer, scheduler, progress: ckpt.Progress, epoch: int) -> None:
         from tqdm.auto import tqdm
 
         config = self.config
-        amp = cat_amp(epoch, config.cat_decay)
+        amp = config.cat_weight * cat_amp(epoch, config.cat_decay)
         order = epoch_order(len(self.job.data.train), config.seed, epoch)
         per_step = global_batch_size(config, self.context.world_size)
         bar = tqdm(total=self.steps, desc=f"{self.spec.name} epoch {epoch + 1}/{config.epochs}", unit="step",

@@ -22,6 +22,7 @@ from causalattn.lab.training.config import TrainConfig
 from causalattn.lab.training.loop import INVARIANT_SUFFIX, RunResult
 
 REPORT_NAME = "report.json"
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS")
 
 
 def majority_accuracy(results: Sequence[RunResult]) -> dict[str, list[float]]:
@@ -49,20 +50,26 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         return _cancer_risk_note(model_info, data, results)
     steps = results[0].history[-1]["step"] if results[0].history else 0
     trained = "adapter and q/k" if config.train_qk else "adapter"
+    bases = model_info.get("bases", [model_info])
+    reads = [base.get("reading_accuracy") for base in bases if base.get("reading_accuracy") is not None]
+    reading = (f" (on fresh records the base{'s' if len(bases) > 1 else ''} answered that question right "
+               f"{', '.join(f'{r:.0%}' for r in reads)})") if reads else ""
+    built = (f"{len(bases)} bases, each built here from its own seed ({', '.join(str(b.get('seed')) for b in bases)}), "
+             "are" if len(bases) > 1 else "The base is")
     return (
-        f"This is a toy. The base is a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
-        "task's records with another question (is the overall risk high: the majority of all fields) and the cancer "
-        "question with random answers: it can read fields, but not which ones the cancer question is about. Each run "
+        f"This is a toy. {built} a {model_info.get('parameters', 0):,}-parameter LLaMA pre-trained briefly on the "
+        "task's records, asked whether the overall risk (or the cancer risk) is high, answered by the majority of all "
+        f"7 fields{reading}: it can read fields, but not which ones the cancer question is about. Each run "
         f"trains {results[0].parameters.get('trainable', 0):,} {trained} parameters for {steps} steps on "
         f"{len(data.train)} examples. In training the one-word cue (Fingers=yellow/clean) agrees with the label on "
         f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Alcohol: the label is their majority) "
         f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
         "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
-        f"all three. CAT here is the {config.cat_kind} loss with weight exp(-{config.cat_decay:g} × epoch). "
-        "'cause attn' shows whether CAT moved the answer rows' attention onto the causes, the accuracy columns whether the answers "
-        "followed; ce+cat-random is the control (CAT onto as many random fields). A difference counts when the ±2 "
-        "standard-error intervals do not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs "
-        "(use --model with a real checkpoint for that).")
+        f"all three. CAT here is the {config.cat_kind} loss with weight {config.cat_weight:g} × "
+        f"exp(-{config.cat_decay:g} × epoch). 'cause attn' shows whether CAT moved the answer rows' attention onto "
+        "the causes, the accuracy columns whether the answers followed; ce+cat-random is the control (CAT onto as "
+        "many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
+        "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
 
 
 def _dialects_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
@@ -150,19 +157,41 @@ def _routing_lines(summary: dict) -> list[str]:
     return lines
 
 
+def pooled(values: Sequence[float], bases: Sequence[Optional[int]]) -> tuple[float, Optional[float], dict]:
+    """Mean and standard error of `values` (one per run), and {base: mean} when they come from several bases.
+
+    With one base the error is over the runs. With several, each base's runs are averaged first and the
+    mean and error are over those base means: runs on one base share its draw, so counting them as
+    independent would understate the spread a new base build brings (the error is then over B values,
+    not B x S)."""
+    groups: dict[Optional[int], list[float]] = {}
+    for value, base in zip(values, bases):
+        groups.setdefault(base, []).append(value)
+    if len(groups) < 2:
+        mean, error = mean_and_error(values)
+        return mean, None if math.isnan(error) else error, {}
+    means = {base: sum(group) / len(group) for base, group in groups.items()}
+    mean, error = mean_and_error(list(means.values()))
+    return mean, None if math.isnan(error) else error, means
+
+
 def summarize_runs(results: Sequence[RunResult]) -> dict[str, dict]:
-    """{run name: {"seeds": [...], metric: {"mean", "se", "values"}}} over the seeds of each run."""
+    """{run name: {"seeds": [...], "bases": [...], metric: {"mean", "se", "values"[, "base_means"]}}} over the
+    seeds (and bases, see `pooled`) of each run."""
     grouped: dict[str, list[RunResult]] = {}
     for result in results:
         grouped.setdefault(result.name, []).append(result)
     summary = {}
     for name, runs in grouped.items():
         metrics = [run_metrics(r) for r in runs]
-        entry: dict = {"seeds": [r.seed for r in runs]}
+        entry: dict = {"seeds": [r.seed for r in runs], "bases": [r.base for r in runs]}
         for key in metrics[0]:
-            values = [m[key] for m in metrics if key in m]
-            mean, error = mean_and_error(values)
-            entry[key] = {"mean": mean, "se": None if math.isnan(error) else error, "values": values}
+            kept = [(m[key], r.base) for m, r in zip(metrics, runs) if key in m]
+            values = [value for value, _ in kept]
+            mean, error, base_means = pooled(values, [base for _, base in kept])
+            entry[key] = {"mean": mean, "se": error, "values": values}
+            if base_means:
+                entry[key]["base_means"] = {str(base): value for base, value in base_means.items()}
         summary[name] = entry
     return summary
 
@@ -182,10 +211,13 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
     if not results:
         return "(no runs)"
     summary = summarize_runs(results)
-    seeds = max(len(entry["seeds"]) for entry in summary.values())
     first_runs = [r for r in results if r.name == results[0].name]
+    bases = sorted({r.base for r in first_runs if r.base is not None})
+    seeds = len({r.seed for r in first_runs})
     before_values = {s: [row["accuracy"] for r in first_runs for row in r.accuracy if row["epoch"] == 0
                          and row["split"] == s] for s in splits}
+    before_bases = {s: [r.base for r in first_runs for row in r.accuracy if row["epoch"] == 0 and row["split"] == s]
+                    for s in splits}
     majority = majority_accuracy(results)
     head = ["run"] + [f"{s} acc" for s in splits] + ["CE", "CAT", "XG var", "cause attn", "train s"]
     blank = [""] * (len(head) - 1 - len(splits))
@@ -194,9 +226,10 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
     if all(before_values.values()):
         # The first step's forward runs with every gate still 0: the base model's attention.
         first = [r.history[0]["cause_attn"] for r in first_runs if r.history]
+        first_bases = [r.base for r in first_runs if r.history]
         rows.append(["before (gates 0)"]
-                    + [_cell(dict(zip(("mean", "se"), _error_or_none(before_values[s]))), ".3f") for s in splits]
-                    + blank[:-2] + [_cell(dict(zip(("mean", "se"), _error_or_none(first))), ".3f") if first else "", ""])
+                    + [_cell(_pooled_cell(before_values[s], before_bases[s]), ".3f") for s in splits]
+                    + blank[:-2] + [_cell(_pooled_cell(first, first_bases), ".3f") if first else "", ""])
     for name, entry in summary.items():
         rows.append([name] + [_cell(entry.get(f"acc_{s}"), ".3f") for s in splits]
                     + [_cell(entry.get("ce"), ".3f"), _cell(entry.get("cat"), ".3f"), _cell(entry.get("xg"), ".1e"),
@@ -209,12 +242,38 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
              for r in [head] + rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     sizes = ", ".join(f"{s} {len(data.evals[s])}" for s in splits)
-    spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the seed); "
-              if seeds > 1 else "one seed; ")
+    if len(bases) > 1:
+        each = f"the mean of its {seeds} seeds" if seeds > 1 else "its one seed"
+        spread = (f"mean ± standard error over {len(bases)} independently built bases, each base's value {each} "
+                  f"({len(bases) * seeds} runs per row; data, adapter init and order change with the seed); ")
+    else:
+        spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the "
+                  "seed); " if seeds > 1 else "one seed; ")
     lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
                  "of the answer rows' attention on the annotated causes) are means over the last epoch, logged for "
                  "every run and in the loss only where the run name says so; train s is per run)")
-    return "\n".join(lines + _routing_lines(summary))
+    return "\n".join(lines + _routing_lines(summary) + base_spread_lines(summary, splits))
+
+
+def base_spread_lines(summary: dict, splits: Sequence[str]) -> list[str]:
+    """With several bases: each run's accuracy per base (the mean over that base's seeds), one column per
+    base, so the spread over base builds is visible and not only its standard error."""
+    entries = [(name, entry) for name, entry in summary.items() if "base_means" in entry.get(f"acc_{splits[0]}", {})]
+    if not entries:
+        return []
+    bases = list(entries[0][1][f"acc_{splits[0]}"]["base_means"])
+    head = ["run"] + [f"base {base}" for base in bases]
+    rows = [[name] + ["/".join(format(entry[f"acc_{s}"]["base_means"][base], ".2f") for s in splits)
+                      for base in bases] for name, entry in entries]
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head] + rows]
+    return ["", f"accuracy per base ({' / '.join(splits)}; each the mean over the base's seeds):", *lines]
+
+
+def _pooled_cell(values: Sequence[float], bases: Sequence[Optional[int]]) -> dict:
+    mean, error, _ = pooled(values, bases)
+    return {"mean": mean, "se": error}
 
 
 def _error_or_none(values: Sequence[float]) -> tuple[float, Optional[float]]:
@@ -236,7 +295,7 @@ def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult
                  "majority_accuracy": {split: {"mean": mean_and_error(values)[0], "values": values}
                                        for split, values in majority_accuracy(results).items()}},
         "summary": summarize_runs(results),
-        "runs": [{"name": r.name, "seed": r.seed, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
+        "runs": [{"name": r.name, "seed": r.seed, "base": r.base, "final_accuracy": r.final_accuracy(), "accuracy": r.accuracy,
                   "history": r.history, "train_seconds": r.train_seconds,
                   "examples_per_second": r.examples_per_second, "adapter_dir": str(r.adapter_dir),
                   "resumed_at_epoch": r.resumed_at_epoch, "parameters": r.parameters,
@@ -245,9 +304,25 @@ def build_report(config: TrainConfig, data: JobData, results: Sequence[RunResult
         "note": note,
         "environment": {"world_size": world_size, "device": device, "torch": torch.__version__,
                         "transformers": transformers.__version__, "python": platform.python_version(),
-                        "threads": torch.get_num_threads()},
+                        "threads": torch.get_num_threads(), "cpu": cpu_model(), "onednn": torch.backends.mkldnn.enabled,
+                        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                        # the switches that change which CPU kernels run (and so the bits of a base build)
+                        "kernel_env": {k: os.environ[k] for k in KERNEL_ENV if k in os.environ},
+                        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
         "wall_seconds": wall_seconds,
     }
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def write_report(directory: Path, report: dict) -> Path:

@@ -20,6 +20,7 @@ temporary folder beside and renamed into place, so an interrupted build never le
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -31,14 +32,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
 from causalattn.lab.tasks import dialects, shortcut, stg
 
 # Bump when the build recipe changes in a way the settings do not show, so old caches are not reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 SETTINGS_NAME = "tiny_base.json"
 PAD, BOS = "<pad>", "<s>"
 ANSWER = "Answer:"
@@ -64,6 +65,19 @@ class TinyBaseSettings:
     # shortcut and dialects tasks: share of texts asking the cancer question (with a random answer, so the base knows
     # its format but not its rule); the rest ask the overall question, whose answer the base must learn
     cancer_share: float = 0.2
+    # shortcut task: "overall" answers the cancer question too by the majority of all fields, so the base's
+    # read-out serves both questions; "random" gives it random answers (its format only)
+    cancer_answer: str = "overall"
+    # shortcut task: pre-training rounds (each `examples` fresh texts, a fresh warm-up + cosine) until the
+    # base answers its own question right on `reading_target` of fresh records, at most `max_rounds`. One
+    # round of 1,000 steps left some seeds unable to read (50-58 % on the validation bases 501 and 503,
+    # 82-96 % on others), and the CAT runs on those bases collapsed to one answer.
+    reading_target: float = 0.9
+    max_rounds: int = 4
+    # How the build runs (the job sets one torch thread; 2 threads or torch's own kernels instead of
+    # oneDNN's sum in another order and give another base: stand-ins for another machine)
+    threads: int = 1
+    onednn: bool = True
 
     def key(self) -> str:
         """A short hash of the settings and the recipe version: the cache folder's name."""
@@ -71,10 +85,12 @@ class TinyBaseSettings:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def settings_for(task: str) -> TinyBaseSettings:
-    """The embedded base of `task`: the dialects task writes every field twice (two dialects), so its
-    tokenizer needs 512 entries to keep each of its 84 field words one token (400 splits 55 of them)."""
-    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size)
+def settings_for(task: str, **build: object) -> TinyBaseSettings:
+    """The embedded base of `task` (`build`: seed, threads, onednn): the dialects task writes every field
+    twice (two dialects), so its tokenizer needs 512 entries to keep each of its 84 field words one token
+    (400 splits 55 of them)."""
+    return TinyBaseSettings(task=task, vocab_size=512 if task == "dialects" else TinyBaseSettings.vocab_size,
+                            **build)
 
 
 def cache_root() -> Path:
@@ -89,13 +105,14 @@ def cached_path(settings: TinyBaseSettings, root: Optional[Path] = None) -> Path
     return (root if root is not None else cache_root()) / f"tiny-llama-{settings.key()}"
 
 
-def base_texts(settings: TinyBaseSettings) -> list[str]:
+def base_texts(settings: TinyBaseSettings, round_index: int = 0) -> list[str]:
     """The task's text with independent feature values: for cancer-risk with random answers (the format,
     not the rule); for the shortcut and dialects tasks their `base_text` (reading fields, but not which
-    ones matter)."""
-    rng = random.Random(settings.seed)
+    ones matter). Each pre-training round draws its own texts."""
+    rng = random.Random(settings.seed if round_index == 0 else f"{settings.seed}-round-{round_index}")
     if settings.task == "shortcut":
-        return [shortcut.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
+        return [shortcut.base_text(rng, settings.cancer_share, settings.cancer_answer)
+                for _ in range(settings.examples)]
     if settings.task == "dialects":
         return [dialects.base_text(rng, settings.cancer_share) for _ in range(settings.examples)]
     examples = stg.generate(settings.examples, seed=settings.seed, ood=True)
@@ -172,26 +189,82 @@ def pretrain(model, tokenizer, texts: list[str], settings: TinyBaseSettings,
     return loss
 
 
-def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progress: bool = True) -> dict:
-    """Build the tiny base into `directory` (which must not exist yet); returns what was recorded."""
+@contextlib.contextmanager
+def build_conditions(settings: TinyBaseSettings) -> Iterator[None]:
+    """Torch's thread count and oneDNN switch as `settings` asks, restored afterwards."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(settings.threads)
+    torch.backends.mkldnn.enabled = settings.onednn
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = onednn
+
+
+def weights_digest(model) -> str:
+    """A short hash of every parameter's bytes: two builds give the same base exactly when it matches."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+READING_EXAMPLES = 400  # records of the base's read-out check (a standard error of about 2 points)
+
+
+def reading_accuracy(model, tokenizer, settings: TinyBaseSettings) -> Optional[float]:
+    """The shortcut base's accuracy on its own question (the majority of all fields) on fresh records:
+    whether it learned to read; None for the other tasks."""
+    if settings.task != "shortcut":
+        return None
+    from causalattn.lab.training.distributed import DistContext
+    from causalattn.lab.training.evaluate import accuracy
+
+    examples = shortcut.overall_examples(READING_EXAMPLES, seed=settings.seed + 1_000_003)
+    return accuracy(model, tokenizer, examples, stg.LABELS, context=DistContext(0, 1, 0, torch.device("cpu")),
+                    batch_size=64)
+
+
+def build_tiny_base(settings: TinyBaseSettings, directory: Path, *, show_progress: bool = True,
+                    log: Callable[[str], None] = print) -> dict:
+    """Build the tiny base into `directory` (which must not exist yet); returns what was recorded. Without a
+    progress bar, `log` gets a line at every quarter of each pre-training round."""
     from tqdm.auto import tqdm
 
     start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    texts = base_texts(settings)
-    tokenizer = train_tokenizer(texts, settings.vocab_size, split_on_spaces_only=settings.task in ("shortcut", "dialects"))
-    model = build_model(settings, tokenizer)
-    bar = tqdm(total=len(texts) // settings.batch_size, desc="tiny base: format pre-training", unit="step",
-               disable=not show_progress, dynamic_ncols=True)
+    with build_conditions(settings):
+        torch.manual_seed(settings.seed)
+        texts = base_texts(settings)
+        tokenizer = train_tokenizer(texts, settings.vocab_size,
+                                    split_on_spaces_only=settings.task in ("shortcut", "dialects"))
+        model = build_model(settings, tokenizer)
+        rounds: list[Optional[float]] = []
+        while True:
+            steps = len(texts) // settings.batch_size
+            bar = tqdm(total=steps, desc=f"tiny base: pre-training round {len(rounds) + 1}", unit="step",
+                       disable=not show_progress, dynamic_ncols=True)
 
-    def progress(step: int, steps: int, loss: float) -> None:
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            def progress(step: int, steps: int, loss: float) -> None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+                if not show_progress and step % max(steps // 4, 1) == 0:
+                    log(f"tiny base (seed {settings.seed}): round {len(rounds) + 1}, step {step}/{steps}, "
+                        f"loss {loss:.3f}, {time.perf_counter() - start:.0f} s")
 
-    final_loss = pretrain(model, tokenizer, texts, settings, progress)
-    bar.close()
+            final_loss = pretrain(model, tokenizer, texts, settings, progress)
+            bar.close()
+            rounds.append(reading_accuracy(model, tokenizer, settings))
+            if rounds[-1] is None or rounds[-1] >= settings.reading_target or len(rounds) >= settings.max_rounds:
+                break
+            log(f"tiny base (seed {settings.seed}): reads its own question right {rounds[-1]:.0%} after round "
+                f"{len(rounds)}, below {settings.reading_target:.0%}: another round")
+            texts = base_texts(settings, len(rounds))
     record = {"settings": dataclasses.asdict(settings), "recipe": RECIPE_VERSION, "final_lm_loss": final_loss,
-              "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start}
+              "reading_accuracy": rounds[-1], "reading_by_round": rounds,
+              "parameters": sum(p.numel() for p in model.parameters()), "seconds": time.perf_counter() - start,
+              "weights_sha256": weights_digest(model)}
     directory.mkdir(parents=True)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
@@ -211,10 +284,10 @@ def ensure_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(), root: Opti
     if (final / SETTINGS_NAME).is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    log(f"building the embedded tiny LLaMA (once; cached in {final})")
+    log(f"building the embedded tiny LLaMA, seed {settings.seed} (once; cached in {final})")
     staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     try:
-        record = build_tiny_base(settings, staging, show_progress=show_progress)
+        record = build_tiny_base(settings, staging, show_progress=show_progress, log=log)
         try:
             os.rename(staging, final)
         except OSError:
@@ -223,6 +296,8 @@ def ensure_tiny_base(settings: TinyBaseSettings = TinyBaseSettings(), root: Opti
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-    log(f"tiny LLaMA: {record['parameters']:,} parameters, language-model loss {record['final_lm_loss']:.3f} "
-        f"after {record['seconds']:.0f} s")
+    reads = record["reading_accuracy"]
+    log(f"tiny LLaMA (seed {settings.seed}): {record['parameters']:,} parameters, language-model loss "
+        f"{record['final_lm_loss']:.3f}" + (f", reads its own question right {reads:.0%}" if reads is not None else "")
+        + f", after {record['seconds']:.0f} s")
     return final
