@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from causalattn.lab.training import config as config_module
-from causalattn.lab.training import tiny
+from causalattn.lab.training import lora, tiny
 from causalattn.lab.training.batching import JobData, load_data, read_data_files
 from causalattn.lab.training.checkpoint import checkpoint_root
 from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
@@ -178,6 +178,8 @@ def train(config: TrainConfig) -> Optional[dict]:
             job = Job(seed_config, model_path, tokenizer, data, context, output_dir, quiet_log, runs_dir)
             log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) on "
                 f"{data.source}; {context.world_size} process(es) on {context.device}; output in {output_dir}")
+            if plotter is None and config.lora_rank:
+                log(f"causalattn train: {lora.describe(config.lora_rank, config.lora_targets)}")
             first_seed = plotter is None
             plotter = plotter or Plotter(job)
 
