@@ -152,3 +152,24 @@ def test_trainer_collator_pads_with_eos_or_refuses_at_construction(tiny_tokenize
     bare.pad_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an EOS token"):
         cah.CausalCollator(bare)
+
+
+def test_real_model_protocol_cuts_validation_from_train_only_and_tables_what_finished(tmp_path):
+    from benchmarks import real_model
+
+    stg = tmp_path / "stg"
+    stg.mkdir()
+    for name, count in (("train", 40), ("iid", 8), ("ood", 8)):
+        write(stg / real_model.FILES[name], stg_records(count, seed=len(name)))
+    train_lines = set((stg / real_model.FILES["train"]).read_text().splitlines())
+    split = real_model.split_validation(stg / real_model.FILES["train"], tmp_path / "work" / "data", seed=0)
+    val, rest = (set(split[k].read_text().splitlines()) for k in ("val", "train"))
+    assert len(val) == 10 and not val & rest and val | rest == train_lines  # a quarter, disjoint, train3 only
+    assert real_model.split_validation(stg / real_model.FILES["train"], tmp_path / "work" / "data", seed=1) == split
+    command = real_model.job_command("M", "lora-qk-long", real_model.SELECT_RUNS, split["train"], {"val": split["val"]},
+                                     0, tmp_path / "job", 1, ["--threads", "1"])
+    assert command.count("--epochs") == 1 and command[-1] == "1" and "--resume" in command
+    stg_files = {name: stg / file for name, file in real_model.FILES.items()}
+    assert real_model.summarize(tmp_path / "work", tmp_path / "results", stg_files, split) is None
+    text = (tmp_path / "results" / "selection.md").read_text()
+    assert "| lora-qk: ce+cat | 0 (not finished)" in text and "no recipe is chosen yet" in text
