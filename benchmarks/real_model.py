@@ -80,17 +80,35 @@ def job_command(model: str, recipe: str, runs: Sequence[str], data: Path, evals:
     return command + recipe_flags + list(extra)
 
 
+def claim(output: Path) -> bool:
+    """Take the job's lock file (its owner's pid), so that two instances of this script, e.g. one per
+    recipe on a machine with idle cores, never train the same job; a lock whose process is gone is taken over."""
+    lock = output / "job.lock"
+    output.mkdir(parents=True, exist_ok=True)
+    try:
+        owner = int(lock.read_text())
+        os.kill(owner, 0)
+        return owner == os.getpid()
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        lock.write_text(str(os.getpid()))
+        return True
+
+
 def run_job(command: list[str], output: Path, ledger: Path) -> bool:
-    """Run one job unless its report exists; its log goes to output/train.log; True when it finished."""
+    """Run one job unless its report exists or another instance runs it; its log goes to output/train.log;
+    True when it finished."""
     if (output / "report.json").is_file():
         return True
-    output.mkdir(parents=True, exist_ok=True)
+    if not claim(output):
+        print(f"real_model: {output} is being trained by another process; skipped", file=sys.stderr)
+        return False
     entry = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
              "load_average": os.getloadavg()}
     start = time.perf_counter()
     with open(output / "train.log", "a", encoding="utf-8") as log:
         code = subprocess.call(command, stdout=log, stderr=subprocess.STDOUT)
     entry.update(exit_code=code, wall_seconds=round(time.perf_counter() - start, 1))
+    (output / "job.lock").unlink()
     with open(ledger, "a", encoding="utf-8") as file:
         file.write(json.dumps(entry) + "\n")
     return code == 0
@@ -221,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--seeds", type=int, default=3, help="seeds of each final run (default 3)")
     parser.add_argument("--select-seeds", type=int, default=1, help="seeds of each selection run (default 1)")
     parser.add_argument("--epochs", type=int, default=1, help="epochs of a recipe that does not set its own")
+    parser.add_argument("--recipes", default=",".join(RECIPES),
+                        help=f"the recipes this instance trains in the selection (default {','.join(RECIPES)})")
     parser.add_argument("--recipe", choices=tuple(RECIPES), default=None,
                         help="the final runs' recipe (default: the one chosen on validation)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (default 0)")
@@ -236,7 +256,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (args.results / "extra_flags.txt").write_text(" ".join(extra) + "\n", encoding="utf-8")
     chosen = summarize(work, args.results, stg, split)
     if args.stage in ("all", "select"):
-        for recipe in RECIPES:
+        for recipe in args.recipes.split(","):
+            if recipe not in RECIPES:
+                parser.error(f"--recipes: {recipe!r} is not one of {', '.join(RECIPES)}")
             for seed in range(args.select_seeds):
                 output = work / "select" / recipe / f"seed-{seed}"
                 run_job(job_command(args.model, recipe, SELECT_RUNS, split["train"], {"val": split["val"]}, seed, output,
