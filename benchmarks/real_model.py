@@ -209,8 +209,8 @@ def summarize(work: Path, results: Path, stg: dict[str, Path], split_paths: dict
     chosen = max(finished, key=finished.get) if complete else None
     text = table("Recipe selection (validation split of train3)", groups, ["val"], majority({"val": split_paths["val"]}))
     text += (f"\nChosen on validation ({CRITERION_RUN} accuracy): **{chosen}**\n" if chosen else
-             f"\nNot every recipe has finished ({', '.join(sorted(finished)) or 'none'} of {', '.join(RECIPES)}); "
-             "no recipe is chosen yet.\n")
+             f"\nRecipes whose {CRITERION_RUN} run has finished: {', '.join(sorted(finished)) or 'none'} (of "
+             f"{', '.join(RECIPES)}); no recipe is chosen until every one has.\n")
     final_dir = work / "final"
     recipe_file = final_dir / "recipe"
     final_recipe = recipe_file.read_text().strip() if recipe_file.is_file() else None

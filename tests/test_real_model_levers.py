@@ -172,7 +172,7 @@ def test_real_model_protocol_cuts_validation_from_train_only_and_tables_what_fin
     stg_files = {name: stg / file for name, file in real_model.FILES.items()}
     assert real_model.summarize(tmp_path / "work", tmp_path / "results", stg_files, split) is None
     text = (tmp_path / "results" / "selection.md").read_text()
-    assert "| lora-qk: ce+cat | 0 (not finished)" in text and "no recipe is chosen yet" in text
+    assert "| lora-qk: ce+cat | 0 (not finished)" in text and "no recipe is chosen until every one has" in text
     assert real_model.claim(tmp_path / "job") and real_model.claim(tmp_path / "job")  # ours, taken once
     (tmp_path / "job" / "job.lock").write_text("1")  # a live process of someone else
     assert not real_model.claim(tmp_path / "job")
