@@ -20,8 +20,6 @@ from typing import Optional
 
 from torch import nn
 
-import causalattn.hf as cah
-
 # The attention projections LoRA may adapt, by the letter a flag names them with.
 PROJECTIONS = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
 DEFAULT_TARGETS = "q,k"
@@ -59,6 +57,8 @@ def add_lora(model: nn.Module, rank: int, targets: str) -> list[str]:
     adapted module names. The prompts, gates and anything else trainable before stay trainable (PEFT's
     injection would freeze every parameter but its own)."""
     from peft import LoraConfig, inject_adapter_in_model
+
+    import causalattn.hf as cah  # here, not at the top: the flags (`--help`) must not load transformers
 
     adapted = cah.adapted_layers(model)
     if not adapted:
