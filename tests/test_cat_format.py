@@ -111,7 +111,7 @@ def test_train_with_named_eval_files(small_model, tmp_path, capsys):
 @pytest.mark.parametrize("records, extra, message", [
     ([STG_TRAIN[0], {"input": "x"}], [], ":2: missing field(s) ['target']"),
     (STG_TRAIN, ["--eval-data", "a=X", "--eval-data", "a=X"], "--eval-data: the name 'a' is given twice"),
-    (STG_TRAIN, ["--train-examples", "5"], "--train-examples: sizes the generated STG data"),
+    (STG_TRAIN, ["--train-examples", "5"], "--train-examples: 5 records asked for, but"),
 ])
 def test_data_errors_come_before_any_work(small_model, tmp_path, capsys, records, extra, message):
     train = write(tmp_path / "train.jsonl", records)

@@ -86,7 +86,8 @@ def example_of(feature: Any, where: str = "features", *, strict: bool = False) -
 class CausalCollator:
     """CAT-format rows -> `{input_ids, attention_mask, labels, supervision}` for the model's forward.
 
-    Labels cover the answer tokens only; `supervision` is the batch's CausalMask. Annotated pairs that
+    Labels cover the answer tokens only; `supervision` is the batch's CausalMask. A tokenizer without a
+    pad token gets its EOS token as one (an error when it has neither). Annotated pairs that
     cannot supervise (text absent, cause not before effect) are skipped and counted in `self.skipped`,
     as `causalattn train` does; `strict=True` raises instead. `routing=True` (routed adapters; the
     Trainer sets it) adds the label rows, the router's prompt tokens and the domain ids, if known.
@@ -95,6 +96,13 @@ class CausalCollator:
     def __init__(self, tokenizer, *, max_length: Optional[int] = None, strict: bool = False, routing: bool = False):
         if not getattr(tokenizer, "is_fast", False):
             raise TypeError("tokenizer: expected a fast (Rust-backed) tokenizer, which reports character offsets")
+        if tokenizer.pad_token is None:
+            # LLaMA-family tokenizers often ship without one; padded positions are masked out and never
+            # labelled, so EOS serves. Found here, at construction, not at the first batch.
+            if tokenizer.eos_token is None:
+                raise ValueError("tokenizer: has neither a pad token nor an EOS token to pad with; set "
+                                 "tokenizer.pad_token before building the collator")
+            tokenizer.pad_token = tokenizer.eos_token
         check_max_length(max_length)
         self.tokenizer = tokenizer
         self.max_length = max_length

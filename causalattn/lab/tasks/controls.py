@@ -6,11 +6,15 @@ the random-target control of attention-supervision studies (Shrestha et al. 2020
 keeps its number of causes, drawn without replacement among the example's record fields (so the
 cue, or a true cause, is drawn as often as any other field), once per example with a seeded
 generator: the control supervision is fixed for the whole run, like the real one.
+
+For CAT-format JSONL files the fields are read off the text (`text_fields`): the "Name: value" items
+of the input, which is how CAT's STG and STG_H files list a record.
 """
 from __future__ import annotations
 
 import dataclasses
 import random
+import re
 from typing import Callable, Sequence
 
 from causalattn.data.records import Example
@@ -27,3 +31,12 @@ def with_random_causes(examples: Sequence[Example], fields_of: Callable[[Example
                      for effect, causes in example.important.items()}
         out.append(dataclasses.replace(example, important=important))
     return out
+
+
+# "Smoking: 8", "Yellow fingers: 12", "Coal Dependency: 41.9%": a name of words, a colon, a number
+_TEXT_FIELD = re.compile(r"[A-Za-z][A-Za-z ]*: -?\d+(?:\.\d+)?%?")
+
+
+def text_fields(example: Example) -> list[str]:
+    """The "Name: value" fields of `example.input`, in order (CAT's STG files list records this way)."""
+    return [match.group(0).strip() for match in _TEXT_FIELD.finditer(example.input)]

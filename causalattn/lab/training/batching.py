@@ -11,6 +11,8 @@ variance (taken over each micro-batch, SPEC §3) and the step weights alike ever
 """
 from __future__ import annotations
 
+import dataclasses
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -20,10 +22,10 @@ import torch
 from causalattn.data.records import Example
 from causalattn.lab.tasks import dialects, make_splits, shortcut, stg
 from causalattn.data.annotations import check_annotations
-from causalattn.lab.tasks.controls import with_random_causes
+from causalattn.lab.tasks.controls import text_fields, with_random_causes
 from causalattn.data.jsonl import DataFile, read_file
 from causalattn.lab.tasks.stg import LABELS
-from causalattn.lab.training.config import STG, ConfigError, TrainConfig
+from causalattn.lab.training.config import STG, STG_EVAL_EXAMPLES, STG_TRAIN_EXAMPLES, ConfigError, TrainConfig
 
 # Accuracy scores every candidate answer of every example: beyond this many it is not a closed set.
 MAX_CANDIDATES = 64
@@ -61,11 +63,27 @@ class DataFiles:
 
 
 def read_data_files(config: TrainConfig) -> Optional[DataFiles]:
-    """Parse the JSONL files (None for the STG): cheap, so a format error (file:line) comes before any work."""
+    """Parse the JSONL files (None for the STG): cheap, so a format error (file:line) comes before any work.
+    --train-examples / --eval-examples cut them to seeded random subsets (`subset`)."""
     if config.data == STG:
         return None
-    return DataFiles(_read(config.data, "--data", config.strict),
-                     {name: _read(path, "--eval-data", config.strict) for name, path in config.eval_files().items()})
+    train = subset(_read(config.data, "--data", config.strict), config.train_examples, config.seed,
+                   "--train-examples")
+    return DataFiles(train, {name: subset(_read(path, "--eval-data", config.strict), config.eval_examples,
+                                          config.seed, "--eval-examples")
+                             for name, path in config.eval_files().items()})
+
+
+def subset(data: DataFile, count: Optional[int], seed: int, flag: str) -> DataFile:
+    """`count` records of `data` drawn without replacement by `seed` (kept in file order, with their lines),
+    or all of it when `count` is None. Drawn once per job with --seed, so every seed of the job trains and
+    is tested on the same records, as the whole files would be."""
+    if count is None:
+        return data
+    if count > len(data.examples):
+        raise ConfigError(f"{flag}: {count} records asked for, but {data.path} has {len(data.examples)}")
+    chosen = sorted(random.Random(seed).sample(range(len(data.examples)), count))
+    return dataclasses.replace(data, examples=[data.examples[i] for i in chosen], lines=[data.lines[i] for i in chosen])
 
 
 # The generated tasks with a one-word cue: their module (make_splits, record_fields) and description.
@@ -80,12 +98,14 @@ def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=
     line per file, or a file:line ConfigError with --strict)."""
     if config.data == STG and config.task in _CUE_TASKS:
         module, name = _CUE_TASKS[config.task]
-        train, tests = module.make_splits(config.train_examples, config.eval_examples, seed=config.seed,
+        train, tests = module.make_splits(config.train_examples or STG_TRAIN_EXAMPLES,
+                                          config.eval_examples or STG_EVAL_EXAMPLES, seed=config.seed,
                                           agreement=config.cue_agreement)
         return JobData(train, tests, LABELS, f"{name} (seed {config.seed}, cue agreement {config.cue_agreement})",
                        control_train=with_random_causes(train, module.record_fields, seed=config.seed))
     if config.data == STG:
-        splits = make_splits(config.train_examples, config.eval_examples, config.eval_examples, seed=config.seed)
+        tests = config.eval_examples or STG_EVAL_EXAMPLES
+        splits = make_splits(config.train_examples or STG_TRAIN_EXAMPLES, tests, tests, seed=config.seed)
         return JobData(splits.train, {"iid": splits.iid_test, "ood": splits.ood_test}, LABELS,
                        f"Spurious Token Game, cancer-risk variant (seed {config.seed})",
                        control_train=with_random_causes(splits.train, stg.record_fields, seed=config.seed))
@@ -105,7 +125,11 @@ def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=
     train = checked.pop("train").examples
     # Accuracy is exact match of the best-scoring answer among those the training data uses.
     candidates = tuple(sorted({example.target for example in train}))
-    return JobData(train, {name: f.examples for name, f in checked.items()}, candidates, str(config.data), reports)
+    # the control run's causes: as many "Name: value" fields of each input, drawn at random
+    control = (with_random_causes(train, text_fields, seed=config.seed)
+               if any(run.random_causes for run in config.runs) else None)
+    return JobData(train, {name: f.examples for name, f in checked.items()}, candidates, str(config.data), reports,
+                   control_train=control)
 
 
 def _read(path: str, flag: str, strict: bool) -> DataFile:

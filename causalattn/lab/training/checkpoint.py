@@ -2,7 +2,8 @@
 
     <run dir>/checkpoints/epoch-002/adapter_model.safetensors   causalattn.hf.save_adapters
                                     causalattn_adapter.json
-                                    base_weights.safetensors    trained base weights (--train-qk only)
+                                    base_weights.safetensors    trained weights outside the adapters
+                                                                (--train-qk's q/k, --lora-rank's LoRA)
                                     trainer_state.pt            optimizer, scheduler, RNG states by rank
                                                                 (and a step checkpoint's epoch routes)
                                     progress.json               epoch, step, loss history, accuracies,
@@ -82,7 +83,8 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def trained_base_weights(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{name: tensor} of the trainable parameters outside the adapters (the q/k weights of --train-qk)."""
+    """{name: tensor} of the trainable parameters outside the adapters (the q/k weights of --train-qk, the
+    LoRA matrices of --lora-rank, which a resumed run's model has injected under the same names)."""
     return {name: p.detach().contiguous().cpu() for name, p in model.named_parameters()
             if p.requires_grad and ADAPTER_ATTR not in name}
 

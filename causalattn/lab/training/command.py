@@ -27,7 +27,7 @@ from torch import nn
 
 from causalattn.data.batches import full_text
 from causalattn.lab.training import config as config_module
-from causalattn.lab.training import tiny, workers
+from causalattn.lab.training import lora, tiny, workers
 from causalattn.lab.training.batching import DataFiles, JobData, load_data, read_data_files
 from causalattn.lab.training.checkpoint import checkpoint_root
 from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
@@ -253,6 +253,8 @@ def train(config: TrainConfig) -> Optional[dict]:
             f"{config.seeds} seed(s) x {len(bases)} base(s) on {data.source.split(' (')[0]}; "
             f"{config.workers if parallel else context.world_size} process(es) on {context.device}; "
             f"output in {output_dir}")
+        if config.lora_rank:
+            log(f"causalattn train: {lora.describe(config.lora_rank, config.lora_targets)}")
         if parallel:
             outcomes = workers.map_units(run_unit, [(config, unit, output_dir, files) for unit in units],
                                          config.workers)

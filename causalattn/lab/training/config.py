@@ -24,6 +24,7 @@ from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
 from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
 from causalattn.pretrained import SHIPPED_MODELS, is_pretrained_spec, shipped_file
+from causalattn.lab.training import lora
 
 DTYPES = ("float32", "bfloat16", "float64")
 DEVICES = ("auto", "cpu", "cuda")
@@ -39,6 +40,8 @@ TASKS = ("shortcut", "cancer-risk", "dialects")
 DEFAULT_COMPARISON = ("ce", "ce+cat", "ce+cat+xg")
 CONTROL_RUN = "ce+cat-random"  # added to the default comparison on generated data
 DEFAULT_SEEDS = 3  # the embedded default's seeds per run: enough for a standard error
+# The generated STG's sizes when --train-examples / --eval-examples are not given (a JSONL file: all of it)
+STG_TRAIN_EXAMPLES, STG_EVAL_EXAMPLES = 2000, 300
 # The embedded shortcut job trains every seed on this many independently built bases (seeds --base-seed,
 # --base-seed + 1, ...): a base build is as much a draw as an adapter seed (the same recipe built on
 # another CPU gave another base and lost the effect), so the table pools over both.
@@ -112,8 +115,8 @@ class TrainConfig:
     eval_data: tuple[str, ...] = ()  # NAME=FILE or FILE, each --eval-data once (see eval_files)
     task: str = "shortcut"
     cue_agreement: float = 0.93
-    train_examples: int = 2000
-    eval_examples: int = 300
+    train_examples: Optional[int] = None  # None: STG_TRAIN_EXAMPLES generated, or every record of --data
+    eval_examples: Optional[int] = None   # None: STG_EVAL_EXAMPLES generated, or every record of each file
     max_length: Optional[int] = None
     # adapters (SPEC §1, §3)
     adapter_len: int = 10
@@ -123,6 +126,9 @@ class TrainConfig:
     gate_shape: Optional[str] = None
     train_qk: bool = False
     qk_lr: float = 2e-3
+    lora_rank: int = 0  # 0: no LoRA (causalattn.lab.training.lora)
+    lora_targets: str = lora.DEFAULT_TARGETS
+    lora_lr: float = lora.DEFAULT_LR
     # losses (SPEC §2, §3)
     runs: tuple[RunSpec, ...] = field(default_factory=lambda: tuple(RunSpec.parse(r) for r in DEFAULT_COMPARISON))
     cat_alpha: float = 2.0
@@ -180,13 +186,14 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
         positive = {"--seeds": self.seeds, "--bases": self.bases, "--base-threads": self.base_threads,
-                    "--workers": self.workers, "--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
-                    "--adapter-len": self.adapter_len, "--epochs": self.epochs, "--batch-size": self.batch_size,
-                    "--grad-accum": self.grad_accum, "--eval-batch-size": self.eval_batch_size}
+                    "--workers": self.workers, "--adapter-len": self.adapter_len, "--epochs": self.epochs,
+                    "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--eval-batch-size": self.eval_batch_size}
         for flag, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{flag}: expected a positive integer, got {value}")
-        for flag, value in {"--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
+        for flag, value in {"--train-examples": self.train_examples, "--eval-examples": self.eval_examples,
+                            "--adapter-layers": self.adapter_layers, "--max-length": self.max_length,
                             "--threads": self.threads, "--max-steps": self.max_steps,
                             "--save-steps": self.save_steps}.items():
             if value is not None and value < 1:
@@ -205,14 +212,15 @@ class TrainConfig:
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
         if not self.runs:
             raise ConfigError("--runs: expected at least one run")
+        try:
+            lora.check_options(self.lora_rank, self.lora_targets, self.lora_lr, self.train_qk)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
         if self.routed:
             self._check_routing()
         names = [run.name for run in self.runs]
         if len(set(names)) != len(names):
             raise ConfigError(f"--runs: each run once, got {','.join(names)}")
-        if any(run.random_causes for run in self.runs) and self.data != STG:
-            raise ConfigError("--runs: the ce+cat-random control draws random record fields of the generated "
-                              "Spurious Token Game; it is not available with a JSONL --data file")
         if any(run.xg for run in self.runs):
             if self.xg_tokens == 0:
                 raise ConfigError("--xg-tokens: the XG loss needs at least one XG prompt token (or pass --no-xg)")
@@ -226,7 +234,6 @@ class TrainConfig:
         if self.data != STG and not Path(self.data).is_file():
             raise ConfigError(f"--data: {self.data}: no such file (expected 'stg' or a JSONL file)")
         self.eval_files()
-        _check_stg_only_options(self)
         if self.data == STG and self.eval_data:
             raise ConfigError("--eval-data: goes with a JSONL --data file; the STG data makes its own IID and "
                               "OOD tests")
@@ -302,6 +309,9 @@ class TrainConfig:
         if not self.routed:  # jobs without routed runs keep the options (and checkpoints) they had before
             for name in ROUTING_OPTIONS:
                 values.pop(name)
+        if not self.lora_rank:  # and so do jobs without LoRA
+            for name in lora.LORA_OPTIONS:
+                values.pop(name)
         return values
 
 
@@ -327,18 +337,6 @@ def check_output_dir(directory: Path) -> None:
     except OSError as error:
         raise ConfigError(f"--output-dir: {directory} cannot be written ({existing}: "
                           f"{error.strerror or error}); expected a writable directory") from None
-
-
-def _check_stg_only_options(config: TrainConfig) -> None:
-    """--train-examples / --eval-examples size the generated STG splits; a JSONL file is used whole."""
-    if config.data == STG:
-        return
-    default = TrainConfig()
-    for flag, value, usual in (("--train-examples", config.train_examples, default.train_examples),
-                               ("--eval-examples", config.eval_examples, default.eval_examples)):
-        if value != usual:
-            raise ConfigError(f"{flag}: sizes the generated STG data; with a JSONL --data file every record is "
-                              "used (cut the file instead)")
 
 
 def _check_model(model: str) -> None:
@@ -380,10 +378,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="shortcut and dialects tasks: how often the cue agrees with the label in training (default "
                            f"{EMBEDDED_SHORTCUT['cue_agreement']} with the embedded model on the shortcut task, "
                            f"otherwise {d.cue_agreement})")
-    data.add_argument("--train-examples", type=int, default=d.train_examples,
-                      help=f"STG training examples (default {d.train_examples})")
-    data.add_argument("--eval-examples", type=int, default=d.eval_examples,
-                      help=f"STG examples in each of the IID and OOD tests (default {d.eval_examples})")
+    data.add_argument("--train-examples", type=int, default=None, metavar="K",
+                      help=f"generated STG training examples (default {STG_TRAIN_EXAMPLES}); with a JSONL --data, a "
+                           "random subset of K records drawn with --seed, the same for every seed of the job "
+                           "(default: every record)")
+    data.add_argument("--eval-examples", type=int, default=None, metavar="K",
+                      help=f"generated STG examples in each of the IID and OOD tests (default {STG_EVAL_EXAMPLES}); "
+                           "with JSONL --eval-data files, a random subset of K records of each, drawn with --seed "
+                           "(default: every record)")
     data.add_argument("--max-length", type=int, default=None,
                       help="longest tokenized example allowed; longer ones are an error (default: no limit)")
 
@@ -404,13 +406,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                               "tiny base's attention hardly moves otherwise; off with --model)")
     adapter.add_argument("--qk-lr", type=float, default=None,
                          help=f"AdamW peak learning rate of those q/k weights (default {d.qk_lr})")
+    lora.add_arguments(parser, d.lora_rank, d.lora_targets, d.lora_lr)
 
     losses = parser.add_argument_group("losses")
     losses.add_argument("--runs", default=None, metavar="LIST",
-                        help="comma-separated runs to train and compare, each ce, ce+cat, ce+xg or ce+cat+xg "
-                             f"(default: {','.join(EMBEDDED_SHORTCUT_RUNS)} with the embedded model on the shortcut "
-                             f"task; {','.join(DEFAULT_COMPARISON)} with the embedded model otherwise, plus the "
-                             f"control {CONTROL_RUN} on generated data; otherwise the one run chosen by --cat/--xg)")
+                        help="comma-separated runs to train and compare, each ce, ce+cat, ce+xg, ce+cat+xg or "
+                             f"{CONTROL_RUN} (CAT onto random record fields) (default: "
+                             f"{','.join(EMBEDDED_SHORTCUT_RUNS)} with the embedded model on the shortcut task; "
+                             f"{','.join(DEFAULT_COMPARISON)} with the embedded model otherwise, plus the control "
+                             f"{CONTROL_RUN} on generated data; the same three with --model; the one run chosen by "
+                             "--cat/--xg when either is given)")
     losses.add_argument("--cat", action=argparse.BooleanOptionalAction, default=None,
                         help="add the CAT attention loss (default on; a single run)")
     losses.add_argument("--cat-alpha", type=float, default=d.cat_alpha, help="CAT ratio target alpha (default 2)")
@@ -541,10 +546,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if explicit_losses:
             raise ConfigError("--runs: choose the losses with --runs or with --cat/--xg, not both")
         runs = tuple(RunSpec.parse(text) for text in args.runs.split(","))
-    elif explicit_losses or args.model is not None:
+    elif explicit_losses:
         runs = (RunSpec(cat=args.cat is not False, xg=args.xg is not False),)
-    else:
-        control = (CONTROL_RUN,) if args.data == STG else ()
+    else:  # a comparison: the control only where the generated data gives its random fields by default
+        control = (CONTROL_RUN,) if args.data == STG and args.model is None else ()
         runs = tuple(RunSpec.parse(text) for text in (
             EMBEDDED_SHORTCUT_RUNS if embedded_shortcut else DEFAULT_COMPARISON + control))
     seeds = args.seeds if args.seeds is not None else (

@@ -37,6 +37,7 @@ from causalattn.data.batches import collate
 from causalattn.losses import cat_amp
 from causalattn.routing import normalized_mutual_information, route_distribution
 from causalattn.lab.training import checkpoint as ckpt
+from causalattn.lab.training import lora
 from causalattn.lab.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig
 from causalattn.lab.training.distributed import DistContext, ParallelModel
@@ -113,8 +114,8 @@ def training_precision(config: TrainConfig, device: torch.device) -> torch.autoc
 
 
 def add_job_adapters(model: nn.Module, config: TrainConfig, routed: bool = False) -> cah.AdapterSummary:
-    """Zero-init gated prompts as the adapter flags ask (routed ones for a +routed run), on the chosen
-    attention backend."""
+    """Zero-init gated prompts as the adapter flags ask (routed ones for a +routed run), LoRA beside them
+    with --lora-rank, on the chosen attention backend."""
     layers = len(cah.attention_modules(model))
     if config.adapter_layers is not None and config.adapter_layers > layers:
         raise ConfigError(f"--adapter-layers: the model has {layers} layers, got {config.adapter_layers}")
@@ -126,6 +127,9 @@ def add_job_adapters(model: nn.Module, config: TrainConfig, routed: bool = False
     if config.train_qk:
         for weight in query_key_weights(model):
             weight.requires_grad_(True)
+    if config.lora_rank:
+        lora.add_lora(model, config.lora_rank, config.lora_targets)
+    if config.train_qk or config.lora_rank:
         summary = cah.summarize(model)
     cah.set_backend(model, config.backend)
     return summary
@@ -164,6 +168,8 @@ def make_optimizer(model: nn.Module, config: TrainConfig, total_steps: int):
     groups = [{"params": prompts, "weight_decay": config.weight_decay}, {"params": gates, "weight_decay": 0.0}]
     if config.train_qk:
         groups.append({"params": query_key_weights(model), "weight_decay": 0.0, "lr": config.qk_lr})
+    if config.lora_rank:
+        groups.append({"params": lora.lora_parameters(model), "weight_decay": 0.0, "lr": config.lora_lr})
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
     return optimizer, get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, total_steps), total_steps)
 
