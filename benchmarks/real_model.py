@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from causalattn.lab.training.checkpoint import PROGRESS_NAME, latest_checkpoint
+from causalattn.checkpoint_files import newest_intact
+from causalattn.lab.training.checkpoint import PROGRESS_NAME, checkpoint_root
 from causalattn.lab.training.report import mean_and_error
 
 FILES = {"train": "spurious_token_game_train3.jsonl", "iid": "spurious_token_game_test3.jsonl",
@@ -51,6 +52,14 @@ SELECT_RUNS = ("ce+cat", "ce")  # the criterion's run first
 FINAL_RUNS = ("ce", "ce+cat", "ce+cat+xg", "ce+cat-random")
 CRITERION_RUN = "ce+cat"  # the recipe is chosen for the method under test, on validation accuracy
 VALIDATION_SHARE = 0.25   # CAT's own split_val.py keeps a quarter for validation
+
+
+def newest_epoch_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest epoch checkpoint of a run that verifies against its manifest, or None."""
+    root = checkpoint_root(run_dir)
+    epochs = sorted((p for p in root.glob("epoch-*") if p.name[len("epoch-"):].isdigit()), reverse=True) \
+        if root.is_dir() else []
+    return newest_intact(epochs, lambda message: None)[0]
 
 
 def split_validation(train_file: Path, directory: Path, seed: int) -> dict[str, Path]:
@@ -118,7 +127,7 @@ def run_rows(job_dir: Path) -> list[dict]:
     """One row per run of a job that has at least one epoch checkpoint, read from that checkpoint."""
     rows = []
     for run_dir in sorted(p for p in job_dir.iterdir() if p.is_dir()) if job_dir.is_dir() else []:
-        checkpoint = latest_checkpoint(run_dir)
+        checkpoint = newest_epoch_checkpoint(run_dir)
         if checkpoint is None:
             continue
         progress = json.loads((checkpoint / PROGRESS_NAME).read_text(encoding="utf-8"))
