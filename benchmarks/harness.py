@@ -113,7 +113,7 @@ class Preset:
 
 CAUSALATTN_ALL = ("causalattn", "causalattn+adapter", "causalattn+cat", "causalattn+xg", "causalattn+all")
 COMPOSED_ALL = ("composed", "composed+adapter", "composed+cat", "composed+xg", "composed+all")
-# The dispatch sweep's densities of supervised rows (SPEC §8: the composed mass costs O(rows x N)).
+# The dispatch sweep's densities of supervised rows (docs/math.md §8: the composed mass costs O(rows x N)).
 DISPATCH_DENSITIES = (0.003, 0.03, 0.1, 0.3, 1.0)
 PRESETS = {
     p.name: p for p in (
@@ -600,7 +600,7 @@ def run_sweep(preset: Preset, device: torch.device, out_dir: Path, timing: Timin
 
 def check_deterministic_backward(device: torch.device, repeats: int = 5) -> bool:
     """Run causalattn+all forward + backward `repeats` times on one realistic problem and compare
-    every gradient bit for bit with the first run (the kernels use no atomics, SPEC §4)."""
+    every gradient bit for bit with the first run (the kernels use no atomics, docs/math.md §4)."""
     if device.type == "cuda":
         shape = Shape(batch=2, seq_len=4096, heads_q=32, heads_kv=8, head_dim=128, adapter_len=10, xg_tokens=2,
                       dtype="bfloat16")

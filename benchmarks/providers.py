@@ -5,9 +5,9 @@ A `Provider` turns a `Problem` into a forward function returning `(out, extra_lo
 scalar of the causal-training losses when the provider computes CAT mass or the XG statistic (None
 otherwise). Each provider declares the features it computes, out of:
 
-    adapter  zero-init gated adapter attention over M prompt tokens (SPEC §1)
-    cat      CAT attention mass on the cause tokens + `cat_loss` (SPEC §2)
-    xg       the pooled XG read-out + `xg_variance` (SPEC §3; reads the adapter, so implies it)
+    adapter  zero-init gated adapter attention over M prompt tokens (docs/math.md §1)
+    cat      CAT attention mass on the cause tokens + `cat_loss` (docs/math.md §2)
+    xg       the pooled XG read-out + `xg_variance` (docs/math.md §3; reads the adapter, so implies it)
 
 Every case is causal self-attention (Nq = Nk), q/k/v in (B, H, N, d), GQA with Hq = G * Hkv.
 A provider that cannot run on the device or shape raises `Unsupported` from its builder; the

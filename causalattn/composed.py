@@ -1,5 +1,5 @@
 """The composed backend: PyTorch's own attention kernel for the sequence part, and every extra statistic
-computed apart where it is cheap (SPEC §8). Same signature, outputs and gradients as the other backends.
+computed apart where it is cheap (docs/math.md §8). Same signature, outputs and gradients as the other backends.
 
     out  = SDPA(q, k, v)                        one call of the vendor kernel (CPU: PyTorch's flash kernel)
          + gamma * softmax(tau q Ka^T) Va       an (N x M) problem, M <= 64: plain tensor ops
@@ -238,7 +238,7 @@ def attention_composed(
     adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
     xg_tokens: int = 0, xg_pool: str = "sample",
 ) -> AttentionOutput:
-    """SPEC §1-§3 with the vendor kernel plus side statistics; inputs already checked by `check_inputs`.
+    """docs/math.md §1-§3 with the vendor kernel plus side statistics; inputs already checked by `check_inputs`.
     Same outputs (and dtypes) as `causalattn.reference.attention_dense`."""
     p = AttentionProblem(q, k, causal, scale, key_lengths, key_mask, cu_seqlens, adapter, supervision, xg_tokens,
                          xg_pool)

@@ -31,7 +31,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass(frozen=True)
 class Adapter:
-    """Zero-init gated adapter prompt of one layer (SPEC §1), optionally in segments (SPEC §7).
+    """Zero-init gated adapter prompt of one layer (docs/math.md §1), optionally in segments (docs/math.md §7).
 
     `keys`/`values` are the layer's frozen k/v projections of its prompt (no RoPE). The output gains
     `sum_s gamma_{s,h} softmax_s(scale * q Ka_s^T) Va_s`: each segment s (consecutive slots, sizes in

@@ -1,14 +1,14 @@
 """The causal-training losses, in plain PyTorch on the attention op's small statistics.
 
 The kernels never know which loss is used: they return the CAT mass `m` and the XG statistic, and
-autograd brings `dL/dm`, `dL/dxg` back into their backward pass (SPEC §2-§4).
+autograd brings `dL/dm`, `dL/dxg` back into their backward pass (docs/math.md §2-§4).
 
 Shapes
 ------
 cat_loss     mass: (B, Hq, N) of one layer, or a sequence of them / (L, B, Hq, N) for L layers
 xg_variance  xg:   (B, Hq, d) pooled or (B, Hq, N, d) per position, one per layer (or a sequence)
              o_proj_weight: (C, Hq * d), one for all layers or one per layer
-mutual_information  invariant, domain: (B, F) read-outs at label rows (ICLM, SPEC §7)
+mutual_information  invariant, domain: (B, F) read-outs at label rows (ICLM, docs/math.md §7)
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def _check_mass(mass: Tensor, name: str) -> None:
 
 
 def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> tuple[Tensor, Tensor]:
-    """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (SPEC §2).
+    """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (docs/math.md §2).
 
     a1 = m / n1 is the mean attention on a cause, a0 = (1 - m) / n0 on a visible non-cause. Rows where
     a1 / a0 >= alpha already attend enough and cost 0. `kind="mass"` is not CAT's: l = -log m on every
@@ -111,7 +111,7 @@ def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, k
 
 def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
     """CAT Re-Attention loss: mean over valid rows of the micro-batch of the per-row loss of the mass
-    averaged over all layers and query heads (SPEC §2). A scalar; 0 (still differentiable) when no row
+    averaged over all layers and query heads (docs/math.md §2). A scalar; 0 (still differentiable) when no row
     is valid."""
     _check_mask(mask)
     stacked = _stack_layers(mass, 3, "mass")
@@ -133,7 +133,7 @@ def xg_variance(
     space: str = "output",
 ) -> Tensor:
     """DCA's XG variance R: the unbiased variance over the micro-batch of what each sample reads from
-    the XG adapter tokens, averaged over features (and positions) and layers (SPEC §3).
+    the XG adapter tokens, averaged over features (and positions) and layers (docs/math.md §3).
 
     `space="output"` maps concat_h(xg) through each layer's `o_proj` weight (C, Hq*d) first (the
     official choice); `space="head"` uses the head-space vectors as they are. With one sample the
@@ -177,7 +177,7 @@ def cat_amp(epoch: float, rate: float = 1.0) -> float:
 
 
 def mutual_information(invariant: Tensor, domain: Tensor, *, kind: str = "code") -> Tensor:
-    """ICLM's MI term between the invariant and the domain read-outs at label rows (SPEC §7).
+    """ICLM's MI term between the invariant and the domain read-outs at label rows (docs/math.md §7).
 
     Each row (B, F) is softmaxed into a categorical over the F features; P_X, P_Y are the batch means and
     P_XY the mean outer product, formed as one (F, B) @ (B, F) matmul (never a (B, F, F) tensor).

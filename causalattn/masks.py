@@ -1,4 +1,4 @@
-"""`CausalMask`: the token-level causal adjacency supervision of CAT (SPEC §2), bit-packed.
+"""`CausalMask`: the token-level causal adjacency supervision of CAT (docs/math.md §2), bit-packed.
 
 `A[b, i, j] = 1` says: the prediction made at query row `i` (the token before an effect token) should
 attend to key `j` (a cause token). Rows are lower-triangular and never point at padding.
@@ -172,7 +172,7 @@ class CausalMask:
         device: Optional[torch.device | str] = None,
         cu_seqlens: Optional[Tensor] = None,
     ) -> "CausalMask":
-        """From token spans: `spans[b]` lists `((e0, e1), [(c0, c1), ...])` for sample `b` (SPEC §2).
+        """From token spans: `spans[b]` lists `((e0, e1), [(c0, c1), ...])` for sample `b` (docs/math.md §2).
 
         Each effect span `[e0, e1)` makes rows `e0-1 .. e1-2` (the positions that predict the effect
         tokens) attend to every cause span, which must end before the effect starts with at least one
@@ -198,7 +198,7 @@ class CausalMask:
                     c0, c1 = _check_span(cause, seq_len, f"spans[{b}] cause")
                     if c1 >= e0:
                         raise ValueError(f"spans[{b}]: cause {cause} must end before effect {effect} starts "
-                                         f"(with at least one token between, SPEC §2)")
+                                         f"(with at least one token between, docs/math.md §2)")
                     # the effect's predicting rows e0-1 .. e1-2 and the cause all in one packed sequence
                     if len({int(sequence[t]) for t in (c0, c1 - 1, e0, max(e0 - 1, e1 - 2))}) > 1:
                         raise ValueError(f"spans[{b}]: cause {cause} and effect {effect} lie in different packed sequences")
@@ -224,7 +224,7 @@ class CausalMask:
         return self.visible - self.cause_count
 
     def valid_rows(self) -> Tensor:
-        """(B, N) bool: rows with at least one cause and one non-cause key (SPEC §2)."""
+        """(B, N) bool: rows with at least one cause and one non-cause key (docs/math.md §2)."""
         return (self.cause_count > 0) & (self.non_cause_count > 0)
 
     def _sequence_starts(self) -> Tensor:

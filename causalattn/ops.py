@@ -38,7 +38,7 @@ def _interpreting() -> bool:
 
 
 def fused_kernels_take(adapter: Optional[Adapter]) -> bool:
-    """Whether the Triton kernels take this adapter: up to MAX_SEGMENTS segments (SPEC §7, unrolled in
+    """Whether the Triton kernels take this adapter: up to MAX_SEGMENTS segments (docs/math.md §7, unrolled in
     the kernels), any gate shape; more segments run on the composed and reference backends."""
     from causalattn.kernels.jit_helpers import MAX_SEGMENTS
 
@@ -85,7 +85,7 @@ def attention(
     max_seqlen: Optional[int] = None, adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
     xg_tokens: int = 0, xg_pool: str = "sample", backend: str = "auto",
 ) -> AttentionOutput:
-    """Fused causal attention with the zero-init gated adapter, CAT mass and XG statistic (SPEC §1-§4).
+    """Fused causal attention with the zero-init gated adapter, CAT mass and XG statistic (docs/math.md §1-§4).
 
     q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d). Returns AttentionOutput(out, lse, mass, xg): see
     `causalattn.reference` for the exact definitions; every output is differentiable.

@@ -1,4 +1,4 @@
-"""The executable specification: plain PyTorch for every output of SPEC §1-§3.
+"""The executable specification: plain PyTorch for every output of docs/math.md §1-§3.
 
 Two entry points with one signature:
 
@@ -20,7 +20,7 @@ q (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); returns AttentionOutput:
   xg   (S, Hq, d)      mean over each sample's valid rows of z_i            (xg_tokens > 0)
        (B, Hq, Nq, d)  z_i per row with xg_pool="position"
   z_i = gamma_0 * sum_{m < xg_tokens} Pa^0_im va_m (the first segment). S = B, or the number of packed
-  sequences. With adapter segments (SPEC §7) each segment has its own softmax Pa^s and gate gamma_s.
+  sequences. With adapter segments (docs/math.md §7) each segment has its own softmax Pa^s and gate gamma_s.
 
 A row that sees no key (left padding) gets 0 from the sequence branch, lse = +inf and no NaN anywhere;
 the adapter prompt is never masked, so with an adapter such a row still reads gamma * Pa Va (as in
@@ -142,10 +142,10 @@ def attention_dense(
     adapter: Optional[Adapter] = None, supervision: Optional[CausalMask] = None,
     xg_tokens: int = 0, xg_pool: str = "sample", upcast: bool = True,
 ) -> AttentionOutput:
-    """SPEC §1-§3 over all rows at once (holds B x Hq x Nq x Nk scores). See the module docstring.
+    """docs/math.md §1-§3 over all rows at once (holds B x Hq x Nq x Nk scores). See the module docstring.
 
     `upcast=False` computes in the input dtype instead of fp32 (fp16/bf16): the "plain PyTorch in
-    the kernel's dtype" baseline of FlashAttention's tolerance rule (SPEC §5).
+    the kernel's dtype" baseline of FlashAttention's tolerance rule (docs/math.md §5).
     """
     return _run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
                 adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool, rows_per_block=None,

@@ -1,4 +1,4 @@
-"""The ICLM router: which domain prompt each sample reads (SPEC §7, arXiv 2402.02636).
+"""The ICLM router: which domain prompt each sample reads (docs/math.md §7, arXiv 2402.02636).
 
     router = Router(hidden_size=C, domains=K, mode="vq")
     route = router(hidden, token_mask)            # hidden (B, N, C) adapter-free, token_mask (B, N)
@@ -172,7 +172,7 @@ def segment_outputs(q: Tensor, adapter: Adapter, scale: Optional[float] = None) 
     """(B, S, Hq, R, d) what each adapter segment adds to the output of the query rows `q`
     (B, Hq, R, d): gamma_s softmax_s(scale q Ka_s^T) Va_s, in q's dtype, differentiable.
 
-    The read-outs the ICLM mutual-information term compares (SPEC §7), for a few rows (the label
+    The read-outs the ICLM mutual-information term compares (docs/math.md §7), for a few rows (the label
     positions) gathered by the caller: an R x M problem beside the fused pass, never N x N. The arguments
     are checked as `causalattn.attention` checks them (`causalattn.validation.check_segment_inputs`).
     """

@@ -58,7 +58,7 @@ def encode_with_causes(
     """Tokenize `texts` and build the CausalMask of CAT-style annotations `{effect: [cause, ...]}`.
 
     Every occurrence of an effect is paired with every occurrence of each of its causes that ends
-    before it (SPEC §2). Returns `(encoding, mask)`; `encoding` is the tokenizer's BatchEncoding
+    before it (docs/math.md §2). Returns `(encoding, mask)`; `encoding` is the tokenizer's BatchEncoding
     (tensors, padded as the tokenizer is configured; it keeps `offset_mapping` when the caller passes
     `return_offsets_mapping=True`). A phrase that cannot be found, or an effect with no cause before it,
     raises a ValueError naming the example.

@@ -103,7 +103,7 @@ class Packing(NamedTuple):
 
 
 class AdapterArgs(NamedTuple):
-    """The gated adapter (SPEC §1), in segments with NUM_SEGMENTS > 1 (SPEC §7)."""
+    """The gated adapter (docs/math.md §1), in segments with NUM_SEGMENTS > 1 (docs/math.md §7)."""
     ka: Tensor
     va: Tensor
     gamma: Tensor
@@ -125,7 +125,7 @@ class AdapterGrads(NamedTuple):
 
 
 class Supervision(NamedTuple):
-    """CAT (SPEC §3): the bit-packed CausalMask, its per-tile summary and the mass statistic. A kernel
+    """CAT (docs/math.md §3): the bit-packed CausalMask, its per-tile summary and the mass statistic. A kernel
     gets the fields it reads; the others are None / 0."""
     bits: Optional[Tensor]
     tiles: Optional[Tensor]  # (B, n_row_tiles, n_col_tiles) int8 `tile_summary`; None with packing
@@ -138,7 +138,7 @@ class Supervision(NamedTuple):
 
 
 class Xg(NamedTuple):
-    """DCA's XG statistic (SPEC §4): `tensor` is what the forward writes (pooled per-tile partials or
+    """DCA's XG statistic (docs/math.md §4): `tensor` is what the forward writes (pooled per-tile partials or
     per-row z) or the gradient the backward reads; `weight` the pooled rows' weights."""
     tensor: Tensor
     weight: Optional[Tensor]

@@ -1,4 +1,4 @@
-"""Fused attention backward: FlashAttention-2 sweeps with the adapter, CAT and XG fold-ins (SPEC §1-§4).
+"""Fused attention backward: FlashAttention-2 sweeps with the adapter, CAT and XG fold-ins (docs/math.md §1-§4).
 
 Three launches, no N x N tensor and no atomics (deterministic):
 
@@ -18,7 +18,7 @@ Adapter terms per row (XG fold-in: dz_i from dxg, pooled rows get dxg_s / |V_s|)
     e_im = (dO_i + [m < H_g] dz_i) . va_m,  dPa = gamma e,  Da_i = sum_m Pa_im dPa_im,
     dT_im = Pa_im (dPa_im - Da_i),  dQ_i += tau sum_m dT_im ka_m,  dKa_m = tau sum_i dT_im q_i,
     dVa_m = gamma sum_i Pa_im (dO_i + [m < H_g] dz_i),  dgamma = sum_i dO_i.O^a_i + dz_i.O^{aG}_i
-With segments (SPEC §7) each slot m uses its segment's gamma_s and Pa^s, Da^s_i sums over the slots of
+With segments (docs/math.md §7) each slot m uses its segment's gamma_s and Pa^s, Da^s_i sums over the slots of
 s only, and dgamma_s over them (per sample with per-sample gates); XG slots lie in segment 0.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _adapter_row_terms(q, do, dz, weight, ka, va, La2, gamma, scale_log2, adapte
 @triton.jit
 def _segment_row_terms(q, do, dz, weight, ka, va, slot_lse, slot_gamma, slot_segment, scale_log2, adapter, xg,
                        DOT_PRECISION: tl.constexpr):
-    """`_adapter_row_terms` with segments (SPEC §7): (G = gamma_s Pa^s, G on the XG slots, dT,
+    """`_adapter_row_terms` with segments (docs/math.md §7): (G = gamma_s Pa^s, G on the XG slots, dT,
     sum_s gamma_s dO_i.O^{a,s}_i, Pa e per slot: summed over a segment's slots and rows it is dgamma_s).
 
     dT_im = gamma_s Pa_im (e_im - sum_{m' in s} Pa_im' e_im') for the segment s of slot m."""

@@ -1,12 +1,12 @@
 """Fused attention forward: FlashAttention-2 online softmax + zero-init gated adapter + CAT mass + XG.
 
 One program per (query tile, sample-or-sequence x query head). In one pass over the key tiles it
-produces (SPEC §4):
+produces (docs/math.md §4):
 
     Out   (B, Hq, Nq, d)  P V + sum_s gamma_s Pa^s Va   P over visible keys, Pa^s over the slots of segment s
     Lse   (B, Hq, Nq)     natural-log LSE of the sequence scores; +inf where a row sees no key
     AdapterLse2 (B, Hq, Nq)  base-2 LSE of the adapter scores (saved for the backward only);
-                      (S, B, Hq, Nq) with S > 1 segments (SPEC §7), one per segment
+                      (S, B, Hq, Nq) with S > 1 segments (docs/math.md §7), one per segment
     Mass  (B, Hq, Nq)     m_i = sum_j P_ij A_ij: one more fp32 accumulator rescaled like the softmax sum
     XgPartial (S*Hq, row tiles, BLOCK_D)  per-tile weighted sums of z_i (pooled XG, first level)
     XgRows (B, Hq, Nq, d) z_i per row (xg_pool="position")
@@ -14,7 +14,7 @@ produces (SPEC §4):
 GQA reads KV head h // G (never repeated). Packed sequences (cu_seqlens) give each sequence its own
 programs; q/k/v/out rows are then offset by the sequence start. Gates are (1 or B, S, Hq): per
 segment and query head, optionally per sample. Feature flags are constexpr: with all of them off this
-is plain FlashAttention-2, and one segment compiles to the single-softmax adapter of SPEC §1.
+is plain FlashAttention-2, and one segment compiles to the single-softmax adapter of docs/math.md §1.
 The feature groups (`causalattn.kernels.arguments`) hold None when off: `adapter.ka is None` and
 the like are decided at compile time.
 """
@@ -151,7 +151,7 @@ def _fwd_kernel(
         tl.store(supervision.mass + stat, mass_acc * inv_sum, mask=row_ok)
 
     if adapter.ka is not None:
-        # The adapter tile: M <= 64 prompt slots, its own softmax, never masked (SPEC §1).
+        # The adapter tile: M <= 64 prompt slots, its own softmax, never masked (docs/math.md §1).
         NUM_SEGMENTS: tl.constexpr = adapter.NUM_SEGMENTS
         adapter_len = adapter.length
         slots = tl.arange(0, adapter.BLOCK_A)
@@ -174,7 +174,7 @@ def _fwd_kernel(
             gamma = tl.load(adapter.gamma + gate_row + h)
             out += gamma * tl.dot(pa.to(va.dtype), va, input_precision=DOT_PRECISION)
         else:
-            # Segments (SPEC §7): one softmax per segment of consecutive slots, each with its own gate;
+            # Segments (docs/math.md §7): one softmax per segment of consecutive slots, each with its own gate;
             # slot_lse holds each slot's segment LSE, so Pa^s = exp2(logits - slot_lse) in one pass.
             slot_segment = tl.load(adapter.slot_segment + slots)
             slot_lse = tl.zeros([BLOCK_M, adapter.BLOCK_A], dtype=tl.float32)

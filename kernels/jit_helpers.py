@@ -3,7 +3,7 @@
 * `sequence_bounds`: where a program's (sample or packed sequence, head) lives and which keys it sees;
 * `tile_ptrs`: the pointers to a (rows, head dim) tile of a (B, H, N, d) tensor;
 * `adapter_probs`: the adapter tile's softmax recomputed from its saved log-sum-exp;
-* `slot_segments` / `segment_slot_lse`: adapter segments (SPEC §7), each slot's segment and LSE;
+* `slot_segments` / `segment_slot_lse`: adapter segments (docs/math.md §7), each slot's segment and LSE;
 * `cause_bits`: one (BLOCK_M, BLOCK_N) tile of the bit-packed CausalMask;
 * `tile_summary`: the per-tile "any cause bit set" table that lets kernels skip empty mask tiles;
 * `query_tile_flags`: the per-query-tile "any mass gradient" table of the dK/dV sweep.

@@ -1,6 +1,6 @@
 """Tiny LLaMA-family models and an independent eager adapter attention for the transformers tests.
 
-`independent_attention` is the test's own reading of SPEC §1-§3, written without causalattn's op:
+`independent_attention` is the test's own reading of docs/math.md §1-§3, written without causalattn's op:
 plain softmax attention over transformers' own boolean sdpa mask, plus, on adapted layers, a second
 softmax over the adapter keys added through the gate. Registered as `"independent"`, it runs inside the
 same model code, so logits, gradients and generations can be compared with `"causalattn"` layer for
@@ -92,7 +92,7 @@ def independent_attention(module, query, key, value, attention_mask, dropout=0.0
         gate = torch.tanh(adapter.gate) if adapter.gate_mode == "tanh" else adapter.gate
         gamma = gate.to(query.dtype).expand(query.shape[1]).view(1, -1, 1, 1)
         out = out + gamma * (adapter_probs @ adapter_values)
-        if "real_tokens" in kwargs and adapter.xg_tokens:  # the test asks for the XG read-out (SPEC §3)
+        if "real_tokens" in kwargs and adapter.xg_tokens:  # the test asks for the XG read-out (docs/math.md §3)
             g = adapter.xg_tokens
             z = gamma * (adapter_probs[..., :g] @ adapter_values[:, :g])  # (B, Hq, N, d)
             if adapter.xg_pool == "sample":

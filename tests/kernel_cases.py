@@ -2,7 +2,7 @@
 
 A `Case` describes one problem (shapes, flags, which outputs feed the loss); `check_case` runs a
 backend on it (the Triton kernels with every output buffer poisoned, or the composed path) and
-compares every output and gradient with the float64 reference under FlashAttention's rule (SPEC §5):
+compares every output and gradient with the float64 reference under FlashAttention's rule (docs/math.md §5):
 the backend's error may be at most twice that of plain PyTorch in its dtype, plus a small floor.
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ class Case:
     adapter_len: int = 0  # 0: no adapter
     per_sample_adapter: bool = False
     gate: str = "head"  # "head", "scalar", "zero" or "sample" (per sample, segment and head)
-    segments: Optional[tuple[int, ...]] = None  # adapter slot counts per segment (SPEC §7); None: one
+    segments: Optional[tuple[int, ...]] = None  # adapter slot counts per segment (docs/math.md §7); None: one
     gate_mode: str = "tanh"
     padding: Optional[str] = None  # None, "lengths", "left"
     cu_seqlens: Optional[tuple[int, ...]] = None

@@ -144,7 +144,7 @@ def test_zero_init_adapter_changes_nothing_but_the_gate_learns():
     assert torch.equal(logits, before)
     prompt_grad, gate_grad = grad["model.layers.1.self_attn.causalattn_adapter.prompt"], \
         grad["model.layers.1.self_attn.causalattn_adapter.gate"]
-    assert torch.count_nonzero(prompt_grad) == 0  # SPEC §1: at gamma = 0 the prompt gets exactly zero gradient
+    assert torch.count_nonzero(prompt_grad) == 0  # docs/math.md §1: at gamma = 0 the prompt gets exactly zero gradient
     assert torch.count_nonzero(gate_grad) == gate_grad.numel()
 
 

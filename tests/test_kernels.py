@@ -51,7 +51,7 @@ STAT_CASES = [
     Case(seq_len=80, adapter_len=10, mask="random-0.3", xg_tokens=2, use_lse=True, use_out=False),
 ]
 
-# Adapter segments (SPEC §7): 1, 2, 3 and 8 segments, gates per (segment, head), per segment, per
+# Adapter segments (docs/math.md §7): 1, 2, 3 and 8 segments, gates per (segment, head), per segment, per
 # sample and zero, with XG in the first segment, CAT, padding, packing, and the fold-ins alone.
 SEGMENT_CASES = [
     Case(seq_len=64, adapter_len=10, gate="sample", xg_tokens=2, mask="random-0.3"),  # one segment, per-sample gate
@@ -103,7 +103,7 @@ def test_fused_matches_reference_gpu(case, monkeypatch):
 
 @needs_triton
 def test_zero_gate_keeps_adapter_gradients_zero():
-    """gamma = 0: dKa = dVa = 0 exactly while the gate still gets a gradient (SPEC §1)."""
+    """gamma = 0: dKa = dVa = 0 exactly while the gate still gets a gradient (docs/math.md §1)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = Case(seq_len=70, adapter_len=10, gate="zero", mask="random-0.3", xg_tokens=2)
     leaves, kwargs, upstream = build_inputs(case, device)
@@ -128,7 +128,7 @@ def test_sm90_query_extents(monkeypatch):
 
 @needs_triton
 def test_zero_gate_of_one_segment_keeps_its_prompt_still():
-    """Per segment (SPEC §7): gamma_1 = 0 gives dKa = dVa = 0 on segment 1's slots and a gate gradient,
+    """Per segment (docs/math.md §7): gamma_1 = 0 gives dKa = dVa = 0 on segment 1's slots and a gate gradient,
     while segment 0 trains."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     case = Case(seq_len=64, adapter_len=10, segments=(4, 6), mask="random-0.3", xg_tokens=2)

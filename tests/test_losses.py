@@ -1,4 +1,4 @@
-"""CAT loss (SPEC §2), XG variance (SPEC §3) and the CAT amplitude schedule against independent code."""
+"""CAT loss (docs/math.md §2), XG variance (docs/math.md §3) and the CAT amplitude schedule against independent code."""
 import math
 
 import pytest
@@ -24,7 +24,7 @@ def supervision_problem(seed, batch=3, n=12):
 
 
 def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind):
-    """SPEC §2 row by row: m̄ = mean over layers and heads, n1/n0 over visible keys, threshold, mean over valid rows."""
+    """docs/math.md §2 row by row: m̄ = mean over layers and heads, n1/n0 over visible keys, threshold, mean over valid rows."""
     num_layers, batch, heads, n = mass_layers.shape
     total, valid = 0.0, 0
     for b in range(batch):
@@ -142,7 +142,7 @@ def test_cat_loss_rejects_bad_arguments(mass, options, message):
 
 # ---------------------------------------------------------------------- XG variance
 def loop_xg_variance(layers, weights):
-    """SPEC §3: per sample X_b = W concat_h(xg_b) (or concat_h alone), unbiased variance over b,
+    """docs/math.md §3: per sample X_b = W concat_h(xg_b) (or concat_h alone), unbiased variance over b,
     mean over features (and positions), mean over layers."""
     per_layer = []
     for stat, weight in zip(layers, weights):

@@ -1,4 +1,4 @@
-"""CausalMask (SPEC §2): bit packing, builders, counts, and encode_with_causes with a real tokenizer."""
+"""CausalMask (docs/math.md §2): bit packing, builders, counts, and encode_with_causes with a real tokenizer."""
 
 import pytest
 import torch
@@ -49,7 +49,7 @@ def test_popcount():
 
 # ---------------------------------------------------------------------- from_dense and the counts
 def expected_counts(dense, key_mask):
-    """n1, visible and valid per row by direct enumeration of SPEC §2 (keys j <= i, padding excluded)."""
+    """n1, visible and valid per row by direct enumeration of docs/math.md §2 (keys j <= i, padding excluded)."""
     batch, n, _ = dense.shape
     cause_count = torch.zeros(batch, n, dtype=torch.int32)
     visible = torch.zeros(batch, n, dtype=torch.int32)

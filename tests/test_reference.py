@@ -1,4 +1,4 @@
-"""The PyTorch reference (SPEC §1-§3, §5): dense vs chunked, independent formulas, SDPA, gradchecks."""
+"""The PyTorch reference (docs/math.md §1-§3, §5): dense vs chunked, independent formulas, SDPA, gradchecks."""
 import dataclasses
 import math
 
@@ -136,7 +136,7 @@ def test_chunked_rejects_bad_block(rows_per_block):
         call(attention_chunked, leaves, rows_per_block=rows_per_block)
 
 
-# ---------------------------------------------------------------------- independent formulas (SPEC §1-§3)
+# ---------------------------------------------------------------------- independent formulas (docs/math.md §1-§3)
 def repeat_kv(t, group):
     """(B, Hkv, ...) or (Hkv, ...) adapter/KV tensor -> one copy per query head (B, Hq, ...)."""
     return t.repeat_interleave(group, dim=-3)
@@ -210,7 +210,7 @@ def test_xg_pooled_is_mean_over_valid_rows(backend, xg_tokens):
     pooled = call(BACKENDS[backend], leaves, key_mask=key_mask, xg_tokens=xg_tokens).xg
     per_row = call(BACKENDS[backend], leaves, key_mask=key_mask, xg_tokens=xg_tokens, xg_pool="position").xg
 
-    # z_i = gamma_h sum_{m < Hg} Pa_im va_m, head by head, straight from SPEC §3.
+    # z_i = gamma_h sum_{m < Hg} Pa_im va_m, head by head, straight from docs/math.md §3.
     q, gamma = leaves["q"], torch.tanh(leaves["gate"])
     z = torch.empty(3, 4, 11, DIM, dtype=torch.float64)
     for b in range(3):
@@ -223,7 +223,7 @@ def test_xg_pooled_is_mean_over_valid_rows(backend, xg_tokens):
         torch.testing.assert_close(pooled[b], z[b][:, key_mask[b]].mean(1), atol=1e-12, rtol=1e-10)
 
 
-# ---------------------------------------------------------------------- zero-init property (SPEC §1)
+# ---------------------------------------------------------------------- zero-init property (docs/math.md §1)
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_zero_gate_gives_zero_adapter_gradients(backend):
     gen = torch.Generator().manual_seed(6)
@@ -235,7 +235,7 @@ def test_zero_gate_gives_zero_adapter_gradients(backend):
                                                             (leaves["adapter_keys"], leaves["adapter_values"], leaves["gate"]))
     assert torch.equal(keys_grad, torch.zeros_like(keys_grad))
     assert torch.equal(values_grad, torch.zeros_like(values_grad))
-    # dgamma_h = sum_{b,i} dO_i . O^a_i, and tanh'(0) = 1 (SPEC §1).
+    # dgamma_h = sum_{b,i} dO_i . O^a_i, and tanh'(0) = 1 (docs/math.md §1).
     adapter_out, _ = adapter_readout(leaves["q"], leaves["adapter_keys"], leaves["adapter_values"],
                                      torch.ones(4, dtype=torch.float64), DIM ** -0.5)
     expected = (out_grad * adapter_out).sum(dim=(0, 2, 3))

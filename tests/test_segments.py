@@ -1,8 +1,8 @@
-"""Adapter segments (SPEC §7): each segment with its own softmax and its own zero-init gate, per
+"""Adapter segments (docs/math.md §7): each segment with its own softmax and its own zero-init gate, per
 (segment, query head) or per (sample, segment, query head), in every backend that takes them.
 
 The reference is checked against an independent construction (one adapter per segment, each through
-the one-segment path SPEC §1 already tests), then the composed backend against the float64 reference
+the one-segment path docs/math.md §1 already tests), then the composed backend against the float64 reference
 on random inputs with every output and gradient (kernel_cases' rule), including the fold-ins alone.
 """
 import dataclasses

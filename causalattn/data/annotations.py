@@ -2,7 +2,7 @@
 
 An annotation `{effect: [cause, ...]}` supervises the rows predicting the effect's tokens only when
 one occurrence of the cause ends before one occurrence of the effect starts, with at least one token
-between (SPEC §2; CAT's own mask builder applies the same rule). CAT's published files name many
+between (docs/math.md §2; CAT's own mask builder applies the same rule). CAT's published files name many
 pairs that fail it (MAWPS, SVAMP and ARC-E annotate words after their "effect", or text that is not in
 the example): CAT's loader skips those pairs silently. `check_annotations` does the same and counts
 them (`AnnotationReport.summary()`), or, with `strict=True`, raises the first as a file:line error.
@@ -107,7 +107,7 @@ def _kept_pairs(example: Example, text: str, offsets: Sequence[tuple[int, int]],
             elif not _usable(effect_spans, cause_spans):
                 if strict:
                     raise ValueError(f"{where}: cause {cause!r} of effect {effect!r} does not end before it "
-                                     "(with a token between, SPEC §2)")
+                                     "(with a token between, docs/math.md §2)")
                 report.not_before += 1
             else:
                 report.kept += 1

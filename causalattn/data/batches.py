@@ -4,7 +4,7 @@ Shapes
 ------
 input_ids, attention_mask, labels   (B, N) int64; labels are -100 except on the answer tokens
 causal_mask                         CausalMask over (B, N, N): rows predicting the answer attend to
-                                    the annotated causes (SPEC §2)
+                                    the annotated causes (docs/math.md §2)
 domains                             (B,) int64 `Example.domain` of each example, None unless all have one
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Zero-init gated prompts on the top-L attention layers of a transformers model (SPEC §1).
+"""Zero-init gated prompts on the top-L attention layers of a transformers model (docs/math.md §1).
 
     summary = add_adapters(model, AdapterConfig(length=10, layers=30))
     print(summary)   # trainable params: 1,229,760 || all params: ... (LLaMA-7B shapes)
@@ -14,7 +14,7 @@ path (`causalattn.hf.families`) at every call, so nothing here reads projection 
 only prompts and gates train. State-dict keys stay the model's own
 (`...layers.29.self_attn.causalattn_adapter.prompt`), so checkpoints of the whole model keep working.
 
-Routed adapters (ICLM, SPEC §7; `domains=K >= 2`): each layer also holds a bank of K domain prompts
+Routed adapters (ICLM, docs/math.md §7; `domains=K >= 2`): each layer also holds a bank of K domain prompts
 `bank (K, M_dom, C)` (N(0, 1) init) with zero-init gates `domain_gate (K, Hq)` or `(K, 1)`; the `prompt`
 and `gate` above are the invariant mechanism. One `Router` on the model (`causalattn.hf.routed`) picks
 each sample's domain from the hidden states entering the first adapted layer, and every adapted layer
@@ -47,10 +47,10 @@ class AdapterConfig:
 
     length         M, prompt tokens per adapted layer (<= 64)
     layers         L, adapt the top L attention layers; None: min(30, number of layers)
-    xg_tokens      H_g, the first H_g prompt tokens are the XG tokens of the DCA regulariser (SPEC §3)
+    xg_tokens      H_g, the first H_g prompt tokens are the XG tokens of the DCA regulariser (docs/math.md §3)
     gate           "tanh" (gamma = tanh(g), LLaMA-Adapter training code) or "raw" (gamma = g, PEFT)
     gate_per_head  one gate per query head, or one scalar per layer; None: per head for "tanh",
-                   scalar for "raw" (PEFT's shape), as SPEC §1 pairs them
+                   scalar for "raw" (PEFT's shape), as docs/math.md §1 pairs them
     xg_pool        "sample" (mean over each sample's tokens) or "position" (official code)
     xg_space       "output" (through o_proj, official) or "head"
     domains        K domain prompts chosen by a router (ICLM); 0: one unrouted prompt (the fields below

@@ -204,7 +204,7 @@ def _adapter(module: nn.Module, prompt: LayerPrompt, query: Tensor, heads_kv: in
 
 
 def _through_o_proj(module: nn.Module, xg: Tensor, dtype: torch.dtype) -> Tensor:
-    """XG read-out in the layer's output space (SPEC §3), through the o_proj module during the forward
+    """XG read-out in the layer's output space (docs/math.md §3), through the o_proj module during the forward
     (FSDP-safe). (S, Hq, d) -> (S, 1, C); per position (B, Hq, N, d) -> (B, 1, N, C). The o_proj bias
     shifts every sample alike, so the batch variance is the one of `W z`."""
     features = xg.flatten(1) if xg.dim() == 3 else xg.transpose(1, 2).flatten(2)

@@ -32,7 +32,7 @@ class LayerPrompt(Protocol):
     prompt: Tensor      # (M, C) learnable prompt tokens in the model's hidden space
     gate: Tensor        # (Hq,) one per query head, or (1,) one per layer
     gate_mode: str      # "tanh" or "raw"
-    xg_tokens: int      # the first xg_tokens prompt tokens are the XG tokens (SPEC §3)
+    xg_tokens: int      # the first xg_tokens prompt tokens are the XG tokens (docs/math.md §3)
     xg_pool: str        # "sample" or "position"
     xg_space: str       # "output" (through o_proj) or "head"
 

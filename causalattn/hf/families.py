@@ -1,6 +1,6 @@
 """The model families causalattn runs, and how each family's attention module reaches its keys.
 
-An adapter prompt (SPEC §1) lives in the model's hidden space; its keys and values must come out of
+An adapter prompt (docs/math.md §1) lives in the model's hidden space; its keys and values must come out of
 the layer exactly as the sequence's own do, up to (not including) RoPE, or the prompt is attended to
 in another space than the one the layer was trained in. The key paths differ by family:
 

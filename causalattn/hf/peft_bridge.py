@@ -5,7 +5,7 @@
 
 PEFT's `AdaptedAttention` runs the wrapped attention, then recomputes the queries and adds a second,
 separate attention over its prompt: `o_proj(gate * softmax(q Ka^T / sqrt(d)) Va)` with a scalar raw
-gate. That is SPEC §1 with gate_mode="raw" and a (1,) gate, which the op computes in the same pass as
+gate. That is docs/math.md §1 with gate_mode="raw" and a (1,) gate, which the op computes in the same pass as
 the sequence attention. The bridge switches the model to `attn_implementation="causalattn"` and
 changes each active `AdaptedAttention`'s class to one whose forward hands its prompt and gate to the
 wrapped attention module through a keyword instead of computing the branch itself. The parameters

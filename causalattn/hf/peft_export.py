@@ -5,7 +5,7 @@
 
 PEFT's AdaptedAttention adds `o_proj(gate * softmax(q Ka^T / sqrt(d)) Va)` to the layer's output, with
 `Ka, Va` the layer's k_proj/v_proj of its prompt `(1, M, C)` and one raw scalar gate per layer, on the
-top `adapter_layers` layers. That is SPEC §1 for one unrouted segment with a scalar gate; the export
+top `adapter_layers` layers. That is docs/math.md §1 for one unrouted segment with a scalar gate; the export
 refuses, naming the reason, whatever PEFT would compute differently:
 
 * per-head gates (PEFT has one scalar per layer); a scalar tanh gate is exported as its value tanh(g);

@@ -1,4 +1,4 @@
-"""Routed adapters on a transformers model (ICLM, SPEC §7): the router, where it reads, what it hands on.
+"""Routed adapters on a transformers model (ICLM, docs/math.md §7): the router, where it reads, what it hands on.
 
     add_adapters(model, AdapterConfig(length=6, domains=2, domain_length=6, route="vq"))
     with collect(model) as stats:
@@ -118,7 +118,7 @@ def _route_batch(router: Router, layer_idx: int, _layer: nn.Module, args: tuple,
 
 
 def routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) -> Adapter:
-    """The segmented Adapter of a routed layer (SPEC §7): the invariant prompt, then either each sample's
+    """The segmented Adapter of a routed layer (docs/math.md §7): the invariant prompt, then either each sample's
     chosen domain prompt (hard routes: per-sample keys, gate (B, 2, Hq)) or every domain prompt with its
     gamma scaled by the route weight ("soft", "vq-ste": shared keys, gate (B, 1 + K, Hq))."""
     if route is None:
@@ -147,7 +147,7 @@ def routed_adapter(prompt: LayerPrompt, route, batch: int, project: Callable) ->
 def segment_readouts(module: nn.Module, query: Tensor, adapter: Adapter, rows: Tensor,
                       scaling: Optional[float]) -> tuple[Tensor, Tensor]:
     """(u, w) (B, C): what the invariant segment and the domain segments together add at each sample's
-    row `rows[b]`, through o_proj (SPEC §7): a (B, Hq, 1, M) side problem beside the fused pass."""
+    row `rows[b]`, through o_proj (docs/math.md §7): a (B, Hq, 1, M) side problem beside the fused pass."""
     batch = query.shape[0]
     rows = torch.as_tensor(rows, device=query.device).long().reshape(-1)
     if rows.shape != (batch,) or bool(((rows < 0) | (rows >= query.shape[2])).any()):

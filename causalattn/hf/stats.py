@@ -9,15 +9,15 @@
 forward inside the block; transformers hands keywords to every attention call unchanged, so each
 layer records what `causalattn.attention` returned:
 
-    mass  (B, Hq, N)   CAT mass m_i (SPEC §2), every layer, when `supervision=` is given
-    xg    (S, 1, C)    pooled XG read-out through the layer's o_proj (SPEC §3), adapted layers;
+    mass  (B, Hq, N)   CAT mass m_i (docs/math.md §2), every layer, when `supervision=` is given
+    xg    (S, 1, C)    pooled XG read-out through the layer's o_proj (docs/math.md §3), adapted layers;
           (S, Hq, d)   with xg_space="head"; per position (B, 1, N, C) / (B, Hq, N, d)
 
 Both are differentiable outputs of the op, so the losses below backpropagate into the fused backward.
 With routed adapters (`causalattn.hf.routed`) it also keeps the batch's `route` (its VQ loss) and, when
 `causalattn_label_rows=` is given, each routed layer's invariant and domain read-outs at those rows:
 
-    readouts  {layer: (u (B, C), w (B, C))}   for `mi_loss` (ICLM's MI term, SPEC §7)
+    readouts  {layer: (u (B, C), w (B, C))}   for `mi_loss` (ICLM's MI term, docs/math.md §7)
 
 Gradient checkpointing: a checkpointed layer runs its forward again during backward with the same
 keywords, so it calls `record` a second time. The collector keeps the first record of each layer per
@@ -132,14 +132,14 @@ class Statistics:
 
     def cat_loss(self, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
         """CAT loss of the last forward: the mass averaged over all layers and query heads, then the
-        per-row loss averaged over valid rows (SPEC §2, `causalattn.cat_loss`)."""
+        per-row loss averaged over valid rows (docs/math.md §2, `causalattn.cat_loss`)."""
         if not self._mass:
             raise RuntimeError("cat_loss: no CAT mass was recorded; pass supervision=<CausalMask> to model(...) "
                                "inside `with causalattn.hf.collect(model)`")
         return cat_loss([self._mass[i] for i in sorted(self._mass)], self._supervision, alpha=alpha, kind=kind)
 
     def xg_loss(self, *, layers: str = "adapted") -> Tensor:
-        """DCA's XG variance R of the last forward (SPEC §3, `causalattn.xg_variance`): the unbiased
+        """DCA's XG variance R of the last forward (docs/math.md §3, `causalattn.xg_variance`): the unbiased
         variance over the micro-batch of each sample's XG read-out, averaged over features and over the
         adapted layers (`layers="adapted"`) or only the top one (`"last"`, the official code)."""
         if layers not in XG_LAYER_SETS:

@@ -129,10 +129,10 @@ class CausalCollator:
 
 class CausalLossMixin:
     """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
-    CE + `cat_weight` x CAT + `xg_weight` x XG (SPEC §2, §3); see the module docstring. `cat_alpha` /
+    CE + `cat_weight` x CAT + `xg_weight` x XG (docs/math.md §2, §3); see the module docstring. `cat_alpha` /
     `cat_kind` choose the CAT row loss, `xg_layers` the XG layers ("adapted" or "last"); routed adapters
     add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
-    (SPEC §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
+    (docs/math.md §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
     among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",

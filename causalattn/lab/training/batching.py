@@ -7,7 +7,7 @@ micro-batches `a * world_size + r` for `a = 0 .. grad_accum - 1`. So one process
 `--grad-accum K` and K processes with `--grad-accum 1` run the very same micro-batches and, as each
 micro-batch's loss is weighted 1 / (number of micro-batches in the step), take the same step. Every
 micro-batch is full (the last incomplete global batch of an epoch is dropped), which keeps the XG
-variance (taken over each micro-batch, SPEC §3) and the step weights alike everywhere.
+variance (taken over each micro-batch, docs/math.md §3) and the step weights alike everywhere.
 """
 from __future__ import annotations
 

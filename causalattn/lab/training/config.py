@@ -118,7 +118,7 @@ class TrainConfig:
     train_examples: Optional[int] = None  # None: STG_TRAIN_EXAMPLES generated, or every record of --data
     eval_examples: Optional[int] = None   # None: STG_EVAL_EXAMPLES generated, or every record of each file
     max_length: Optional[int] = None
-    # adapters (SPEC §1, §3)
+    # adapters (docs/math.md §1, §3)
     adapter_len: int = 10
     adapter_layers: Optional[int] = None
     xg_tokens: int = 2
@@ -129,7 +129,7 @@ class TrainConfig:
     lora_rank: int = 0  # 0: no LoRA (causalattn.lab.training.lora)
     lora_targets: str = lora.DEFAULT_TARGETS
     lora_lr: float = lora.DEFAULT_LR
-    # losses (SPEC §2, §3)
+    # losses (docs/math.md §2, §3)
     runs: tuple[RunSpec, ...] = field(default_factory=lambda: tuple(RunSpec.parse(r) for r in DEFAULT_COMPARISON))
     cat_alpha: float = 2.0
     cat_kind: str = "div"
@@ -137,7 +137,7 @@ class TrainConfig:
     cat_weight: float = 1.0
     xg_lambda: float = 1.0
     xg_pool: str = "sample"
-    # routed adapters (ICLM, SPEC §7), for the +routed runs; defaults are the official code's weights
+    # routed adapters (ICLM, docs/math.md §7), for the +routed runs; defaults are the official code's weights
     domains: int = 2
     domain_len: int = 10
     route: str = "vq"
@@ -225,7 +225,7 @@ class TrainConfig:
             if self.xg_tokens == 0:
                 raise ConfigError("--xg-tokens: the XG loss needs at least one XG prompt token (or pass --no-xg)")
             if self.batch_size < 2:
-                raise ConfigError("--batch-size: the XG variance is taken over each micro-batch (SPEC §3) and needs "
+                raise ConfigError("--batch-size: the XG variance is taken over each micro-batch (docs/math.md §3) and needs "
                                   f"at least 2 examples per micro-batch, got {self.batch_size} (or pass --no-xg)")
         if self.model is not None and self.bases > 1:
             raise ConfigError("--bases: builds several embedded bases; --model is one base")

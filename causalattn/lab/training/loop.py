@@ -2,8 +2,8 @@
 
 Each optimizer step runs this process's micro-batches (`batching.micro_batches`) with
 
-    loss = CE + [cat] w * exp(-decay * epoch) * L_cat + [xg] lambda * R        (SPEC §2, §3)
-               + [routed] vq_lambda * VQ + mi_lambda * MI                 (SPEC §7, ICLM)
+    loss = CE + [cat] w * exp(-decay * epoch) * L_cat + [xg] lambda * R        (docs/math.md §2, §3)
+               + [routed] vq_lambda * VQ + mi_lambda * MI                 (docs/math.md §7, ICLM)
                + [routed] invariant_ce * CE(invariant prompts alone)     (ICLM's CE(invariant); 0 by default)
 
 per micro-batch, scaled by 1 / grad_accum (data parallelism averages over processes), then one AdamW
