@@ -1,6 +1,6 @@
 """The benchmark harness: sweeps of (shape x provider x mode), timing, peak memory, CSV rows, tables.
 
-    python -m benchmarks --preset kernel-core              # issue 3's sweep (CUDA)
+    python -m benchmarks --preset kernel-core              # the kernel sweep (CUDA)
     python -m benchmarks --preset all-features             # adapter + CAT + XG vs baselines (CUDA)
     python -m benchmarks --preset cpu                      # reference backend, tiny shapes, < 1 min
     python -m benchmarks --preset smoke                    # one tiny case per provider
@@ -117,13 +117,13 @@ COMPOSED_ALL = ("composed", "composed+adapter", "composed+cat", "composed+xg", "
 DISPATCH_DENSITIES = (0.003, 0.03, 0.1, 0.3, 1.0)
 PRESETS = {
     p.name: p for p in (
-        # Issue 3: plain and adapter-on fused attention vs SDPA's backends and the usual adapter baselines.
+        # Kernel core: plain and adapter-on fused attention vs SDPA's backends and the usual adapter baselines.
         # SDPA is listed first: every ratio needs it, also in a sweep cut short by its time budget.
         Preset("kernel-core",
                providers=(*SDPA_BACKEND_PROVIDERS, "causalattn", "causalattn+adapter", "sdpa+adapter-sdpa",
                           "sdpa+adapter-peft", "flex", "flash-attn"),
                modes=MODES, seq_lens=(1024, 2048, 4096, 8192, 16384), heads_kv=(8, 32)),
-        # Issue 4: every feature on vs off vs SDPA vs the ways users get CAT/XG today. Fewer N: the
+        # All features: every feature on vs off vs SDPA vs the ways users get CAT/XG today. Fewer N: the
         # FlexAttention baselines compile three graphs per shape.
         Preset("all-features",
                providers=("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", *CAUSALATTN_ALL, *COMPOSED_ALL,

@@ -43,7 +43,7 @@ from causalattn.lab.training.report import mean_and_error
 FILES = {"train": "spurious_token_game_train3.jsonl", "iid": "spurious_token_game_test3.jsonl",
          "ood": "spurious_token_game_ood3_2.jsonl"}
 MODEL = "smollm2-135m"
-# The recipes the issue asks to compare: the prompts alone, + LoRA on q/k (CAT's lever, its lr 1e-3),
+# The recipes compared: the prompts alone, + LoRA on q/k (CAT's lever, its lr 1e-3),
 # + the q/k weights themselves, and LoRA q/k trained three times longer.
 LORA_QK = ["--lora-rank", "8", "--lora-targets", "q,k", "--lora-lr", "1e-3"]
 # LoRA q/k first: on a busy machine the recipe most likely to move the base's attention finishes first.

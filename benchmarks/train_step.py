@@ -132,7 +132,7 @@ class Trainee:
 @dataclass(frozen=True)
 class TrainProvider:
     name: str
-    label: str     # the issue's numbering: (i), (ii), (iii)
+    label: str     # (i), (ii), (iii): the providers' order in the report
     features: str  # as in the kernel harness: adapter, cat, xg
     build: Callable[[RunSettings, torch.device], Trainee]
 

@@ -29,7 +29,8 @@ def test_write_fills_the_readme_block_only_between_its_markers(tmp_path):
     readme.write_text(f"# Project\nintro\n{support_matrix.START}\nold table\n{support_matrix.END}\nafter\n")
     written = support_matrix.write("| new |\n", tmp_path / "docs" / "support-matrix.md", readme)
     assert written == [tmp_path / "docs" / "support-matrix.md", readme]
-    assert readme.read_text() == f"# Project\nintro\n{support_matrix.START}\n| new |\n{support_matrix.END}\nafter\n"
+    assert readme.read_text() == (f"# Project\nintro\n{support_matrix.START}\n| new |\n\n{support_matrix.README_POINTER}"
+                                  f"{support_matrix.END}\nafter\n")
     assert (tmp_path / "docs" / "support-matrix.md").read_text() == "# Support matrix\n\n| new |\n"
     plain = tmp_path / "PLAIN.md"
     plain.write_text("no markers\n")

@@ -75,8 +75,12 @@ def render(cells: dict[tuple[str, str], dict]) -> str:
         *lines, "", LEGEND, "", columns, ""])
 
 
+README_POINTER = "What each column checks, the legend and the versions: [docs/support-matrix.md](docs/support-matrix.md).\n"
+
+
 def write(matrix: str, output: Path = OUTPUT, readme: Path = README) -> list[Path]:
-    """Write docs/support-matrix.md and README's marked block (when the markers are there)."""
+    """Write docs/support-matrix.md, and README's marked block (when the markers are there) with the
+    table alone and a pointer to the rest: the README stays short."""
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text("# Support matrix\n\n" + matrix, encoding="utf-8")
     written = [output]
@@ -85,7 +89,8 @@ def write(matrix: str, output: Path = OUTPUT, readme: Path = README) -> list[Pat
         if START in text and END in text.split(START, 1)[1]:
             before, rest = text.split(START, 1)
             after = rest.split(END, 1)[1]
-            readme.write_text(f"{before}{START}\n{matrix}{END}{after}", encoding="utf-8")
+            table = "".join(line + "\n" for line in matrix.splitlines() if line.startswith("|"))
+            readme.write_text(f"{before}{START}\n{table}\n{README_POINTER}{END}{after}", encoding="utf-8")
             written.append(readme)
     return written
 
