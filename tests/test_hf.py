@@ -17,33 +17,12 @@ from transformers.masking_utils import AttentionMaskInterface
 import causalattn.hf as cah
 from causalattn import CausalMask, cat_loss, encode_with_causes
 from hf_helpers import (
-    CONFIGS, TINY, XG_READOUTS, build, grads, llama_config, mistral_config, padded_batch, randomize_gates, twin,
+    CONFIGS, TINY, XG_READOUTS, assert_close_dicts, build, forward_backward, grads, labels_of, llama_config,
+    mistral_config, padded_batch, randomize_gates, twin,
 )
 
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
-
-
-def labels_of(ids, mask):
-    """Real tokens predicted from real tokens: after left padding the first real token is predicted from a
-    padding row, whose output differs between backends (0 here, uniform attention in eager)."""
-    keep = mask.bool().clone()
-    keep[:, 1:] &= mask[:, :-1].bool()
-    return ids.masked_fill(~keep, -100)
-
-
-def forward_backward(model, ids, mask, **kwargs):
-    """Logits and the gradients of the language-model loss over real tokens."""
-    model.zero_grad(set_to_none=True)
-    out = model(ids, attention_mask=mask, labels=labels_of(ids, mask), use_cache=False, **kwargs)
-    out.loss.backward()
-    return out.logits.detach(), grads(model)
-
-
-def assert_close_dicts(actual, expected, **tol):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
 def adapted(config, dtype=torch.float64, seed=0, **adapter):

@@ -11,7 +11,8 @@ import torch
 
 import causalattn.hf as cah
 from causalattn import CausalMask
-from hf_helpers import FAMILY_CONFIGS, XG_READOUTS, build, grads, padded_batch, randomize_gates, twin
+from hf_helpers import (FAMILY_CONFIGS, XG_READOUTS, assert_close_dicts, build, forward_backward, grads, labels_of,
+                        padded_batch, randomize_gates, twin)
 
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 FAMILIES = list(FAMILY_CONFIGS)
@@ -20,26 +21,6 @@ SLIDING = {  # the config of each family's sliding-window layers, the window sho
     "qwen3": dict(sliding_window=6, use_sliding_window=True, max_window_layers=0),
     "gemma3_text": dict(sliding_window=6), "phi3": dict(sliding_window=6)}
 pytestmark = [pytest.mark.filterwarnings("ignore:xg_variance"), pytest.mark.parametrize("family", FAMILIES)]
-
-
-def labels_of(ids, mask):
-    """Real tokens predicted from real tokens (the padding rows differ between implementations)."""
-    keep = mask.bool().clone()
-    keep[:, 1:] &= mask[:, :-1].bool()
-    return ids.masked_fill(~keep, -100)
-
-
-def forward_backward(model, ids, mask, **kwargs):
-    model.zero_grad(set_to_none=True)
-    out = model(ids, attention_mask=mask, labels=labels_of(ids, mask), use_cache=False, **kwargs)
-    out.loss.backward()
-    return out.logits.detach(), grads(model)
-
-
-def assert_close_dicts(actual, expected, **tol):
-    assert actual.keys() == expected.keys()
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], **tol, msg=lambda m: f"{name}: {m}")
 
 
 def adapted(family, **adapter):

@@ -17,7 +17,7 @@ from causalattn.lab.training.config import ConfigError, TrainConfig
 from causalattn.lab.training.loop import add_job_adapters, load_model, make_optimizer
 
 from test_cat_format import STG_PROMPT, write
-from test_train import FAST, report_of, small_model  # noqa: F401 - small_model is a fixture
+from test_train import FAST, crash_then_resume, report_of, small_model  # noqa: F401 - small_model is a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 # FAST without its STG sizes: the JSONL files below are used whole unless a test cuts them
@@ -78,17 +78,7 @@ def test_lora_run_trains_and_resumes_the_identical_trajectory(small_model, tmp_p
             "--lora-lr", "0.01", *JSONL_FAST]
     assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(run_dir, *a, **kw):
-        real_save(run_dir, *a, **kw)
-        raise KeyboardInterrupt("simulated crash after the first epoch's checkpoint")
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(args + ["--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    assert main(args + ["--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    crash_then_resume(monkeypatch, args + ["--output-dir", str(tmp_path / "resumed")])
 
     straight, resumed = report_of(tmp_path / "straight")["runs"][0], report_of(tmp_path / "resumed")["runs"][0]
     assert resumed["resumed_at_epoch"] == 1 and resumed["history"] == straight["history"]

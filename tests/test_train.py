@@ -212,6 +212,23 @@ def test_jsonl_data_with_eval_file(small_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------ resume
+def crash_then_resume(monkeypatch, args: list, before_crash=lambda run_dir: None) -> None:
+    """Run `causalattn train args`, killed right after its first epoch's checkpoint (after
+    `before_crash(run_dir)`, e.g. leftovers of a killed second write), then the same with --resume."""
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_crash(run_dir, *a, **kw):
+        real_save(run_dir, *a, **kw)
+        before_crash(run_dir)
+        raise KeyboardInterrupt("simulated crash after the first epoch's checkpoint")
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    assert main(args + ["--resume"]) == 0
+
+
 @pytest.mark.parametrize("options", [
     ["--runs", "ce+cat+xg", "--train-qk"],  # the trained q/k weights must come back too, not only the adapters
     ["--task", "dialects", "--runs", "ce+routed", "--route", "vq"],  # the bank, the router and its batch-norm
@@ -220,18 +237,8 @@ def test_resume_continues_the_identical_trajectory(options, small_model, tmp_pat
     args = ["train", "--model", str(small_model), *options, *FAST]
     assert main(args + ["--output-dir", str(tmp_path / "straight")]) == 0
 
-    real_save = checkpoint.save_checkpoint
-
-    def save_then_crash(run_dir, *a, **kw):
-        real_save(run_dir, *a, **kw)
-        plant_staging_leftovers(checkpoint.checkpoint_root(run_dir), "epoch-002")  # a killed second write
-        raise KeyboardInterrupt("simulated crash after the first epoch's checkpoint")
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        main(args + ["--output-dir", str(tmp_path / "resumed")])
-    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
-    assert main(args + ["--output-dir", str(tmp_path / "resumed"), "--resume"]) == 0
+    crash_then_resume(monkeypatch, args + ["--output-dir", str(tmp_path / "resumed")],
+                      lambda run_dir: plant_staging_leftovers(checkpoint.checkpoint_root(run_dir), "epoch-002"))
 
     straight, resumed = report_of(tmp_path / "straight")["runs"][0], report_of(tmp_path / "resumed")["runs"][0]
     assert not [p for p in (tmp_path / "resumed").rglob("*.tmp")]  # the leftovers went at the restart
