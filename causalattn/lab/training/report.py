@@ -258,6 +258,8 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
 def base_spread_lines(summary: dict, splits: Sequence[str]) -> list[str]:
     """With several bases: each run's accuracy per base (the mean over that base's seeds), one column per
     base, so the spread over base builds is visible and not only its standard error."""
+    if not splits:  # a job without evaluation files has no accuracy to spread
+        return []
     entries = [(name, entry) for name, entry in summary.items() if "base_means" in entry.get(f"acc_{splits[0]}", {})]
     if not entries:
         return []
