@@ -156,3 +156,12 @@ def test_portable_path_peak_memory_stays_near_sdpa():
 
     portable, sdpa = peak("portable"), peak("sdpa")
     assert portable <= 2 * sdpa, f"portable path peak {portable >> 20} MB vs SDPA {sdpa >> 20} MB"
+
+
+@pytest.mark.parametrize("cause_keys", [True, False], ids=["cause-keys", "row-softmax"])
+@pytest.mark.parametrize("case", [MATRIX[i] for i in (4, 13, 22)] + LSE_CASES[:2], ids=str)
+def test_both_mass_paths_match_reference(case, cause_keys, monkeypatch):
+    """The CPU composed mass runs from the cause keys and the kernel's lse above a density of supervised
+    rows and from each row's softmax below it: both against the reference, whatever the case's density."""
+    monkeypatch.setattr(composed, "_CAUSE_KEY_MIN_ROW_FRACTION", 0.0 if cause_keys else 2.0)
+    check_case(case, "cpu", backend="composed")
