@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="ce,ce+cat,ce+cat-random")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="keep the built bases here, so that recipes differing only in training reuse them")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     base_overrides, train_overrides = json.loads(args.base), json.loads(args.train)
     context = setup("cpu")
-    root = Path(tempfile.mkdtemp(prefix="recipe-"))
+    root = args.cache_dir or Path(tempfile.mkdtemp(prefix="recipe-"))
     for base_seed in map(int, args.base_seeds.split(",")):
         settings = dataclasses.replace(tiny.settings_for(train_overrides.get("task", "shortcut")),
                                        seed=base_seed, **base_overrides)
