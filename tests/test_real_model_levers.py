@@ -166,3 +166,15 @@ def test_real_model_protocol_cuts_validation_from_train_only_and_tables_what_fin
     assert real_model.claim(tmp_path / "job") and real_model.claim(tmp_path / "job")  # ours, taken once
     (tmp_path / "job" / "job.lock").write_text("1")  # a live process of someone else
     assert not real_model.claim(tmp_path / "job")
+
+
+def test_a_job_writing_to_a_pipe_prints_progress_lines_and_quiet_silences_them(small_model, tmp_path, capsys):
+    loud = [option for option in JSONL_FAST if option != "--quiet"]
+    assert main(["train", "--model", str(small_model), *jsonl_job(tmp_path), "--runs", "ce", *loud,
+                 "--output-dir", str(tmp_path / "loud")]) == 0
+    err = capsys.readouterr().err  # captured: not a terminal, as a log file is not
+    assert "[ce] epoch 1/2: 0/6 steps" in err and "[ce] epoch 2/2: 6/6 steps (100 %)" in err
+    assert "[ce] evaluating iid: 10/10 examples (100 %)" in err
+    assert main(["train", "--model", str(small_model), *jsonl_job(tmp_path), "--runs", "ce", *JSONL_FAST,
+                 "--output-dir", str(tmp_path / "quiet")]) == 0
+    assert "steps" not in capsys.readouterr().err

@@ -11,7 +11,7 @@ target plus one, and an exact match of the target's words with the first words g
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -53,8 +53,10 @@ def score_candidates(model: nn.Module, tokenizer, examples: Sequence[Example], c
 
 
 def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], candidates: Sequence[str], *,
-             context: DistContext, batch_size: int, max_length: Optional[int] = None) -> float:
-    """Share of `examples` whose best-scoring candidate is their target, over all processes."""
+             context: DistContext, batch_size: int, max_length: Optional[int] = None,
+             on_batch: Optional[Callable[[int], None]] = None) -> float:
+    """Share of `examples` whose best-scoring candidate is their target, over all processes;
+    `on_batch(n)` after each batch, with the examples all processes scored in it."""
     was_training = model.training
     model.eval()
     index = {answer: i for i, answer in enumerate(candidates)}
@@ -63,6 +65,8 @@ def accuracy(model: nn.Module, tokenizer, examples: Sequence[Example], candidate
         # An empty chunk still runs one forward: with a sharded model every process must join each one.
         scores = score_candidates(model, tokenizer, chunk or examples[:1], candidates,
                                   device=context.device, max_length=max_length)
+        if on_batch is not None:
+            on_batch(batch_size * context.world_size)
         if not chunk:
             continue
         predicted = scores.argmax(dim=1).cpu()

@@ -40,6 +40,7 @@ from causalattn.lab.training import checkpoint as ckpt
 from causalattn.lab.training import lora
 from causalattn.lab.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
 from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig
+from causalattn.lab.training.progress import ProgressLines
 from causalattn.lab.training.distributed import DistContext, ParallelModel
 from causalattn.lab.training.evaluate import accuracy, generation_accuracy, routes_of
 
@@ -71,7 +72,13 @@ class Job:
 
     @property
     def show_progress(self) -> bool:
+        """tqdm bars: the main process on a terminal."""
         return self.context.is_main and not self.config.quiet and sys.stderr.isatty()
+
+    @property
+    def show_progress_lines(self) -> bool:
+        """Plain progress lines (`ProgressLines`): the main process writing to a file or a pipe."""
+        return self.context.is_main and not self.config.quiet and not sys.stderr.isatty()
 
 
 @dataclass
@@ -255,23 +262,26 @@ class Trainer:
     def _evaluate(self, model: nn.Module, epoch: int) -> list[dict]:
         data = self.job.data
 
-        def measure(examples) -> float:
+        def measure(examples, split: str) -> float:
+            lines = ProgressLines(self.spec.name, f"evaluating {split}", len(examples), "examples",
+                                  enabled=self.job.show_progress_lines)
             if not data.closed_answers:  # open answers: exact match of a greedy generation
                 return generation_accuracy(model, self.job.tokenizer, examples, context=self.context,
                                            batch_size=self.config.eval_batch_size)
             return accuracy(model, self.job.tokenizer, examples, data.candidates, context=self.context,
-                            batch_size=self.config.eval_batch_size, max_length=self.config.max_length)
+                            batch_size=self.config.eval_batch_size, max_length=self.config.max_length,
+                            on_batch=lines.update)
 
         def row(split: str, value: float) -> dict:
             return {"run": self.spec.name, "seed": self.config.seed, "epoch": epoch, "split": split, "accuracy": value}
 
-        rows = [row(split, measure(examples)) for split, examples in data.evals.items()]
+        rows = [row(split, measure(examples, split)) for split, examples in data.evals.items()]
         if self.spec.routed:
             for entry, examples in zip(rows, data.evals.values()):
                 entry.update(self._routes_of_test_set(model, examples))
         if self.spec.routed:  # the invariant mechanism alone, as ICLM evaluates it
             with cah.invariant_only(model):
-                rows += [row(split + INVARIANT_SUFFIX, measure(examples)) for split, examples in data.evals.items()]
+                rows += [row(split + INVARIANT_SUFFIX, measure(examples, split + INVARIANT_SUFFIX)) for split, examples in data.evals.items()]
         return rows
 
     def _initial_accuracy(self, model: nn.Module) -> list[dict]:
@@ -356,6 +366,8 @@ class Trainer:
         done = progress.step - epoch * self.steps  # steps of this epoch a step checkpoint already holds
         last = min(self.steps, self.total_steps - epoch * self.steps)
         bar.update(done)
+        lines = ProgressLines(self.spec.name, f"epoch {epoch + 1}/{config.epochs}", last, "steps", done=done,
+                              enabled=self.job.show_progress_lines)
         for step in range(done, last):
             start = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
@@ -374,6 +386,7 @@ class Trainer:
             bar.set_postfix(loss=f"{means['loss']:.4f}", ce=f"{means['ce']:.4f}", cat=f"{means['cat']:.3f}",
                             ex_s=f"{(step + 1 - done) * per_step / seconds:.0f}", tok_s=f"{tokens / seconds:.0f}",
                             refresh=False)
+            lines.update(extra=f"loss {means['loss']:.4f} ce {means['ce']:.4f} cat {means['cat']:.3f}")
             if config.save_steps and progress.step % config.save_steps == 0 and step + 1 < last:
                 # (the epoch's last step is followed by the epoch checkpoint itself)
                 self._save(ckpt.step_name(progress.step), parallel.module, optimizer, scheduler, progress,
