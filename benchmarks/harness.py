@@ -279,10 +279,12 @@ def measure_time(step: Callable[[], None], leaves: list[Tensor], device: torch.d
 
 
 def is_oom(error: BaseException) -> bool:
-    if isinstance(error, torch.OutOfMemoryError):
+    # MemoryError: Python's own allocations failing, e.g. under a child's RLIMIT_AS cap.
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         return True
-    text = str(error)
-    return "out of memory" in text.lower() or "can't allocate memory" in text
+    text = str(error).lower()
+    # "cannot allocate memory": ENOMEM's strerror, e.g. an mmap refused under an RLIMIT_AS cap.
+    return any(words in text for words in ("out of memory", "can't allocate memory", "cannot allocate memory"))
 
 
 def error_status(error: BaseException) -> str:

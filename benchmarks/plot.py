@@ -41,17 +41,45 @@ def figure_groups(rows: Sequence[dict[str, str]]) -> dict[tuple[str, ...], list[
     return groups
 
 
+def load_pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a message) when it is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, no display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plots written (pip install matplotlib)")
+        return None
+    return plt
+
+
+def provider_style(plt, index: int, provider: str) -> dict:
+    """The house style of one provider's line: a tab20 colour (up to 20 providers without a repeat),
+    round markers, the fused op's variants solid and everything it is compared with dashed."""
+    colors = plt.get_cmap("tab20").colors
+    return dict(color=colors[index % len(colors)], marker="o", label=provider,
+                linestyle="-" if provider.startswith("causalattn") else "--")
+
+
+def style_axes(axes_and_labels) -> None:
+    """Log2 N on x, log y, the y label, a light grid: the axes of every benchmark figure."""
+    for ax, label in axes_and_labels:
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+
+
 def plot_csv(path: Path, out_dir: Path, plt) -> list[Path]:
     """Write the figures of one CSV; returns the PNG paths."""
     written = []
     for key, rows in figure_groups(_read(path)).items():
         device, mode, heads_q, heads_kv, head_dim, adapter_len, dtype, tokens = key
         fig, (time_ax, memory_ax) = plt.subplots(1, 2, figsize=(14, 5))
-        colors = plt.get_cmap("tab20").colors  # up to 20 providers without a repeated colour
         for index, provider in enumerate(sorted({r["provider"] for r in rows})):
-            # The fused op's variants solid, everything it is compared with dashed.
-            style = dict(color=colors[index % len(colors)], marker="o", label=provider,
-                         linestyle="-" if provider.startswith("causalattn") else "--")
+            style = provider_style(plt, index, provider)
             points = sorted((int(r["seq_len"]), r) for r in rows if r["provider"] == provider)
             n = [p[0] for p in points]
             median = [float(p[1]["median_ms"]) for p in points]
@@ -61,12 +89,7 @@ def plot_csv(path: Path, out_dir: Path, plt) -> list[Path]:
             memory = [(x, float(p[1]["peak_mb"])) for x, p in zip(n, points) if p[1].get("peak_mb")]
             if memory:
                 memory_ax.plot([x for x, _ in memory], [y for _, y in memory], **style)
-        for ax, label in ((time_ax, "median time (ms), q20-q80 bars"), (memory_ax, "peak memory (MB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_xlabel("sequence length N")
-            ax.set_ylabel(label)
-            ax.grid(True, which="both", alpha=0.3)
+        style_axes(((time_ax, "median time (ms), q20-q80 bars"), (memory_ax, "peak memory (MB)")))
         memory_ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         fig.suptitle(f"{mode} | {device} | Hq={heads_q} Hkv={heads_kv} d={head_dim} M={adapter_len} {dtype}, "
                      f"B x N = {tokens}", fontsize=10)
@@ -84,13 +107,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("csv", nargs="+", type=Path, help="result CSVs written by python -m benchmarks")
     parser.add_argument("--out", type=Path, help="directory of the PNGs (default: <csv dir>/plots)")
     args = parser.parse_args(argv)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only, no display
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plots written (pip install matplotlib)")
+    plt = load_pyplot()
+    if plt is None:
         return 0
     for path in args.csv:
         if not path.exists():

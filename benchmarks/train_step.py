@@ -158,56 +158,82 @@ def build_model(settings: RunSettings, device: torch.device, implementation: str
     return model
 
 
-def _build_causalattn(settings: RunSettings, device: torch.device) -> Trainee:
+def causalattn_trainee(model: nn.Module, adapter_len: int, adapter_layers: Optional[int], backend: str,
+                       cat: bool = True, xg: bool = True) -> Trainee:
+    """`model` (attn_implementation="causalattn") with the library's gated prompts (M = `adapter_len` on the
+    top `adapter_layers` layers, XG_TOKENS of them XG tokens) and a loss of CE [+ CAT] [+ XG_WEIGHT XG],
+    the statistics collected from the attention backend `backend` during the forward. CE alone passes no
+    supervision and collects nothing: the cost of the prompts alone."""
     import causalattn.hf as cah
 
-    model = build_model(settings, device, cah.IMPLEMENTATION)
-    cah.add_adapters(model, cah.AdapterConfig(length=settings.preset.adapter_len, layers=settings.preset.adapter_layers,
-                                              xg_tokens=XG_TOKENS))
-    # On CPU the reference backend explicitly: "auto" would pick the Triton interpreter whenever
-    # TRITON_INTERPRET=1 is set (as the test suite does).
-    backend = "triton" if device.type == "cuda" else "reference"
+    cah.add_adapters(model, cah.AdapterConfig(length=adapter_len, layers=adapter_layers, xg_tokens=XG_TOKENS))
     cah.set_backend(model, backend)
 
     def make_loss(input_ids: Tensor, mask: CausalMask) -> Callable[[], Tensor]:
+        if not (cat or xg):
+            return lambda: model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
         def loss() -> Tensor:
             with cah.collect(model) as stats:
                 out = model(input_ids=input_ids, labels=input_ids, supervision=mask, use_cache=False)
-            with warnings.catch_warnings():
-                # B = 1 has no batch variance (XG = 0); the kernels compute and differentiate it all the same.
-                warnings.filterwarnings("ignore", message="xg_variance: a micro-batch of one sample")
-                xg = stats.xg_loss()
-            return out.loss + stats.cat_loss() + XG_WEIGHT * xg
+            total = out.loss + stats.cat_loss() if cat else out.loss
+            if xg:
+                with warnings.catch_warnings():
+                    # B = 1 has no batch variance (XG = 0); the kernels compute and differentiate it all the same.
+                    warnings.filterwarnings("ignore", message="xg_variance: a micro-batch of one sample")
+                    total = total + XG_WEIGHT * stats.xg_loss()
+            return total
 
         return loss
 
     return Trainee(model, make_loss, f"backend={backend}")
 
 
-def _peft_model(settings: RunSettings, device: torch.device, implementation: str) -> nn.Module:
+def _build_causalattn(settings: RunSettings, device: torch.device) -> Trainee:
+    import causalattn.hf as cah
+
+    # On CPU the reference backend explicitly: "auto" would pick the Triton interpreter whenever
+    # TRITON_INTERPRET=1 is set (as the test suite does).
+    backend = "triton" if device.type == "cuda" else "reference"
+    return causalattn_trainee(build_model(settings, device, cah.IMPLEMENTATION), settings.preset.adapter_len,
+                              settings.preset.adapter_layers, backend)
+
+
+def require_peft() -> None:
+    """Raise Unsupported when PEFT cannot be imported (checked before a model is built)."""
     try:
-        from peft import AdaptionPromptConfig, get_peft_model
+        import peft  # noqa: F401
     except ImportError as error:
         raise Unsupported(f"peft is not importable ({error})") from None
-    model = build_model(settings, device, implementation)
-    # get_peft_model freezes the base and leaves only the prompts and gates trainable.
-    return get_peft_model(model, AdaptionPromptConfig(adapter_len=settings.preset.adapter_len,
-                                                      adapter_layers=settings.preset.adapter_layers,
+
+
+def add_peft_prompts(model: nn.Module, adapter_len: int, adapter_layers: int) -> nn.Module:
+    """`model` wrapped in PEFT AdaptionPrompt (M = `adapter_len` on the top `adapter_layers` layers);
+    get_peft_model freezes the base and leaves only the prompts and gates trainable."""
+    from peft import AdaptionPromptConfig, get_peft_model
+
+    return get_peft_model(model, AdaptionPromptConfig(adapter_len=adapter_len, adapter_layers=adapter_layers,
                                                       task_type="CAUSAL_LM"))
 
 
-def _build_peft_sdpa(settings: RunSettings, device: torch.device) -> Trainee:
-    model = _peft_model(settings, device, "sdpa")
+def _peft_model(settings: RunSettings, device: torch.device, implementation: str) -> nn.Module:
+    require_peft()
+    return add_peft_prompts(build_model(settings, device, implementation), settings.preset.adapter_len,
+                            settings.preset.adapter_layers)
 
+
+def peft_sdpa_trainee(model: nn.Module) -> Trainee:
+    """A PEFT-wrapped model on sdpa, trained on CE alone."""
     def make_loss(input_ids: Tensor, mask: CausalMask) -> Callable[[], Tensor]:
         return lambda: model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
     return Trainee(model, make_loss)
 
 
-def _build_peft_eager_cat(settings: RunSettings, device: torch.device) -> Trainee:
-    model = _peft_model(settings, device, "eager")
-
+def peft_eager_cat_trainee(model: nn.Module) -> Trainee:
+    """A PEFT-wrapped model on eager attention, trained on CE + the CAT loss computed the way CAT's code
+    does: every layer's maps P (output_attentions), mass_i = sum_j P_ij A_ij, causalattn.cat_loss over the
+    stacked masses (the mean over layers and heads)."""
     def make_loss(input_ids: Tensor, mask: CausalMask) -> Callable[[], Tensor]:
         causes = mask.to_dense()[:, None]  # (B, 1, N, N) bool: CAT's collator builds it once per batch
 
@@ -219,6 +245,14 @@ def _build_peft_eager_cat(settings: RunSettings, device: torch.device) -> Traine
         return loss
 
     return Trainee(model, make_loss, "output_attentions: every layer's (B, H, N, N) maps kept for the loss")
+
+
+def _build_peft_sdpa(settings: RunSettings, device: torch.device) -> Trainee:
+    return peft_sdpa_trainee(_peft_model(settings, device, "sdpa"))
+
+
+def _build_peft_eager_cat(settings: RunSettings, device: torch.device) -> Trainee:
+    return peft_eager_cat_trainee(_peft_model(settings, device, "eager"))
 
 
 # Run order: the baseline first (every ratio needs it, also when a time budget cuts the run), the
