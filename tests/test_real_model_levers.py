@@ -12,7 +12,7 @@ import causalattn.hf as cah
 from causalattn.data.jsonl import read_jsonl
 from causalattn.lab.cli import main
 from causalattn.lab.tasks.controls import text_fields
-from causalattn.lab.training import checkpoint, lora
+from causalattn.lab.training import checkpoint, lora, progress
 from causalattn.lab.training.config import ConfigError, TrainConfig
 from causalattn.lab.training.loop import add_job_adapters, load_model, make_optimizer
 
@@ -168,12 +168,14 @@ def test_real_model_protocol_cuts_validation_from_train_only_and_tables_what_fin
     assert not real_model.claim(tmp_path / "job")
 
 
-def test_a_job_writing_to_a_pipe_prints_progress_lines_and_quiet_silences_them(small_model, tmp_path, capsys):
+def test_a_job_writing_to_a_pipe_prints_progress_lines_and_quiet_silences_them(small_model, tmp_path, capsys,
+                                                                                monkeypatch):
+    monkeypatch.setattr(progress, "EVERY_S", 0.0)  # a line at every step: the tiny model's stages take ms
     loud = [option for option in JSONL_FAST if option != "--quiet"]
     assert main(["train", "--model", str(small_model), *jsonl_job(tmp_path), "--runs", "ce", *loud,
                  "--output-dir", str(tmp_path / "loud")]) == 0
     err = capsys.readouterr().err  # captured: not a terminal, as a log file is not
-    assert "[ce] epoch 1/2: 0/6 steps" in err and "[ce] epoch 2/2: 6/6 steps (100 %)" in err
+    assert "[ce] epoch 1/2: 1/6 steps (17 %)" in err and "[ce] epoch 2/2: 6/6 steps (100 %)" in err
     assert "[ce] evaluating iid: 10/10 examples (100 %)" in err
     assert main(["train", "--model", str(small_model), *jsonl_job(tmp_path), "--runs", "ce", *JSONL_FAST,
                  "--output-dir", str(tmp_path / "quiet")]) == 0

@@ -1,8 +1,10 @@
 """Progress as plain lines, for output that is not a terminal (a log file, a pipe, a CI console).
 
 A terminal gets tqdm's bars; a file would get their carriage returns or nothing. A real model's step takes
-seconds and its evaluation minutes, so a job writing to a file would look dead: `ProgressLines` prints
-one line when a stage starts, then at most one every `every_s` seconds, and one at the end:
+seconds and its evaluation minutes, so a job writing to a file would look dead: `ProgressLines` prints a
+line once a stage has run `every_s` seconds, then at most one every `every_s` seconds, and one at its end.
+A stage shorter than that prints nothing (the default job's 45 runs of seconds each would otherwise
+add a thousand lines to its log):
 
     [ce+cat] epoch 1/2: 12/75 steps (16 %), 3.4 s/step, ETA 3 min 34 s, loss 0.6931 ce 0.6931 cat 1.204
     [ce+cat] evaluating val: 96/400 examples (24 %), ETA 1 min 10 s
@@ -36,14 +38,14 @@ class ProgressLines:
     `enabled`; a disabled one prints nothing (the terminal case, or --quiet, or not the main process)."""
 
     def __init__(self, label: str, stage: str, total: int, unit: str, *, enabled: bool, done: int = 0,
-                 every_s: float = EVERY_S, stream: Optional[TextIO] = None,
+                 every_s: Optional[float] = None, stream: Optional[TextIO] = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.label, self.stage, self.total, self.unit, self.enabled = label, stage, total, unit, enabled
         self.done, self._start_done = done, done
-        self.every_s, self.stream, self.clock = every_s, stream, clock
+        self.every_s = EVERY_S if every_s is None else every_s  # read at each stage: tests shorten it
+        self.stream, self.clock = stream, clock
         self._start = self._last = clock()
-        if enabled:
-            self._print(f"{done}/{total} {unit}" + (" (resumed)" if done else ""))
+        self._printed = False
 
     def update(self, n: int = 1, extra: str = "") -> None:
         """`n` more done (at most the total: a last batch may be short); prints when `every_s` has passed
@@ -52,8 +54,8 @@ class ProgressLines:
             return
         self.done = min(self.total, self.done + n)
         now = self.clock()
-        if self.enabled and (now - self._last >= self.every_s or self.done >= self.total):
-            self._last = now
+        if self.enabled and (now - self._last >= self.every_s or (self.done >= self.total and self._printed)):
+            self._last, self._printed = now, True
             self._print(self._status(now) + (f", {extra}" if extra else ""))
 
     def _status(self, now: float) -> str:
