@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     hf_logging.disable_progress_bar()
     base_overrides, train_overrides = json.loads(args.base), json.loads(args.train)
     context = setup("cpu")
-    root = args.cache_dir or Path(tempfile.mkdtemp(prefix="recipe-"))
+    runs_root = Path(tempfile.mkdtemp(prefix="recipe-"))  # each search its own: searches may share bases
+    root = args.cache_dir or runs_root
     for base_seed in map(int, args.base_seeds.split(",")):
         settings = dataclasses.replace(tiny.settings_for(train_overrides.get("task", "shortcut")),
                                        seed=base_seed, **base_overrides)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
                                  **{k: v for k, v in train_overrides.items() if k != "task"},
                                  **({"task": train_overrides["task"]} if "task" in train_overrides else {}))
             data = load_data(config, None, tokenizer, lambda m: None)
-            out = root / f"b{base_seed}-s{seed}"
+            out = runs_root / f"b{base_seed}-s{seed}"
             job = Job(config, path, tokenizer, data, context, out, lambda m: None, out)
             row = {"label": args.label, "base": base_overrides, "train": train_overrides, "base_seed": base_seed,
                    "seed": seed, "base_seconds": built}
