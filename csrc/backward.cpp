@@ -1,0 +1,199 @@
+// The backward pass of the fused CPU attention, every gradient in one parallel region (docs/native.md).
+//
+// Shapes: q, out, grad_out (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); lse, mass and their gradients
+//   (B, Hq, Nq); grad_xg (B, Hq, Nq, xg_tokens); adapter keys/values (1 or B, Hkv, M, d), gamma (1 or B, Hq);
+//   all fp32, last dim contiguous. Optional: the lse, mass and XG gradients; the adapter; the cause bits.
+// Returns dq (B, Hq, Nq, d); dk, dv (B, Hkv, Nk, d), or (B, Hq, Nk, d) per query head under GQA (the
+// caller sums each group); the adapter's per-(batch, query head) partials d_keys and d_values
+// (B, Hq, M, d) and d_gamma (B, Hq) (the caller sums them over the group and a shared prompt's batch).
+//
+// The score gradient of FlashAttention-2, dS_ij = P_ij (dP_ij - D_i), with every statistic folded into
+// the row term and one cause term (docs/math.md §1, §2, §4):
+//   D_i   = dO_i . O_i - gamma dO_i . O^a_i + c_i m_i - dlse_i      c = dL/dm
+//   dS_ij = P_ij (dP_ij - D_i) + c_i P_ij A_ij
+// One work item is one (batch, query head): it owns that head's dK and dV, so no two threads write the
+// same row (PyTorch's CPU flash backward splits the same way).
+#include "blocks.h"
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+namespace causalattn_native {
+
+namespace {
+
+struct AdapterGrad {
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const float* gamma = nullptr;
+  int64_t slots = 0, batch_stride = 0, head_stride = 0, gamma_batch_stride = 0;
+  float* d_keys = nullptr;    // (B, Hq, M, d)
+  float* d_values = nullptr;  // (B, Hq, M, d)
+  float* d_gamma = nullptr;   // (B, Hq)
+  const float* grad_xg = nullptr;  // (B, Hq, Nq, xg_tokens) or null
+  int64_t xg_tokens = 0;
+};
+
+struct Scratch {
+  std::vector<float> scores, grad, dq, adapter_probs, adapter_grad;
+};
+
+// The adapter's part of one query block: its gradients (accumulated into the item's partials), the
+// adapter's share of dQ (which initialises `dq`), and gamma dO_i . O^a_i per row into `adapter_row`.
+void adapter_block_backward(const AdapterGrad& a, int64_t b, int64_t h, int64_t hk, int64_t item, const float* q,
+                            int64_t q_ld, const float* d_out, int64_t do_ld, int64_t rows, int64_t dim, float scale,
+                            const float* grad_xg, Scratch& t, float* adapter_row) {
+  const int64_t m = a.slots;
+  const float* keys = a.keys + b * a.batch_stride + hk * a.head_stride;
+  const float* values = a.values + b * a.batch_stride + hk * a.head_stride;
+  const float gamma = a.gamma[b * a.gamma_batch_stride + h];
+  float* probs = t.adapter_probs.data();
+  float* grad = t.adapter_grad.data();
+  gemm(false, true, rows, m, dim, scale, q, q_ld, keys, dim, 0.f, probs, m);
+  gemm(false, true, rows, m, dim, 1.f, d_out, do_ld, values, dim, 0.f, grad, m);  // e_im = dO_i . va_m
+  float gate_grad = 0.f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* p = probs + r * m;
+    float* e = grad + r * m;
+    const float mx = *std::max_element(p, p + m);
+    scale_row(p, m, 1.f / exp_and_sum(p, m, mx));
+    const float read = dot(p, e, m);  // dO_i . O^a_i
+    gate_grad += read;
+    adapter_row[r] = gamma * read;
+    scale_row(e, m, gamma);  // dPa_im = gamma e_im (+ the XG gradient on the first slots)
+    if (grad_xg) {
+      for (int64_t x = 0; x < a.xg_tokens; ++x) e[x] += grad_xg[r * a.xg_tokens + x];
+    }
+    const float da = dot(p, e, m);
+    for (int64_t x = 0; x < m; ++x) e[x] = p[x] * (e[x] - da);  // dT_im = Pa_im (dPa_im - Da_i)
+  }
+  a.d_gamma[item] += gate_grad;
+  float* d_keys = a.d_keys + item * m * dim;
+  float* d_values = a.d_values + item * m * dim;
+  gemm(false, false, rows, dim, m, scale, grad, m, keys, dim, 0.f, t.dq.data(), dim);     // dq = tau dT Ka
+  gemm(true, false, m, dim, rows, scale, grad, m, q, q_ld, 1.f, d_keys, dim);             // dKa += tau dT^T Q
+  gemm(true, false, m, dim, rows, gamma, probs, m, d_out, do_ld, 1.f, d_values, dim);     // dVa += gamma Pa^T dO
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& out, const Tensor& lse, const std::optional<Tensor>& grad_lse,
+                                       const std::optional<Tensor>& mass, const std::optional<Tensor>& grad_mass,
+                                       const std::optional<Tensor>& cause_bits,
+                                       const std::optional<Tensor>& adapter_keys,
+                                       const std::optional<Tensor>& adapter_values, const std::optional<Tensor>& gamma,
+                                       const std::optional<Tensor>& grad_xg, double scale, bool causal) {
+  const int64_t batch = q.size(0), heads_q = q.size(1), n_q = q.size(2), dim = q.size(3);
+  const int64_t heads_kv = k.size(1), n_k = k.size(2), group = heads_q / heads_kv;
+  const int64_t offset = n_k - n_q;
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty({batch, heads_q, n_q, dim}, f32);
+  Tensor dk = at::empty({batch, heads_q, n_k, dim}, f32);  // per query head; (B, Hkv, ...) when G = 1
+  Tensor dv = at::empty({batch, heads_q, n_k, dim}, f32);
+  const bool with_adapter = adapter_keys.has_value();
+  const int64_t slots = with_adapter ? adapter_keys->size(2) : 0;
+  Tensor d_keys = at::zeros({with_adapter ? batch : 0, heads_q, slots, dim}, f32);
+  Tensor d_values = at::zeros({with_adapter ? batch : 0, heads_q, slots, dim}, f32);
+  Tensor d_gamma = at::zeros({with_adapter ? batch : 0, heads_q}, f32);
+
+  AdapterGrad adapter;
+  if (with_adapter) {
+    adapter.keys = adapter_keys->data_ptr<float>();
+    adapter.values = adapter_values->data_ptr<float>();
+    adapter.gamma = gamma->data_ptr<float>();
+    adapter.slots = slots;
+    adapter.batch_stride = adapter_keys->size(0) > 1 ? adapter_keys->stride(0) : 0;
+    adapter.head_stride = adapter_keys->stride(1);
+    adapter.gamma_batch_stride = gamma->size(0) > 1 ? gamma->stride(0) : 0;
+    adapter.d_keys = d_keys.data_ptr<float>();
+    adapter.d_values = d_values.data_ptr<float>();
+    adapter.d_gamma = d_gamma.data_ptr<float>();
+    adapter.grad_xg = grad_xg ? grad_xg->data_ptr<float>() : nullptr;
+    adapter.xg_tokens = grad_xg ? grad_xg->size(3) : 0;
+  }
+  const float* g_lse = grad_lse ? grad_lse->data_ptr<float>() : nullptr;
+  const bool with_mass = grad_mass.has_value();
+  const float* m_ptr = with_mass ? mass->data_ptr<float>() : nullptr;
+  const float* g_mass = with_mass ? grad_mass->data_ptr<float>() : nullptr;
+  const int32_t* bits = with_mass ? cause_bits->data_ptr<int32_t>() : nullptr;
+  const int64_t words = with_mass ? cause_bits->size(2) : 0;
+
+  const Strides qs(q), ks(k), vs(v), os(out), gs(grad_out);
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  const float *opt = out.data_ptr<float>(), *gp = grad_out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const float s = static_cast<float>(scale);
+  const int64_t blocks = (n_q + BLOCK_Q - 1) / BLOCK_Q;
+
+  at::parallel_for(0, batch * heads_q, 1, [&](int64_t begin, int64_t end) {
+    Scratch t{std::vector<float>(BLOCK_Q * BLOCK_K), std::vector<float>(BLOCK_Q * BLOCK_K),
+              std::vector<float>(BLOCK_Q * dim), std::vector<float>(BLOCK_Q * slots),
+              std::vector<float>(BLOCK_Q * slots)};
+    std::vector<float> row_term(BLOCK_Q), adapter_row(BLOCK_Q), cause_grad(BLOCK_Q);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / heads_q, h = item % heads_q, hk = h / group;
+      float* dk_head = dkp + item * n_k * dim;
+      float* dv_head = dvp + item * n_k * dim;
+      fill(dk_head, n_k * dim, 0.f);
+      fill(dv_head, n_k * dim, 0.f);
+      for (int64_t block = 0; block < blocks; ++block) {
+        const int64_t row0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, n_q - row0);
+        const float* qb = qp + qs.at(b, h, row0);
+        const float* gb = gp + gs.at(b, h, row0);
+        const float* ob = opt + os.at(b, h, row0);
+        const int64_t stat = item * n_q + row0;
+        fill(adapter_row.data(), rows, 0.f);
+        if (with_adapter) {
+          adapter_block_backward(adapter, b, h, hk, item, qb, qs.row, gb, gs.row, rows, dim, s,
+                                 adapter.grad_xg ? adapter.grad_xg + stat * adapter.xg_tokens : nullptr, t,
+                                 adapter_row.data());
+        } else {
+          fill(t.dq.data(), rows * dim, 0.f);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float d = dot(gb + r * gs.row, ob + r * os.row, dim) - adapter_row[r];
+          cause_grad[r] = with_mass ? g_mass[stat + r] : 0.f;
+          if (with_mass) d += cause_grad[r] * m_ptr[stat + r];
+          if (g_lse) d -= g_lse[stat + r];
+          row_term[r] = d;
+        }
+        const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
+        for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {
+          const int64_t cols = std::min(BLOCK_K, key_end - key0);
+          const float* kb = kp + ks.at(b, hk, key0);
+          const float* vb = vp + vs.at(b, hk, key0);
+          float* p = t.scores.data();
+          float* ds = t.grad.data();
+          gemm(false, true, rows, cols, dim, 1.f, qb, qs.row, kb, ks.row, 0.f, p, cols);
+          gemm(false, true, rows, cols, dim, 1.f, gb, gs.row, vb, vs.row, 0.f, ds, cols);  // dP = dO V^T
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t seen = visible_count(causal, row0 + r, offset, key0, cols);
+            float* pr = p + r * cols;
+            float* dr = ds + r * cols;
+            scaled_exp(pr, seen, s, lp[stat + r]);
+            fill(pr + seen, cols - seen, 0.f);
+            const float d = row_term[r];
+            at::vec::map2([d](Vec pv, Vec gv) { return pv * (gv - Vec(d)); }, dr, pr, dr, seen);
+            fill(dr + seen, cols - seen, 0.f);
+            if (cause_grad[r] != 0.f) {
+              add_cause_term(bits + (b * n_q + row0 + r) * words, pr, dr, cause_grad[r], key0, key0 + seen);
+            }
+          }
+          gemm(true, false, cols, dim, rows, 1.f, p, cols, gb, gs.row, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
+          gemm(false, false, rows, dim, cols, s, ds, cols, kb, ks.row, 1.f, t.dq.data(), dim);        // dQ += tau dS K
+          gemm(true, false, cols, dim, rows, s, ds, cols, qb, qs.row, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
+        }
+        float* dq_rows = dqp + stat * dim;
+        std::copy(t.dq.data(), t.dq.data() + rows * dim, dq_rows);
+      }
+    }
+  });
+  if (group > 1) {
+    dk = dk.view({batch, heads_kv, group, n_k, dim}).sum(2);
+    dv = dv.view({batch, heads_kv, group, n_k, dim}).sum(2);
+  }
+  return {dq, dk, dv, d_keys, d_values, d_gamma};
+}
+
+}  // namespace causalattn_native

@@ -1,0 +1,155 @@
+// Shared pieces of the fused CPU attention kernel (forward.cpp, backward.cpp).
+//
+// Shapes (row-major; the last dim of every tensor is contiguous, the others may be strided):
+//   q (B, Hq, Nq, d), k and v (B, Hkv, Nk, d), Hq = G * Hkv (query head h reads KV head h / G)
+//   adapter keys/values (1 or B, Hkv, M, d) fp32 contiguous, gamma (1 or B, Hq) fp32
+//   cause bits (B, Nq, W) int32, W = ceil(Nk / 32); cause count (B, Nq) int32
+// A block is BLOCK_Q query rows against BLOCK_K keys; both are multiples of 32 so that a key block
+// starts on a word boundary of the cause bits.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+// The BLAS that libtorch_cpu links and exports (MKL on x86 wheels): the same sgemm PyTorch's own CPU
+// flash kernel reaches through cpublas::gemm, whose typed overloads are not exported. Inside the one
+// parallel region it runs single-threaded (MKL sees the enclosing OpenMP region).
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc);
+
+namespace causalattn_native {
+
+using at::Tensor;
+using Vec = at::vec::Vectorized<float>;
+
+// Query rows x keys per block. 64 x 512 fp32 scores are 128 KB: with a 64-row q block (16 KB at d = 64)
+// and the key block (128 KB) they stay in a 2 MB L2 together; measured against 32/128/256 rows in
+// docs/native.md.
+constexpr int64_t BLOCK_Q = 64;
+constexpr int64_t BLOCK_K = 512;
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Row-major C (m x n) = alpha op(A) op(B) + beta C, op(X) = X^T when trans_x. Column-major BLAS sees
+// every row-major matrix as its transpose, so it computes C^T = op(B)^T op(A)^T: swap the operands.
+inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
+  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
+  sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
+}
+
+// Strides of a 4-D (batch, head, row, col) tensor, in elements; the last dim is contiguous.
+struct Strides {
+  int64_t batch, head, row;
+  explicit Strides(const Tensor& t) : batch(t.size(0) > 1 ? t.stride(0) : 0), head(t.stride(1)), row(t.stride(2)) {}
+  int64_t at(int64_t b, int64_t h, int64_t i) const { return b * batch + h * head + i * row; }
+};
+
+// x[0:n] *= s, returns max(x[0:n]) (-inf for n = 0).
+inline float scale_and_max(float* x, int64_t n, float s) {
+  Vec vmax(NEG_INF), vs(s);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec v = Vec::loadu(x + j) * vs;
+    v.store(x + j);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; j < n; ++j) {
+    x[j] *= s;
+    mx = std::max(mx, x[j]);
+  }
+  return mx;
+}
+
+// x[0:n] = exp(x[0:n] - shift), returns their sum.
+inline float exp_and_sum(float* x, int64_t n, float shift) {
+  Vec vsum(0.f), vshift(shift);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec v = (Vec::loadu(x + j) - vshift).exp_u20();
+    v.store(x + j);
+    vsum = vsum + v;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; j < n; ++j) {
+    x[j] = std::exp(x[j] - shift);
+    sum += x[j];
+  }
+  return sum;
+}
+
+// x[0:n] = exp(x[0:n] * s - shift): the backward's recomputed probabilities from the saved lse.
+inline void scaled_exp(float* x, int64_t n, float s, float shift) {
+  Vec vs(s), vshift(shift);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * vs - vshift).exp_u20().store(x + j);
+  for (; j < n; ++j) x[j] = std::exp(x[j] * s - shift);
+}
+
+inline void scale_row(float* x, int64_t n, float s) {
+  at::vec::map([s](Vec v) { return v * Vec(s); }, x, x, n);
+}
+
+inline void fill(float* x, int64_t n, float value) { std::fill(x, x + n, value); }
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < n; ++j) sum += a[j] * b[j];
+  return sum;
+}
+
+// Sum of p[j - key0] over the cause keys j in [key0, key_end) of one row's bit words (key0 % 32 == 0).
+inline float cause_sum(const int32_t* words, const float* p, int64_t key0, int64_t key_end) {
+  float sum = 0.f;
+  for (int64_t w = key0 / 32; w * 32 < key_end; ++w) {
+    uint32_t bits = static_cast<uint32_t>(words[w]);
+    while (bits) {
+      sum += p[w * 32 + __builtin_ctz(bits) - key0];
+      bits &= bits - 1;
+    }
+  }
+  return sum;
+}
+
+// grad[j - key0] += c prob[j - key0] for the cause keys j in [key0, key_end): the score gradient's
+// cause term c_i P_ij A_ij of the mass (docs/math.md §2).
+inline void add_cause_term(const int32_t* words, const float* prob, float* grad, float c, int64_t key0,
+                           int64_t key_end) {
+  for (int64_t w = key0 / 32; w * 32 < key_end; ++w) {
+    uint32_t bits = static_cast<uint32_t>(words[w]);
+    while (bits) {
+      const int64_t j = w * 32 + __builtin_ctz(bits) - key0;
+      grad[j] += c * prob[j];
+      bits &= bits - 1;
+    }
+  }
+}
+
+// Rows of a query block that see keys of [key0, key0 + cols): how many of them, causal bottom-right.
+inline int64_t visible_count(bool causal, int64_t row, int64_t offset, int64_t key0, int64_t cols) {
+  if (!causal) return cols;
+  return std::clamp<int64_t>(row + offset - key0 + 1, 0, cols);
+}
+
+// Work items (batch x head, query block) ordered so that any contiguous range of them has about the
+// same causal work: query blocks go in pairs (first, last), (second, second to last), ..., and a
+// pair's cost is constant. at::parallel_for hands each thread one contiguous range.
+inline int64_t zigzag_block(int64_t slot, int64_t blocks) {
+  return slot % 2 == 0 ? slot / 2 : blocks - 1 - slot / 2;
+}
+
+}  // namespace causalattn_native
