@@ -29,7 +29,7 @@ def _builds() -> bool:
 
 
 pytestmark = [pytest.mark.skipif(not _builds(), reason="the C++ extension cannot be built here (no compiler?)"),
-              pytest.mark.usefixtures("poisoned_empty")]
+              pytest.mark.usefixtures("poisoned_empty", "single_thread")]
 
 
 def _supported(case: Case) -> bool:
@@ -40,11 +40,12 @@ MATRIX = [dataclasses.replace(c, dtype=F32) for c in CORE_CASES + STAT_CASES + S
 # Past one query block (64 rows) and one key block (512 keys): the online softmax's rescaling, the
 # causal diagonal inside a block, the mass and its gradient across blocks, GQA, a ragged last block.
 LONG_CASES = [
-    Case(heads_q=4, heads_kv=1, seq_len=600, head_dim=64, adapter_len=10, mask="random-0.3", xg_tokens=2),
-    Case(seq_len=1100, head_dim=32, mask="rectangles", use_lse=True),
-    Case(seq_len=700, n_q=130, head_dim=64, adapter_len=10),
-    Case(seq_len=530, head_dim=16, causal=False, adapter_len=4, gate="scalar", gate_mode="raw"),
-    Case(seq_len=520, adapter_len=10, mask="word-edges", xg_tokens=2, xg_pool="position", use_out=False),
+    Case(batch=1, heads_q=4, heads_kv=1, seq_len=600, head_dim=64, adapter_len=10, mask="random-0.3", xg_tokens=2),
+    Case(batch=1, heads_q=2, heads_kv=1, seq_len=1100, head_dim=16, mask="rectangles", use_lse=True),
+    Case(batch=1, seq_len=700, n_q=130, head_dim=64, adapter_len=10),
+    Case(batch=1, heads_q=2, seq_len=530, head_dim=16, causal=False, adapter_len=4, gate="scalar", gate_mode="raw"),
+    Case(batch=1, heads_q=2, seq_len=520, adapter_len=10, mask="word-edges", xg_tokens=2, xg_pool="position",
+         use_out=False),
 ]
 
 
