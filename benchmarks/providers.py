@@ -18,7 +18,7 @@ Providers
 causalattn[+adapter|+cat|+xg|+all]  the fused op (backend "triton" on CUDA, "reference" on CPU)
 composed[+adapter|+cat|+xg|+all]    the composed backend on every device: the vendor attention
                                     kernel + adapter/XG over N x M + CAT mass on the supervised rows
-native[+adapter|+cat|+all]          the fused C++ CPU kernel (causalattn.native), fp32
+native[+adapter|+cat|+all]          the fused C++ CPU kernel (causalattn.native)
 sdpa-{flash,efficient,cudnn,math}   plain SDPA pinned to one backend with `sdpa_kernel`
 sdpa+adapter-sdpa                   SDPA + a second SDPA call over the M adapter keys, gated, added
 sdpa+adapter-peft                   SDPA + PEFT AdaptionPrompt's adapter math (scalar raw gate)
@@ -278,8 +278,8 @@ def _causalattn(features: frozenset[str], composed: bool = False, native: bool =
         if native:
             from causalattn import native as native_backend
 
-            if p.device.type != "cpu" or DTYPES[p.shape.dtype] != torch.float32 or not native_backend.available():
-                raise Unsupported("the native backend runs CPU float32 inputs with a built C++ extension")
+            if p.device.type != "cpu" or not native_backend.available():
+                raise Unsupported("the native backend runs CPU inputs with a built C++ extension")
             attend = native_backend.attention_native
 
         def forward() -> ForwardResult:

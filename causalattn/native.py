@@ -10,7 +10,8 @@ When it cannot be built (no compiler, a failed build) `available()` is False and
 runs the composed backend instead, after one warning. Inputs outside the supported subset (below)
 also run the composed backend, with one warning per reason.
 
-Supported: CPU fp32 tensors, Nk >= 1 keys, causal (bottom-right) or full attention, GQA, no key padding
+Supported: CPU float32, bfloat16 and float16 tensors (computed in fp32: blocks are converted as they are
+read), Nk >= 1 keys, causal (bottom-right) or full attention, GQA, no key padding
 or packing, an adapter of one segment (shared or per-sample prompt, any gate shape), CAT supervision,
 XG pooled per sample or per row.
 
@@ -107,8 +108,8 @@ def unsupported_reason(q: Tensor, k: Tensor, *, key_lengths: Optional[Tensor] = 
     """Why the kernel does not take these (already validated) inputs, or None when it does."""
     if q.device.type != "cpu":
         return f"device {q.device.type} (CPU only)"
-    if q.dtype != torch.float32:
-        return f"dtype {q.dtype} (float32 only)"
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"dtype {q.dtype} (float32, bfloat16 and float16 only)"
     if key_lengths is not None or key_mask is not None or cu_seqlens is not None:
         return "key padding or packed sequences"
     if q.shape[2] == 0 or k.shape[2] == 0:

@@ -1,10 +1,10 @@
 // The backward pass of the fused CPU attention, every gradient in one parallel region (docs/native.md).
 //
-// Shapes: q, out, grad_out (B, Hq, Nq, d); k, v (B, Hkv, Nk, d); lse, mass and their gradients
-//   (B, Hq, Nq); grad_xg (B, Hq, Nq, xg_tokens); adapter keys/values (1 or B, Hkv, M, d), gamma (1 or B, Hq);
-//   all fp32, last dim contiguous. Optional: the lse, mass and XG gradients; the adapter; the cause bits.
-// Returns dq (B, Hq, Nq, d); dk, dv (B, Hkv, Nk, d), or (B, Hq, Nk, d) per query head under GQA (the
-// caller sums each group); the adapter's per-(batch, query head) partials d_keys and d_values
+// Shapes: q, out, grad_out (B, Hq, Nq, d) and k, v (B, Hkv, Nk, d) in one dtype (fp32, bf16, fp16);
+//   fp32 lse, mass and their gradients (B, Hq, Nq), grad_xg (B, Hq, Nq, xg_tokens), adapter keys/values
+//   (1 or B, Hkv, M, d), gamma (1 or B, Hq); the last dim contiguous. Optional: the lse, mass and XG gradients; the adapter; the cause bits.
+// Returns dq (B, Hq, Nq, d), dk, dv (B, Hkv, Nk, d) in the inputs' dtype (dK and dV accumulate in fp32
+// per query head, then each group is summed); the adapter's per-(batch, query head) partials d_keys and d_values
 // (B, Hq, M, d) and d_gamma (B, Hq) (the caller sums them over the group and a shared prompt's batch).
 //
 // The score gradient of FlashAttention-2, dS_ij = P_ij (dP_ij - D_i), with every statistic folded into
@@ -75,27 +75,19 @@ void adapter_block_backward(const AdapterGrad& a, int64_t b, int64_t h, int64_t 
   gemm(true, false, m, dim, rows, gamma, probs, m, d_out, do_ld, 1.f, d_values, dim);     // dVa += gamma Pa^T dO
 }
 
-}  // namespace
-
-std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& out, const Tensor& lse, const std::optional<Tensor>& grad_lse,
-                                       const std::optional<Tensor>& mass, const std::optional<Tensor>& grad_mass,
-                                       const std::optional<Tensor>& cause_bits,
-                                       const std::optional<Tensor>& adapter_keys,
-                                       const std::optional<Tensor>& adapter_values, const std::optional<Tensor>& gamma,
-                                       const std::optional<Tensor>& grad_xg, double scale, bool causal) {
+template <typename T>
+void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                     const Tensor& lse, const std::optional<Tensor>& grad_lse, const std::optional<Tensor>& mass,
+                     const std::optional<Tensor>& grad_mass, const std::optional<Tensor>& cause_bits,
+                     const std::optional<Tensor>& adapter_keys, const std::optional<Tensor>& adapter_values,
+                     const std::optional<Tensor>& gamma, const std::optional<Tensor>& grad_xg, double scale,
+                     bool causal, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& d_keys, Tensor& d_values,
+                     Tensor& d_gamma) {
   const int64_t batch = q.size(0), heads_q = q.size(1), n_q = q.size(2), dim = q.size(3);
   const int64_t heads_kv = k.size(1), n_k = k.size(2), group = heads_q / heads_kv;
   const int64_t offset = n_k - n_q;
-  const auto f32 = q.options().dtype(at::kFloat);
-  Tensor dq = at::empty({batch, heads_q, n_q, dim}, f32);
-  Tensor dk = at::empty({batch, heads_q, n_k, dim}, f32);  // per query head; (B, Hkv, ...) when G = 1
-  Tensor dv = at::empty({batch, heads_q, n_k, dim}, f32);
   const bool with_adapter = adapter_keys.has_value();
   const int64_t slots = with_adapter ? adapter_keys->size(2) : 0;
-  Tensor d_keys = at::zeros({with_adapter ? batch : 0, heads_q, slots, dim}, f32);
-  Tensor d_values = at::zeros({with_adapter ? batch : 0, heads_q, slots, dim}, f32);
-  Tensor d_gamma = at::zeros({with_adapter ? batch : 0, heads_q}, f32);
 
   AdapterGrad adapter;
   if (with_adapter) {
@@ -120,9 +112,11 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
   const int64_t words = with_mass ? cause_bits->size(2) : 0;
 
   const Strides qs(q), ks(k), vs(v), os(out), gs(grad_out);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  const float *opt = out.data_ptr<float>(), *gp = grad_out.data_ptr<float>(), *lp = lse.data_ptr<float>();
-  float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  const T *opt = out.data_ptr<T>(), *gp = grad_out.data_ptr<T>();
+  const float* lp = lse.data_ptr<float>();
+  T* dqp = dq.data_ptr<T>();
+  float *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
   const float s = static_cast<float>(scale);
   const int64_t blocks = (n_q + BLOCK_Q - 1) / BLOCK_Q;
 
@@ -131,6 +125,10 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
               std::vector<float>(BLOCK_Q * dim), std::vector<float>(BLOCK_Q * slots),
               std::vector<float>(BLOCK_Q * slots)};
     std::vector<float> row_term(BLOCK_Q), adapter_row(BLOCK_Q), cause_grad(BLOCK_Q);
+    constexpr bool convert = !std::is_same_v<T, float>;  // bf16/fp16 blocks are read as fp32 copies
+    std::vector<float> q_rows(convert ? BLOCK_Q * dim : 0), g_rows(convert ? BLOCK_Q * dim : 0);
+    std::vector<float> o_rows(convert ? BLOCK_Q * dim : 0), k_rows(convert ? BLOCK_K * dim : 0);
+    std::vector<float> v_rows(convert ? BLOCK_K * dim : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads_q, h = item % heads_q, hk = h / group;
       float* dk_head = dkp + item * n_k * dim;
@@ -139,20 +137,20 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
       fill(dv_head, n_k * dim, 0.f);
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t row0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, n_q - row0);
-        const float* qb = qp + qs.at(b, h, row0);
-        const float* gb = gp + gs.at(b, h, row0);
-        const float* ob = opt + os.at(b, h, row0);
+        const Rows qb = as_float(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
+        const Rows gb = as_float(gp + gs.at(b, h, row0), gs.row, rows, dim, g_rows.data());
+        const Rows ob = as_float(opt + os.at(b, h, row0), os.row, rows, dim, o_rows.data());
         const int64_t stat = item * n_q + row0;
         fill(adapter_row.data(), rows, 0.f);
         if (with_adapter) {
-          adapter_block_backward(adapter, b, h, hk, item, qb, qs.row, gb, gs.row, rows, dim, s,
+          adapter_block_backward(adapter, b, h, hk, item, qb.data, qb.ld, gb.data, gb.ld, rows, dim, s,
                                  adapter.grad_xg ? adapter.grad_xg + stat * adapter.xg_tokens : nullptr, t,
                                  adapter_row.data());
         } else {
           fill(t.dq.data(), rows * dim, 0.f);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          float d = dot(gb + r * gs.row, ob + r * os.row, dim) - adapter_row[r];
+          float d = dot(gb.data + r * gb.ld, ob.data + r * ob.ld, dim) - adapter_row[r];
           cause_grad[r] = with_mass ? g_mass[stat + r] : 0.f;
           if (with_mass) d += cause_grad[r] * m_ptr[stat + r];
           if (g_lse) d -= g_lse[stat + r];
@@ -161,12 +159,12 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
         const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
         for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {
           const int64_t cols = std::min(BLOCK_K, key_end - key0);
-          const float* kb = kp + ks.at(b, hk, key0);
-          const float* vb = vp + vs.at(b, hk, key0);
+          const Rows kb = as_float(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
+          const Rows vb = as_float(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
           float* p = t.scores.data();
           float* ds = t.grad.data();
-          gemm(false, true, rows, cols, dim, 1.f, qb, qs.row, kb, ks.row, 0.f, p, cols);
-          gemm(false, true, rows, cols, dim, 1.f, gb, gs.row, vb, vs.row, 0.f, ds, cols);  // dP = dO V^T
+          gemm(false, true, rows, cols, dim, 1.f, qb.data, qb.ld, kb.data, kb.ld, 0.f, p, cols);
+          gemm(false, true, rows, cols, dim, 1.f, gb.data, gb.ld, vb.data, vb.ld, 0.f, ds, cols);  // dP = dO V^T
           for (int64_t r = 0; r < rows; ++r) {
             const int64_t seen = visible_count(causal, row0 + r, offset, key0, cols);
             float* pr = p + r * cols;
@@ -180,20 +178,52 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
               add_cause_term(bits + (b * n_q + row0 + r) * words, pr, dr, cause_grad[r], key0, key0 + seen);
             }
           }
-          gemm(true, false, cols, dim, rows, 1.f, p, cols, gb, gs.row, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
-          gemm(false, false, rows, dim, cols, s, ds, cols, kb, ks.row, 1.f, t.dq.data(), dim);        // dQ += tau dS K
-          gemm(true, false, cols, dim, rows, s, ds, cols, qb, qs.row, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
+          gemm(true, false, cols, dim, rows, 1.f, p, cols, gb.data, gb.ld, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
+          gemm(false, false, rows, dim, cols, s, ds, cols, kb.data, kb.ld, 1.f, t.dq.data(), dim);  // dQ += tau dS K
+          gemm(true, false, cols, dim, rows, s, ds, cols, qb.data, qb.ld, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
         }
-        float* dq_rows = dqp + stat * dim;
-        std::copy(t.dq.data(), t.dq.data() + rows * dim, dq_rows);
+        store_rows(t.dq.data(), dqp + stat * dim, dim, rows, dim);
       }
     }
   });
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& out, const Tensor& lse, const std::optional<Tensor>& grad_lse,
+                                       const std::optional<Tensor>& mass, const std::optional<Tensor>& grad_mass,
+                                       const std::optional<Tensor>& cause_bits,
+                                       const std::optional<Tensor>& adapter_keys,
+                                       const std::optional<Tensor>& adapter_values, const std::optional<Tensor>& gamma,
+                                       const std::optional<Tensor>& grad_xg, double scale, bool causal) {
+  const int64_t batch = q.size(0), heads_q = q.size(1), n_q = q.size(2), dim = q.size(3);
+  const int64_t heads_kv = k.size(1), n_k = k.size(2), group = heads_q / heads_kv;
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor dq = at::empty({batch, heads_q, n_q, dim}, q.options());
+  Tensor dk = at::empty({batch, heads_q, n_k, dim}, f32);  // per query head, fp32: the group is summed below
+  Tensor dv = at::empty({batch, heads_q, n_k, dim}, f32);
+  const int64_t adapter_batch = adapter_keys.has_value() ? batch : 0;
+  const int64_t slots = adapter_keys.has_value() ? adapter_keys->size(2) : 0;
+  Tensor d_keys = at::zeros({adapter_batch, heads_q, slots, dim}, f32);
+  Tensor d_values = at::zeros({adapter_batch, heads_q, slots, dim}, f32);
+  Tensor d_gamma = at::zeros({adapter_batch, heads_q}, f32);
+  const auto run = [&](auto zero) {
+    backward_kernel<decltype(zero)>(grad_out, q, k, v, out, lse, grad_lse, mass, grad_mass, cause_bits, adapter_keys,
+                                    adapter_values, gamma, grad_xg, scale, causal, dq, dk, dv, d_keys, d_values,
+                                    d_gamma);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "causalattn_native.backward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
+  }
   if (group > 1) {
     dk = dk.view({batch, heads_kv, group, n_k, dim}).sum(2);
     dv = dv.view({batch, heads_kv, group, n_k, dim}).sum(2);
   }
-  return {dq, dk, dv, d_keys, d_values, d_gamma};
+  return {dq, dk.to(q.scalar_type()), dv.to(q.scalar_type()), d_keys, d_values, d_gamma};
 }
 
 }  // namespace causalattn_native

@@ -1,7 +1,7 @@
 // Shared pieces of the fused CPU attention kernel (forward.cpp, backward.cpp).
 //
 // Shapes (row-major; the last dim of every tensor is contiguous, the others may be strided):
-//   q (B, Hq, Nq, d), k and v (B, Hkv, Nk, d), Hq = G * Hkv (query head h reads KV head h / G)
+//   q (B, Hq, Nq, d), k and v (B, Hkv, Nk, d) fp32, bf16 or fp16, Hq = G * Hkv (query head h reads KV head h / G)
 //   adapter keys/values (1 or B, Hkv, M, d) fp32 contiguous, gamma (1 or B, Hq) fp32
 //   cause bits (B, Nq, W) int32, W = ceil(Nk / 32); cause count (B, Nq) int32
 // A block is BLOCK_Q query rows against BLOCK_K keys; both are multiples of 32 so that a key block
@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // The BLAS that libtorch_cpu links and exports (MKL on x86 wheels): the same sgemm PyTorch's own CPU
@@ -110,6 +111,41 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
   for (; j < n; ++j) sum += a[j] * b[j];
   return sum;
+}
+
+// Rows of an input block as fp32: the rows themselves for fp32 input (leading dimension `ld`), else
+// converted into `scratch` (leading dimension `cols`). bf16/fp16 inputs are computed in fp32 from
+// here on: the gemms, the softmax and every accumulator (docs/math.md §0, "Precision").
+struct Rows {
+  const float* data;
+  int64_t ld;
+};
+
+template <typename T>
+inline Rows as_float(const T* src, int64_t ld, int64_t rows, int64_t cols, float* scratch) {
+  if constexpr (std::is_same_v<T, float>) {
+    return {src, ld};
+  } else {
+    using VecT = at::vec::Vectorized<T>;
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* in = src + r * ld;
+      float* out = scratch + r * cols;
+      int64_t j = 0;
+      for (; j + VecT::size() <= cols; j += VecT::size()) {
+        auto [low, high] = at::vec::convert_to_float<T>(VecT::loadu(in + j));
+        low.store(out + j);
+        high.store(out + j + Vec::size());
+      }
+      for (; j < cols; ++j) out[j] = static_cast<float>(in[j]);
+    }
+    return {scratch, cols};
+  }
+}
+
+// rows x cols fp32 (leading dimension cols) into the output's dtype (leading dimension ld).
+template <typename T>
+inline void store_rows(const float* src, T* dst, int64_t ld, int64_t rows, int64_t cols) {
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * cols, dst + r * ld, cols);
 }
 
 // Sum of p[j - key0] over the cause keys j in [key0, key_end) of one row's bit words (key0 % 32 == 0).

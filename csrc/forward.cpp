@@ -1,11 +1,11 @@
 // The forward pass of the fused CPU attention: out, lse, the CAT mass and the adapter's XG
 // probabilities in one parallel region (docs/native.md).
 //
-// Shapes: q (B, Hq, Nq, d), k and v (B, Hkv, Nk, d) fp32, last dim contiguous.
+// Shapes: q (B, Hq, Nq, d), k and v (B, Hkv, Nk, d) fp32, bf16 or fp16, last dim contiguous.
 //   adapter keys/values (1 or B, Hkv, M, d) fp32 contiguous, gamma (1 or B, Hq) fp32 (optional, together)
 //   cause bits (B, Nq, W) int32 and cause count (B, Nq) int32 (optional, together)
-// Returns out (B, Hq, Nq, d), lse (B, Hq, Nq), mass (B, Hq, Nq) or an empty tensor, the adapter
-// probabilities of the first `xg_tokens` slots (B, Hq, Nq, xg_tokens) or an empty tensor; all fp32.
+// Returns out (B, Hq, Nq, d) in q's dtype; fp32 lse (B, Hq, Nq), mass (B, Hq, Nq) or an empty tensor,
+// the adapter probabilities of the first `xg_tokens` slots (B, Hq, Nq, xg_tokens) or an empty tensor.
 //
 // One work item is one query block of one (batch, head): FlashAttention-2's online softmax over the
 // key blocks (two gemms per block), the mass as one more accumulator rescaled like the denominator,
@@ -49,24 +49,15 @@ void adapter_block(const Adapter& a, int64_t b, int64_t h, int64_t hk, const flo
   }
 }
 
-}  // namespace
-
-std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                      const std::optional<Tensor>& adapter_keys,
-                                      const std::optional<Tensor>& adapter_values,
-                                      const std::optional<Tensor>& gamma, const std::optional<Tensor>& cause_bits,
-                                      const std::optional<Tensor>& cause_count, double scale, bool causal,
-                                      int64_t xg_tokens) {
+template <typename T>
+void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& adapter_keys,
+                    const std::optional<Tensor>& adapter_values, const std::optional<Tensor>& gamma,
+                    const std::optional<Tensor>& cause_bits, const std::optional<Tensor>& cause_count, double scale,
+                    bool causal, int64_t xg_tokens, Tensor& out, Tensor& lse, Tensor& mass, Tensor& xg) {
   const int64_t batch = q.size(0), heads_q = q.size(1), n_q = q.size(2), dim = q.size(3);
   const int64_t heads_kv = k.size(1), n_k = k.size(2), group = heads_q / heads_kv;
   const int64_t offset = n_k - n_q;  // causal, bottom-right aligned: row i sees keys j <= i + offset
-  const auto f32 = q.options().dtype(at::kFloat);
-  Tensor out = at::empty({batch, heads_q, n_q, dim}, f32);
-  Tensor lse = at::empty({batch, heads_q, n_q}, f32);
-  const bool with_mass = cause_bits.has_value();
-  Tensor mass = at::empty({with_mass ? batch : 0, heads_q, n_q}, f32);
-  const bool with_adapter = adapter_keys.has_value();
-  Tensor xg = at::empty({xg_tokens ? batch : 0, heads_q, n_q, xg_tokens}, f32);
+  const bool with_mass = cause_bits.has_value(), with_adapter = adapter_keys.has_value();
 
   Adapter adapter;
   if (with_adapter) {
@@ -83,8 +74,9 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   const int64_t words = with_mass ? cause_bits->size(2) : 0;
 
   const Strides qs(q), ks(k), vs(v);
-  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-  float *op = out.data_ptr<float>(), *lp = lse.data_ptr<float>();
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  float* lp = lse.data_ptr<float>();
   float* mp = with_mass ? mass.data_ptr<float>() : nullptr;
   float* xp = xg_tokens ? xg.data_ptr<float>() : nullptr;
   const float s = static_cast<float>(scale);
@@ -94,11 +86,14 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
     // Per-thread scratch: scores (BLOCK_Q x BLOCK_K), the output accumulator and the row statistics.
     std::vector<float> scores(BLOCK_Q * std::max<int64_t>(BLOCK_K, adapter.slots)), acc(BLOCK_Q * dim);
     std::vector<float> read(with_adapter ? BLOCK_Q * dim : 0), row_max(BLOCK_Q), row_sum(BLOCK_Q), cause(BLOCK_Q);
+    constexpr bool convert = !std::is_same_v<T, float>;  // bf16/fp16 blocks are read as fp32 copies
+    std::vector<float> q_rows(convert ? BLOCK_Q * dim : 0), k_rows(convert ? BLOCK_K * dim : 0);
+    std::vector<float> v_rows(convert ? BLOCK_K * dim : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item % pairs, block = zigzag_block(item / pairs, blocks);
       const int64_t b = bh / heads_q, h = bh % heads_q, hk = h / group;
       const int64_t row0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, n_q - row0);
-      const float* qb = qp + qs.at(b, h, row0);
+      const Rows qb = as_float(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
       const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
       fill(acc.data(), rows * dim, 0.f);
       fill(row_max.data(), rows, NEG_INF);
@@ -106,7 +101,9 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
       fill(cause.data(), rows, 0.f);
       for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {
         const int64_t cols = std::min(BLOCK_K, key_end - key0);
-        gemm(false, true, rows, cols, dim, 1.f, qb, qs.row, kp + ks.at(b, hk, key0), ks.row, 0.f, scores.data(), cols);
+        const Rows kb = as_float(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
+        const Rows vb = as_float(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
+        gemm(false, true, rows, cols, dim, 1.f, qb.data, qb.ld, kb.data, kb.ld, 0.f, scores.data(), cols);
         for (int64_t r = 0; r < rows; ++r) {
           float* p = scores.data() + r * cols;
           const int64_t seen = visible_count(causal, row0 + r, offset, key0, cols);
@@ -122,8 +119,7 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
             cause[r] = cause[r] * alpha + cause_sum(bits + (b * n_q + row0 + r) * words, p, key0, key0 + seen);
           }
         }
-        gemm(false, false, rows, dim, cols, 1.f, scores.data(), cols, vp + vs.at(b, hk, key0), vs.row, 1.f,
-             acc.data(), dim);
+        gemm(false, false, rows, dim, cols, 1.f, scores.data(), cols, vb.data, vb.ld, 1.f, acc.data(), dim);
       }
       const int64_t stat = (b * heads_q + h) * n_q + row0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -133,12 +129,38 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
         if (with_mass) mp[stat + r] = cause[r] * inv;
       }
       if (with_adapter) {
-        adapter_block(adapter, b, h, hk, qb, qs.row, rows, dim, s, scores.data(), read.data(), acc.data(),
+        adapter_block(adapter, b, h, hk, qb.data, qb.ld, rows, dim, s, scores.data(), read.data(), acc.data(),
                       xp ? xp + stat * xg_tokens : nullptr, xg_tokens);
       }
-      std::copy(acc.data(), acc.data() + rows * dim, op + stat * dim);
+      store_rows(acc.data(), op + stat * dim, dim, rows, dim);
     }
   });
+}
+
+}  // namespace
+
+std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const std::optional<Tensor>& adapter_keys,
+                                      const std::optional<Tensor>& adapter_values,
+                                      const std::optional<Tensor>& gamma, const std::optional<Tensor>& cause_bits,
+                                      const std::optional<Tensor>& cause_count, double scale, bool causal,
+                                      int64_t xg_tokens) {
+  const int64_t batch = q.size(0), heads_q = q.size(1), n_q = q.size(2);
+  const auto f32 = q.options().dtype(at::kFloat);
+  Tensor out = at::empty({batch, heads_q, n_q, q.size(3)}, q.options());
+  Tensor lse = at::empty({batch, heads_q, n_q}, f32);
+  Tensor mass = at::empty({cause_bits.has_value() ? batch : 0, heads_q, n_q}, f32);
+  Tensor xg = at::empty({xg_tokens ? batch : 0, heads_q, n_q, xg_tokens}, f32);
+  const auto run = [&](auto zero) {
+    forward_kernel<decltype(zero)>(q, k, v, adapter_keys, adapter_values, gamma, cause_bits, cause_count, scale,
+                                   causal, xg_tokens, out, lse, mass, xg);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "causalattn_native.forward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
+  }
   return {out, lse, mass, xg};
 }
 

@@ -3,7 +3,7 @@
 Every output and every gradient, on random inputs, under FlashAttention's 2x rule (docs/math.md §5),
 with every buffer the kernel allocates filled with NaN first (torch's deterministic mode fills
 `at::empty`), so an element it forgets to write shows up. The cases are the kernel tests' matrix in
-the supported subset (fp32, no padding or packing, one adapter segment) plus lengths past one query
+the supported subset (fp32, bf16 and fp16; no padding or packing; one adapter segment) plus lengths past one query
 block (64 rows) and one key block (512 keys). Inputs outside the subset run the composed backend after
 a warning; a missing compiler does the same. The whole module is skipped when the extension cannot be
 built here (the first run compiles it, about a minute; later runs load it from the cache).
@@ -36,7 +36,11 @@ def _supported(case: Case) -> bool:
     return case.padding is None and case.cu_seqlens is None and case.segments is None
 
 
-MATRIX = [dataclasses.replace(c, dtype=F32) for c in CORE_CASES + STAT_CASES + SEGMENT_CASES[:1] if _supported(c)]
+SUPPORTED = [c for c in CORE_CASES + STAT_CASES + SEGMENT_CASES[:1] if _supported(c)]
+MATRIX = [dataclasses.replace(c, dtype=F32) for c in SUPPORTED]
+# bf16/fp16 inputs are computed in fp32 inside; they are held to the 2x rule of their dtype.
+LOW_PRECISION = [c for c in SUPPORTED if c.dtype == torch.float16] + \
+    [dataclasses.replace(c, dtype=torch.bfloat16, seed=5) for c in SUPPORTED[::3]]
 # Past one query block (64 rows) and one key block (512 keys): the online softmax's rescaling, the
 # causal diagonal inside a block, the mass and its gradient across blocks, GQA, a ragged last block.
 LONG_CASES = [
@@ -73,7 +77,7 @@ def test_poison_reaches_the_kernel_allocations():
     assert torch.isnan(torch.empty(4)).all()
 
 
-@pytest.mark.parametrize("case", MATRIX + LONG_CASES, ids=str)
+@pytest.mark.parametrize("case", MATRIX + LONG_CASES + LOW_PRECISION, ids=str)
 def test_native_matches_reference(case):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # no silent fallback to the composed backend
