@@ -41,7 +41,7 @@ MATRIX = [dataclasses.replace(c, dtype=F32) for c in SUPPORTED]
 # bf16/fp16 inputs are computed in fp32 inside; they are held to the 2x rule of their dtype.
 LOW_PRECISION = [c for c in SUPPORTED if c.dtype == torch.float16] + \
     [dataclasses.replace(c, dtype=torch.bfloat16, seed=5) for c in SUPPORTED[::3]]
-# Past one query block (64 rows) and one key block (512 keys): the online softmax's rescaling, the
+# Past one query block (128 rows) and one key block (512 keys): the online softmax's rescaling, the
 # causal diagonal inside a block, the mass and its gradient across blocks, GQA, a ragged last block.
 LONG_CASES = [
     Case(batch=1, heads_q=4, heads_kv=1, seq_len=600, head_dim=64, adapter_len=10, mask="random-0.3", xg_tokens=2),
