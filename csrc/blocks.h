@@ -57,6 +57,10 @@ struct Strides {
   int64_t at(int64_t b, int64_t h, int64_t i) const { return b * batch + h * head + i * row; }
 };
 
+// The helpers below end each row with one masked vector op instead of a scalar loop: the adapter's
+// rows are M = 10 slots long (all tail at 16 lanes), and a causal diagonal block ends every row at
+// another column. Lanes past n are loaded as 0 and blended out of every reduction.
+
 // x[0:n] *= s, returns max(x[0:n]) (-inf for n = 0).
 inline float scale_and_max(float* x, int64_t n, float s) {
   Vec vmax(NEG_INF), vs(s);
@@ -66,12 +70,13 @@ inline float scale_and_max(float* x, int64_t n, float s) {
     v.store(x + j);
     vmax = at::vec::maximum(vmax, v);
   }
-  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; j < n; ++j) {
-    x[j] *= s;
-    mx = std::max(mx, x[j]);
+  if (j < n) {
+    const int rest = static_cast<int>(n - j);
+    Vec v = Vec::loadu(x + j, rest) * vs;
+    v.store(x + j, rest);
+    vmax = at::vec::maximum(vmax, Vec::set(Vec(NEG_INF), v, rest));
   }
-  return mx;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
 }
 
 // x[0:n] = exp(x[0:n] - shift), returns their sum.
@@ -83,12 +88,13 @@ inline float exp_and_sum(float* x, int64_t n, float shift) {
     v.store(x + j);
     vsum = vsum + v;
   }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < n; ++j) {
-    x[j] = std::exp(x[j] - shift);
-    sum += x[j];
+  if (j < n) {
+    const int rest = static_cast<int>(n - j);
+    Vec v = (Vec::loadu(x + j, rest) - vshift).exp_u20();
+    v.store(x + j, rest);
+    vsum = vsum + Vec::set(Vec(0.f), v, rest);
   }
-  return sum;
+  return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
 }
 
 // x[0:n] = exp(x[0:n] * s - shift): the backward's recomputed probabilities from the saved lse.
@@ -96,7 +102,10 @@ inline void scaled_exp(float* x, int64_t n, float s, float shift) {
   Vec vs(s), vshift(shift);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(x + j) * vs - vshift).exp_u20().store(x + j);
-  for (; j < n; ++j) x[j] = std::exp(x[j] * s - shift);
+  if (j < n) {
+    const int rest = static_cast<int>(n - j);
+    (Vec::loadu(x + j, rest) * vs - vshift).exp_u20().store(x + j, rest);
+  }
 }
 
 inline void scale_row(float* x, int64_t n, float s) {
@@ -109,9 +118,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
   Vec acc(0.f);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) sum += a[j] * b[j];
-  return sum;
+  if (j < n) {
+    const int rest = static_cast<int>(n - j);
+    acc = at::vec::fmadd(Vec::loadu(a + j, rest), Vec::loadu(b + j, rest), acc);  // zero lanes add 0
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
 }
 
 // Rows of an input block as fp32: the rows themselves for fp32 input (leading dimension `ld`), else
