@@ -75,7 +75,7 @@ void adapter_block_backward(const AdapterGrad& a, int64_t b, int64_t h, int64_t 
   gemm(true, false, m, dim, rows, gamma, probs, m, d_out, do_ld, 1.f, d_values, dim);     // dVa += gamma Pa^T dO
 }
 
-template <typename T>
+template <typename T, typename G>
 void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                      const Tensor& lse, const std::optional<Tensor>& grad_lse, const std::optional<Tensor>& mass,
                      const std::optional<Tensor>& grad_mass, const std::optional<Tensor>& cause_bits,
@@ -125,10 +125,14 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
               std::vector<float>(BLOCK_Q * dim), std::vector<float>(BLOCK_Q * slots),
               std::vector<float>(BLOCK_Q * slots)};
     std::vector<float> row_term(BLOCK_Q), adapter_row(BLOCK_Q), cause_grad(BLOCK_Q);
-    constexpr bool convert = !std::is_same_v<T, float>;  // bf16/fp16 blocks are read as fp32 copies
-    std::vector<float> q_rows(convert ? BLOCK_Q * dim : 0), g_rows(convert ? BLOCK_Q * dim : 0);
-    std::vector<float> o_rows(convert ? BLOCK_Q * dim : 0), k_rows(convert ? BLOCK_K * dim : 0);
-    std::vector<float> v_rows(convert ? BLOCK_K * dim : 0);
+    constexpr bool convert = !std::is_same_v<T, G>, rounds = !std::is_same_v<G, float>;  // see gemm.h
+    constexpr bool to_float = !std::is_same_v<T, float>;
+    std::vector<G> q_rows(convert ? BLOCK_Q * dim : 0), g_rows(convert ? BLOCK_Q * dim : 0);
+    std::vector<G> k_rows(convert ? BLOCK_K * dim : 0), v_rows(convert ? BLOCK_K * dim : 0);
+    std::vector<G> probs(rounds ? BLOCK_Q * BLOCK_K : 0), grads(rounds ? BLOCK_Q * BLOCK_K : 0);
+    // fp32 rows for the row terms and the adapter (its products are fp32)
+    std::vector<float> q_float(rounds && with_adapter ? BLOCK_Q * dim : 0), g_float(rounds ? BLOCK_Q * dim : 0);
+    std::vector<float> o_float(to_float ? BLOCK_Q * dim : 0);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / heads_q, h = item % heads_q, hk = h / group;
       float* dk_head = dkp + item * n_k * dim;
@@ -137,20 +141,24 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
       fill(dv_head, n_k * dim, 0.f);
       for (int64_t block = 0; block < blocks; ++block) {
         const int64_t row0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, n_q - row0);
-        const Rows qb = as_float(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
-        const Rows gb = as_float(gp + gs.at(b, h, row0), gs.row, rows, dim, g_rows.data());
-        const Rows ob = as_float(opt + os.at(b, h, row0), os.row, rows, dim, o_rows.data());
+        const Rows<G> qb = operand<G>(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
+        const Rows<G> gb = operand<G>(gp + gs.at(b, h, row0), gs.row, rows, dim, g_rows.data());
+        const Rows<float> gf = rounds ? operand<float>(gp + gs.at(b, h, row0), gs.row, rows, dim, g_float.data())
+                                      : Rows<float>{reinterpret_cast<const float*>(gb.data), gb.ld};
+        const Rows<float> ob = operand<float>(opt + os.at(b, h, row0), os.row, rows, dim, o_float.data());
         const int64_t stat = item * n_q + row0;
         fill(adapter_row.data(), rows, 0.f);
         if (with_adapter) {
-          adapter_block_backward(adapter, b, h, hk, item, qb.data, qb.ld, gb.data, gb.ld, rows, dim, s,
+          const Rows<float> qf = rounds ? operand<float>(qp + qs.at(b, h, row0), qs.row, rows, dim, q_float.data())
+                                        : Rows<float>{reinterpret_cast<const float*>(qb.data), qb.ld};
+          adapter_block_backward(adapter, b, h, hk, item, qf.data, qf.ld, gf.data, gf.ld, rows, dim, s,
                                  adapter.grad_xg ? adapter.grad_xg + stat * adapter.xg_tokens : nullptr, t,
                                  adapter_row.data());
         } else {
           fill(t.dq.data(), rows * dim, 0.f);
         }
         for (int64_t r = 0; r < rows; ++r) {
-          float d = dot(gb.data + r * gb.ld, ob.data + r * ob.ld, dim) - adapter_row[r];
+          float d = dot(gf.data + r * gf.ld, ob.data + r * ob.ld, dim) - adapter_row[r];
           cause_grad[r] = with_mass ? g_mass[stat + r] : 0.f;
           if (with_mass) d += cause_grad[r] * m_ptr[stat + r];
           if (g_lse) d -= g_lse[stat + r];
@@ -159,8 +167,8 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
         const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
         for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {
           const int64_t cols = std::min(BLOCK_K, key_end - key0);
-          const Rows kb = as_float(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
-          const Rows vb = as_float(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
+          const Rows<G> kb = operand<G>(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
+          const Rows<G> vb = operand<G>(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
           float* p = t.scores.data();
           float* ds = t.grad.data();
           gemm(false, true, rows, cols, dim, 1.f, qb.data, qb.ld, kb.data, kb.ld, 0.f, p, cols);
@@ -178,9 +186,11 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
               add_cause_term(bits + (b * n_q + row0 + r) * words, pr, dr, cause_grad[r], key0, key0 + seen);
             }
           }
-          gemm(true, false, cols, dim, rows, 1.f, p, cols, gb.data, gb.ld, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
-          gemm(false, false, rows, dim, cols, s, ds, cols, kb.data, kb.ld, 1.f, t.dq.data(), dim);  // dQ += tau dS K
-          gemm(true, false, cols, dim, rows, s, ds, cols, qb.data, qb.ld, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
+          const G* pg = rounded<G>(p, rows, cols, probs.data());
+          const G* dsg = rounded<G>(ds, rows, cols, grads.data());
+          gemm(true, false, cols, dim, rows, 1.f, pg, cols, gb.data, gb.ld, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
+          gemm(false, false, rows, dim, cols, s, dsg, cols, kb.data, kb.ld, 1.f, t.dq.data(), dim);  // dQ += tau dS K
+          gemm(true, false, cols, dim, rows, s, dsg, cols, qb.data, qb.ld, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
         }
         store_rows(t.dq.data(), dqp + stat * dim, dim, rows, dim);
       }
@@ -208,15 +218,17 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
   Tensor d_keys = at::zeros({adapter_batch, heads_q, slots, dim}, f32);
   Tensor d_values = at::zeros({adapter_batch, heads_q, slots, dim}, f32);
   Tensor d_gamma = at::zeros({adapter_batch, heads_q}, f32);
-  const auto run = [&](auto zero) {
-    backward_kernel<decltype(zero)>(grad_out, q, k, v, out, lse, grad_lse, mass, grad_mass, cause_bits, adapter_keys,
+  const auto run = [&](auto input, auto operand_type) {
+    backward_kernel<decltype(input), decltype(operand_type)>(grad_out, q, k, v, out, lse, grad_lse, mass, grad_mass, cause_bits, adapter_keys,
                                     adapter_values, gamma, grad_xg, scale, causal, dq, dk, dv, d_keys, d_values,
                                     d_gamma);
   };
   switch (q.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    case at::kHalf: run(at::Half{}); break;
+    case at::kFloat: run(float{}, float{}); break;
+    case at::kBFloat16:
+      low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
+      break;
+    case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
     default: TORCH_CHECK(false, "causalattn_native.backward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
   }
   if (group > 1) {

@@ -8,6 +8,8 @@
 // starts on a word boundary of the cause bits.
 #pragma once
 
+#include "gemm.h"
+
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -17,20 +19,11 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <type_traits>
 #include <vector>
-
-// The BLAS that libtorch_cpu links and exports (MKL on x86 wheels): the same sgemm PyTorch's own CPU
-// flash kernel reaches through cpublas::gemm, whose typed overloads are not exported. Inside the one
-// parallel region it runs single-threaded (MKL sees the enclosing OpenMP region).
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc);
 
 namespace causalattn_native {
 
 using at::Tensor;
-using Vec = at::vec::Vectorized<float>;
 
 // Query rows x keys per block. 128 x 512 fp32 scores are 256 KB (the backward holds two such blocks
 // and the fp32 key and value blocks, 128 KB each at d = 64): all of it stays in a 2 MB L2. Paired
@@ -39,16 +32,6 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t BLOCK_Q = 128;
 constexpr int64_t BLOCK_K = 512;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// Row-major C (m x n) = alpha op(A) op(B) + beta C, op(X) = X^T when trans_x. Column-major BLAS sees
-// every row-major matrix as its transpose, so it computes C^T = op(B)^T op(A)^T: swap the operands.
-inline void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mi = static_cast<int>(m), ni = static_cast<int>(n), ki = static_cast<int>(k);
-  const int la = static_cast<int>(lda), lb = static_cast<int>(ldb), lc = static_cast<int>(ldc);
-  sgemm_(&tb, &ta, &ni, &mi, &ki, &alpha, b, &lb, a, &la, &beta, c, &lc);
-}
 
 // Strides of a 4-D (batch, head, row, col) tensor, in elements; the last dim is contiguous.
 struct Strides {
@@ -123,41 +106,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc = at::vec::fmadd(Vec::loadu(a + j, rest), Vec::loadu(b + j, rest), acc);  // zero lanes add 0
   }
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-}
-
-// Rows of an input block as fp32: the rows themselves for fp32 input (leading dimension `ld`), else
-// converted into `scratch` (leading dimension `cols`). bf16/fp16 inputs are computed in fp32 from
-// here on: the gemms, the softmax and every accumulator (docs/math.md §0, "Precision").
-struct Rows {
-  const float* data;
-  int64_t ld;
-};
-
-template <typename T>
-inline Rows as_float(const T* src, int64_t ld, int64_t rows, int64_t cols, float* scratch) {
-  if constexpr (std::is_same_v<T, float>) {
-    return {src, ld};
-  } else {
-    using VecT = at::vec::Vectorized<T>;
-    for (int64_t r = 0; r < rows; ++r) {
-      const T* in = src + r * ld;
-      float* out = scratch + r * cols;
-      int64_t j = 0;
-      for (; j + VecT::size() <= cols; j += VecT::size()) {
-        auto [low, high] = at::vec::convert_to_float<T>(VecT::loadu(in + j));
-        low.store(out + j);
-        high.store(out + j + Vec::size());
-      }
-      for (; j < cols; ++j) out[j] = static_cast<float>(in[j]);
-    }
-    return {scratch, cols};
-  }
-}
-
-// rows x cols fp32 (leading dimension cols) into the output's dtype (leading dimension ld).
-template <typename T>
-inline void store_rows(const float* src, T* dst, int64_t ld, int64_t rows, int64_t cols) {
-  for (int64_t r = 0; r < rows; ++r) at::vec::convert(src + r * cols, dst + r * ld, cols);
 }
 
 // Sum of p[j - key0] over the cause keys j in [key0, key_end) of one row's bit words (key0 % 32 == 0).

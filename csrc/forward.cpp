@@ -49,7 +49,7 @@ void adapter_block(const Adapter& a, int64_t b, int64_t h, int64_t hk, const flo
   }
 }
 
-template <typename T>
+template <typename T, typename G>
 void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& adapter_keys,
                     const std::optional<Tensor>& adapter_values, const std::optional<Tensor>& gamma,
                     const std::optional<Tensor>& cause_bits, const std::optional<Tensor>& cause_count, double scale,
@@ -86,14 +86,15 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
     // Per-thread scratch: scores (BLOCK_Q x BLOCK_K), the output accumulator and the row statistics.
     std::vector<float> scores(BLOCK_Q * std::max<int64_t>(BLOCK_K, adapter.slots)), acc(BLOCK_Q * dim);
     std::vector<float> read(with_adapter ? BLOCK_Q * dim : 0), row_max(BLOCK_Q), row_sum(BLOCK_Q), cause(BLOCK_Q);
-    constexpr bool convert = !std::is_same_v<T, float>;  // bf16/fp16 blocks are read as fp32 copies
-    std::vector<float> q_rows(convert ? BLOCK_Q * dim : 0), k_rows(convert ? BLOCK_K * dim : 0);
-    std::vector<float> v_rows(convert ? BLOCK_K * dim : 0);
+    constexpr bool convert = !std::is_same_v<T, G>, rounds = !std::is_same_v<G, float>;  // see gemm.h
+    std::vector<G> q_rows(convert ? BLOCK_Q * dim : 0), k_rows(convert ? BLOCK_K * dim : 0);
+    std::vector<G> v_rows(convert ? BLOCK_K * dim : 0), probs(rounds ? BLOCK_Q * BLOCK_K : 0);
+    std::vector<float> q_float(rounds && with_adapter ? BLOCK_Q * dim : 0);  // the adapter's products are fp32
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item % pairs, block = zigzag_block(item / pairs, blocks);
       const int64_t b = bh / heads_q, h = bh % heads_q, hk = h / group;
       const int64_t row0 = block * BLOCK_Q, rows = std::min(BLOCK_Q, n_q - row0);
-      const Rows qb = as_float(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
+      const Rows<G> qb = operand<G>(qp + qs.at(b, h, row0), qs.row, rows, dim, q_rows.data());
       const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
       fill(acc.data(), rows * dim, 0.f);
       fill(row_max.data(), rows, NEG_INF);
@@ -101,8 +102,8 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
       fill(cause.data(), rows, 0.f);
       for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {
         const int64_t cols = std::min(BLOCK_K, key_end - key0);
-        const Rows kb = as_float(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
-        const Rows vb = as_float(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
+        const Rows<G> kb = operand<G>(kp + ks.at(b, hk, key0), ks.row, cols, dim, k_rows.data());
+        const Rows<G> vb = operand<G>(vp + vs.at(b, hk, key0), vs.row, cols, dim, v_rows.data());
         gemm(false, true, rows, cols, dim, 1.f, qb.data, qb.ld, kb.data, kb.ld, 0.f, scores.data(), cols);
         for (int64_t r = 0; r < rows; ++r) {
           float* p = scores.data() + r * cols;
@@ -119,7 +120,8 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
             cause[r] = cause[r] * alpha + cause_sum(bits + (b * n_q + row0 + r) * words, p, key0, key0 + seen);
           }
         }
-        gemm(false, false, rows, dim, cols, 1.f, scores.data(), cols, vb.data, vb.ld, 1.f, acc.data(), dim);
+        const G* weights = rounded<G>(scores.data(), rows, cols, probs.data());
+        gemm(false, false, rows, dim, cols, 1.f, weights, cols, vb.data, vb.ld, 1.f, acc.data(), dim);
       }
       const int64_t stat = (b * heads_q + h) * n_q + row0;
       for (int64_t r = 0; r < rows; ++r) {
@@ -129,7 +131,9 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
         if (with_mass) mp[stat + r] = cause[r] * inv;
       }
       if (with_adapter) {
-        adapter_block(adapter, b, h, hk, qb.data, qb.ld, rows, dim, s, scores.data(), read.data(), acc.data(),
+        const Rows<float> qf = rounds ? operand<float>(qp + qs.at(b, h, row0), qs.row, rows, dim, q_float.data())
+                                      : Rows<float>{reinterpret_cast<const float*>(qb.data), qb.ld};
+        adapter_block(adapter, b, h, hk, qf.data, qf.ld, rows, dim, s, scores.data(), read.data(), acc.data(),
                       xp ? xp + stat * xg_tokens : nullptr, xg_tokens);
       }
       store_rows(acc.data(), op + stat * dim, dim, rows, dim);
@@ -151,14 +155,16 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   Tensor lse = at::empty({batch, heads_q, n_q}, f32);
   Tensor mass = at::empty({cause_bits.has_value() ? batch : 0, heads_q, n_q}, f32);
   Tensor xg = at::empty({xg_tokens ? batch : 0, heads_q, n_q, xg_tokens}, f32);
-  const auto run = [&](auto zero) {
-    forward_kernel<decltype(zero)>(q, k, v, adapter_keys, adapter_values, gamma, cause_bits, cause_count, scale,
+  const auto run = [&](auto input, auto operand_type) {
+    forward_kernel<decltype(input), decltype(operand_type)>(q, k, v, adapter_keys, adapter_values, gamma, cause_bits, cause_count, scale,
                                    causal, xg_tokens, out, lse, mass, xg);
   };
   switch (q.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kBFloat16: run(at::BFloat16{}); break;
-    case at::kHalf: run(at::Half{}); break;
+    case at::kFloat: run(float{}, float{}); break;
+    case at::kBFloat16:
+      low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
+      break;
+    case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
     default: TORCH_CHECK(false, "causalattn_native.forward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
   }
   return {out, lse, mass, xg};
