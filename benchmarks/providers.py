@@ -270,7 +270,8 @@ def _causalattn(features: frozenset[str], composed: bool = False, native: bool =
     def build(p: Problem) -> Built:
         # The fused op: Triton on CUDA, the chunked reference on CPU (the Triton interpreter is for
         # tests, not timings). The composed backend runs on every device; the native one on CPU only.
-        backend = "native" if native else "composed" if composed else "triton" if p.device.type == "cuda" else "reference"
+        backend = "triton" if p.device.type == "cuda" else "reference"
+        backend = "native" if native else "composed" if composed else backend
         adapter = Adapter(p.adapter_keys, p.adapter_values, p.gate) if "adapter" in features else None
         supervision = p.mask if "cat" in features else None
         xg_tokens = p.shape.xg_tokens if "xg" in features else 0

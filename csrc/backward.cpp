@@ -1,11 +1,13 @@
 // The backward pass of the fused CPU attention, every gradient in one parallel region (docs/native.md).
 //
 // Shapes: q, out, grad_out (B, Hq, Nq, d) and k, v (B, Hkv, Nk, d) in one dtype (fp32, bf16, fp16);
-//   fp32 lse, mass and their gradients (B, Hq, Nq), grad_xg (B, Hq, Nq, xg_tokens), adapter keys/values
-//   (1 or B, Hkv, M, d), gamma (1 or B, Hq); the last dim contiguous. Optional: the lse, mass and XG gradients; the adapter; the cause bits.
+//   fp32 lse, mass and their gradients (B, Hq, Nq), grad_xg (B, Hq, Nq, xg_tokens), adapter
+//   keys/values (1 or B, Hkv, M, d), gamma (1 or B, Hq); the last dim contiguous. Optional: the lse,
+//   mass and XG gradients, the adapter, the cause bits.
 // Returns dq (B, Hq, Nq, d), dk, dv (B, Hkv, Nk, d) in the inputs' dtype (dK and dV accumulate in fp32
-// per query head, then each group is summed); the adapter's per-(batch, query head) partials d_keys and d_values
-// (B, Hq, M, d) and d_gamma (B, Hq) (the caller sums them over the group and a shared prompt's batch).
+// per query head, then each group is summed); the adapter's per-(batch, query head) partials d_keys
+// and d_values (B, Hq, M, d) and d_gamma (B, Hq) (the caller sums them over the group and a shared
+// prompt's batch).
 //
 // The score gradient of FlashAttention-2, dS_ij = P_ij (dP_ij - D_i), with every statistic folded into
 // the row term and one cause term (docs/math.md §1, §2, §4):
@@ -188,9 +190,10 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
           }
           const G* pg = rounded<G>(p, rows, cols, probs.data());
           const G* dsg = rounded<G>(ds, rows, cols, grads.data());
-          gemm(true, false, cols, dim, rows, 1.f, pg, cols, gb.data, gb.ld, 1.f, dv_head + key0 * dim, dim);  // dV += P^T dO
-          gemm(false, false, rows, dim, cols, s, dsg, cols, kb.data, kb.ld, 1.f, t.dq.data(), dim);  // dQ += tau dS K
-          gemm(true, false, cols, dim, rows, s, dsg, cols, qb.data, qb.ld, 1.f, dk_head + key0 * dim, dim);  // dK += tau dS^T Q
+          // dV += P^T dO, dQ += tau dS K, dK += tau dS^T Q
+          gemm(true, false, cols, dim, rows, 1.f, pg, cols, gb.data, gb.ld, 1.f, dv_head + key0 * dim, dim);
+          gemm(false, false, rows, dim, cols, s, dsg, cols, kb.data, kb.ld, 1.f, t.dq.data(), dim);
+          gemm(true, false, cols, dim, rows, s, dsg, cols, qb.data, qb.ld, 1.f, dk_head + key0 * dim, dim);
         }
         store_rows(t.dq.data(), dqp + stat * dim, dim, rows, dim);
       }
@@ -219,7 +222,8 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
   Tensor d_values = at::zeros({adapter_batch, heads_q, slots, dim}, f32);
   Tensor d_gamma = at::zeros({adapter_batch, heads_q}, f32);
   const auto run = [&](auto input, auto operand_type) {
-    backward_kernel<decltype(input), decltype(operand_type)>(grad_out, q, k, v, out, lse, grad_lse, mass, grad_mass, cause_bits, adapter_keys,
+    backward_kernel<decltype(input), decltype(operand_type)>(grad_out, q, k, v, out, lse, grad_lse, mass, grad_mass,
+                                                             cause_bits, adapter_keys,
                                     adapter_values, gamma, grad_xg, scale, causal, dq, dk, dv, d_keys, d_values,
                                     d_gamma);
   };
@@ -229,7 +233,8 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
       low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
       break;
     case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
-    default: TORCH_CHECK(false, "causalattn_native.backward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
+    default:
+      TORCH_CHECK(false, "causalattn_native.backward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
   }
   if (group > 1) {
     dk = dk.view({batch, heads_kv, group, n_k, dim}).sum(2);

@@ -156,7 +156,8 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
   Tensor mass = at::empty({cause_bits.has_value() ? batch : 0, heads_q, n_q}, f32);
   Tensor xg = at::empty({xg_tokens ? batch : 0, heads_q, n_q, xg_tokens}, f32);
   const auto run = [&](auto input, auto operand_type) {
-    forward_kernel<decltype(input), decltype(operand_type)>(q, k, v, adapter_keys, adapter_values, gamma, cause_bits, cause_count, scale,
+    forward_kernel<decltype(input), decltype(operand_type)>(q, k, v, adapter_keys, adapter_values, gamma, cause_bits,
+                                                            cause_count, scale,
                                    causal, xg_tokens, out, lse, mass, xg);
   };
   switch (q.scalar_type()) {
@@ -165,7 +166,8 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
       low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
       break;
     case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
-    default: TORCH_CHECK(false, "causalattn_native.forward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
+    default:
+      TORCH_CHECK(false, "causalattn_native.forward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
   }
   return {out, lse, mass, xg};
 }
