@@ -164,7 +164,9 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
           cause_grad[r] = with_mass ? g_mass[stat + r] : 0.f;
           if (with_mass) d += cause_grad[r] * m_ptr[stat + r];
           if (g_lse) d -= g_lse[stat + r];
-          row_term[r] = d;
+          // A NaN row (an infinite or NaN score, see forward.cpp) passes NaN on, as a plain softmax would:
+          // exp_u20 would turn its NaN lse into finite probabilities.
+          row_term[r] = std::isnan(lp[stat + r]) ? lp[stat + r] : d;
         }
         const int64_t key_end = causal ? std::min(n_k, row0 + rows + offset) : n_k;
         for (int64_t key0 = 0; key0 < key_end; key0 += BLOCK_K) {

@@ -108,12 +108,15 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
         for (int64_t r = 0; r < rows; ++r) {
           float* p = scores.data() + r * cols;
           const int64_t seen = visible_count(causal, row0 + r, offset, key0, cols);
-          const float mx = std::max(row_max[r], scale_and_max(p, seen, s));
-          // Every row sees key 0 in the first block, so mx is finite from there on (no inf - inf).
+          const float block_max = scale_and_max(p, seen, s);
+          const float mx = std::max(row_max[r], block_max);
+          // Every row sees key 0 in the first block, so mx is finite from there on (no inf - inf) unless
+          // a score is +inf or NaN: such a row is NaN, out and lse, as in a plain softmax (docs/errors.md).
+          // exp_u20 clamps NaN to a finite value, so the row is marked through its sum.
           const float alpha = std::exp(row_max[r] - mx);
           const float sum = exp_and_sum(p, seen, mx);
           fill(p + seen, cols - seen, 0.f);
-          row_sum[r] = row_sum[r] * alpha + sum;
+          row_sum[r] = block_max < INF ? row_sum[r] * alpha + sum : std::numeric_limits<float>::quiet_NaN();
           row_max[r] = mx;
           if (alpha != 1.f) scale_row(acc.data() + r * dim, dim, alpha);
           if (with_mass && counts[b * n_q + row0 + r] > 0) {

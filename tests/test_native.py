@@ -153,3 +153,22 @@ def test_strided_inputs_and_thread_counts():
         if index < 4:
             assert torch.equal(a, b)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_an_infinite_score_gives_nan_rows_and_gradients():
+    """A +inf score makes its row NaN (out, lse) as in a plain softmax, and the backward passes the NaN on
+    to that row's query gradient, as the reference's autograd does."""
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, 150, 16, generator=gen, dtype=torch.float64) for _ in range(3))
+    k[0, 0, 7, 3] = float("inf")
+    found = []
+    for run, dtype in ((causalattn.attention_dense, torch.float64),
+                       (lambda *a: causalattn.attention(*a, backend="native"), F32)):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+        result = run(*leaves)
+        result.out.sum().backward()
+        found.append((result.out.isnan().any(-1), result.lse.isnan(), leaves[0].grad.isnan().any(-1)))
+    (want_out, want_lse, want_dq), (got_out, got_lse, got_dq) = found
+    assert want_out.any() and (~want_out).any()
+    assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)
+    assert want_dq[want_out].all() and got_dq[want_out].all()
