@@ -18,6 +18,7 @@ Providers
 causalattn[+adapter|+cat|+xg|+all]  the fused op (backend "triton" on CUDA, "reference" on CPU)
 composed[+adapter|+cat|+xg|+all]    the composed backend on every device: the vendor attention
                                     kernel + adapter/XG over N x M + CAT mass on the supervised rows
+native[+adapter|+cat|+all]          the fused C++ CPU kernel (causalattn.native)
 sdpa-{flash,efficient,cudnn,math}   plain SDPA pinned to one backend with `sdpa_kernel`
 sdpa+adapter-sdpa                   SDPA + a second SDPA call over the M adapter keys, gated, added
 sdpa+adapter-peft                   SDPA + PEFT AdaptionPrompt's adapter math (scalar raw gate)
@@ -265,18 +266,25 @@ def _expand_adapter(problem: Problem, t: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------- the providers
-def _causalattn(features: frozenset[str], composed: bool = False) -> Callable[[Problem], Built]:
+def _causalattn(features: frozenset[str], composed: bool = False, native: bool = False) -> Callable[[Problem], Built]:
     def build(p: Problem) -> Built:
         # The fused op: Triton on CUDA, the chunked reference on CPU (the Triton interpreter is for
-        # tests, not timings). The composed backend runs on every device.
-        backend = "composed" if composed else "triton" if p.device.type == "cuda" else "reference"
+        # tests, not timings). The composed backend runs on every device; the native one on CPU only.
+        backend = "triton" if p.device.type == "cuda" else "reference"
+        backend = "native" if native else "composed" if composed else backend
         adapter = Adapter(p.adapter_keys, p.adapter_values, p.gate) if "adapter" in features else None
         supervision = p.mask if "cat" in features else None
         xg_tokens = p.shape.xg_tokens if "xg" in features else 0
+        attend = functools.partial(causalattn.attention, backend=backend)
+        if native:
+            from causalattn import native as native_backend
+
+            if p.device.type != "cpu" or not native_backend.available():
+                raise Unsupported("the native backend runs CPU inputs with a built C++ extension")
+            attend = native_backend.attention_native
 
         def forward() -> ForwardResult:
-            result = causalattn.attention(p.q, p.k, p.v, causal=True, adapter=adapter, supervision=supervision,
-                                          xg_tokens=xg_tokens, backend=backend)
+            result = attend(p.q, p.k, p.v, causal=True, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens)
             return result.out, feature_losses(result.mass, result.xg, p.mask)
 
         return Built(forward, f"backend={backend}")
@@ -467,6 +475,10 @@ def _all_providers() -> dict[str, Provider]:
         Provider("composed+cat", cat, _causalattn(cat, composed=True)),
         Provider("composed+xg", adapter | xg, _causalattn(adapter | xg, composed=True)),
         Provider("composed+all", every, _causalattn(every, composed=True)),
+        Provider("native", frozenset(), _causalattn(frozenset(), native=True)),
+        Provider("native+adapter", adapter, _causalattn(adapter, native=True)),
+        Provider("native+cat", cat, _causalattn(cat, native=True)),
+        Provider("native+all", every, _causalattn(every, native=True)),
         Provider("sdpa-flash", frozenset(), _sdpa("FLASH_ATTENTION")),
         Provider("sdpa-efficient", frozenset(), _sdpa("EFFICIENT_ATTENTION")),
         Provider("sdpa-cudnn", frozenset(), _sdpa("CUDNN_ATTENTION")),

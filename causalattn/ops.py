@@ -7,6 +7,8 @@ Shapes: see `causalattn.inputs`. Backends, each a self-contained module:
 * "composed"  `causalattn.composed.attention_composed`: PyTorch's own attention kernel plus the
               statistics computed apart (adapter and XG over N x M, CAT mass on the supervised rows).
 * "reference" `causalattn.reference.attention_chunked` (memory-lean PyTorch, any device/dtype).
+* "native"    `causalattn.native.attention_native`: the fused C++ CPU kernel (built on first use) for CPU
+              float32 inputs without padding, packing or adapter segments; "composed" for the rest.
 * "auto"      CPU: "composed". CUDA: what `causalattn.dispatch` measured fastest for the device,
               dtype, head dim, features and supervised-row density; "triton" where nothing was
               measured (and "composed" for float64 and for adapters of more than 8 segments,
@@ -23,11 +25,12 @@ from causalattn.autocast import follows_autocast
 from causalattn.composed import attention_composed
 from causalattn.inputs import Adapter, AttentionOutput
 from causalattn.masks import CausalMask
+from causalattn.native import attention_native
 from causalattn.reference import attention_chunked
 from causalattn.triton_backend import attention_triton
 from causalattn.validation import check_inputs
 
-BACKENDS = ("auto", "triton", "composed", "reference")
+BACKENDS = ("auto", "triton", "composed", "reference", "native")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -103,6 +106,6 @@ def attention(
         return attention_triton(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, adapter=adapter, supervision=supervision,
                                 xg_tokens=xg_tokens, xg_pool=xg_pool)
-    run = attention_chunked if chosen == "reference" else attention_composed
+    run = {"reference": attention_chunked, "native": attention_native}.get(chosen, attention_composed)
     return run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)

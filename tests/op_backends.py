@@ -6,7 +6,7 @@ import causalattn
 from causalattn import attention, attention_chunked, attention_dense
 
 # The op's backends that exist in this build ("composed" joins when it is there).
-OP_BACKENDS = [b for b in ("reference", "triton", "composed") if b in causalattn.ops.BACKENDS]
+OP_BACKENDS = [b for b in ("reference", "triton", "composed", "native") if b in causalattn.ops.BACKENDS]
 HAS_TRITON = torch.cuda.is_available() or causalattn.ops._interpreting()
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Every entry point that validates its arguments: the op on each backend and the two references.
