@@ -36,7 +36,7 @@ from causalattn.inputs import Adapter, AttentionOutput
 from causalattn.masks import CausalMask
 
 _SOURCES = ("forward.cpp", "backward.cpp", "bindings.cpp")
-_HEADERS = ("blocks.h", "gemm.h")
+_HEADERS = ("attention.h", "blocks.h", "gemm.h")
 # Each capability's flags mirror ATen's per-capability builds of its own kernels (the at::vec
 # implementation follows the CPU_CAPABILITY_* macro): the cached build is keyed on the capability
 # torch itself detected, so it runs on every CPU of that capability, and one that lacks it gets its

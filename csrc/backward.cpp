@@ -15,6 +15,7 @@
 //   dS_ij = P_ij (dP_ij - D_i) + c_i P_ij A_ij
 // One work item is one (batch, query head): it owns that head's dK and dV, so no two threads write the
 // same row (PyTorch's CPU flash backward splits the same way).
+#include "attention.h"
 #include "blocks.h"
 
 #include <ATen/ops/empty.h>
@@ -24,11 +25,7 @@ namespace causalattn_native {
 
 namespace {
 
-struct AdapterGrad {
-  const float* keys = nullptr;
-  const float* values = nullptr;
-  const float* gamma = nullptr;
-  int64_t slots = 0, batch_stride = 0, head_stride = 0, gamma_batch_stride = 0;
+struct AdapterGrad : Adapter {
   float* d_keys = nullptr;    // (B, Hq, M, d)
   float* d_values = nullptr;  // (B, Hq, M, d)
   float* d_gamma = nullptr;   // (B, Hq)
@@ -93,13 +90,7 @@ void backward_kernel(const Tensor& grad_out, const Tensor& q, const Tensor& k, c
 
   AdapterGrad adapter;
   if (with_adapter) {
-    adapter.keys = adapter_keys->data_ptr<float>();
-    adapter.values = adapter_values->data_ptr<float>();
-    adapter.gamma = gamma->data_ptr<float>();
-    adapter.slots = slots;
-    adapter.batch_stride = adapter_keys->size(0) > 1 ? adapter_keys->stride(0) : 0;
-    adapter.head_stride = adapter_keys->stride(1);
-    adapter.gamma_batch_stride = gamma->size(0) > 1 ? gamma->stride(0) : 0;
+    static_cast<Adapter&>(adapter) = adapter_view(*adapter_keys, *adapter_values, *gamma);
     adapter.d_keys = d_keys.data_ptr<float>();
     adapter.d_values = d_values.data_ptr<float>();
     adapter.d_gamma = d_gamma.data_ptr<float>();
@@ -229,15 +220,7 @@ std::vector<Tensor> attention_backward(const Tensor& grad_out, const Tensor& q, 
                                     adapter_values, gamma, grad_xg, scale, causal, dq, dk, dv, d_keys, d_values,
                                     d_gamma);
   };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float{}, float{}); break;
-    case at::kBFloat16:
-      low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
-      break;
-    case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
-    default:
-      TORCH_CHECK(false, "causalattn_native.backward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
-  }
+  dispatch_dtype(q.scalar_type(), "backward", run);
   if (group > 1) {
     dk = dk.view({batch, heads_kv, group, n_k, dim}).sum(2);
     dv = dv.view({batch, heads_kv, group, n_k, dim}).sum(2);

@@ -141,6 +141,41 @@ inline int64_t visible_count(bool causal, int64_t row, int64_t offset, int64_t k
   return std::clamp<int64_t>(row + offset - key0 + 1, 0, cols);
 }
 
+// Calls run(input, operand) with the input's element type and the block products' operand type: the
+// 16-bit type itself where MKL's 16-bit gemm is exported, else float (blocks converted as they are read).
+template <typename Run>
+void dispatch_dtype(at::ScalarType dtype, const char* pass, const Run& run) {
+  switch (dtype) {
+    case at::kFloat: run(float{}, float{}); break;
+    case at::kBFloat16:
+      low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
+      break;
+    case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
+    default: TORCH_CHECK(false, "causalattn_native.", pass, ": float32, bfloat16 or float16 inputs, got ", dtype);
+  }
+}
+
+// The gated prompt as the kernels read it: fp32 keys/values (1 or B, Hkv, M, d) and gamma (1 or B, Hq), a
+// batch stride of 0 when one prompt serves the whole batch.
+struct Adapter {
+  const float* keys = nullptr;
+  const float* values = nullptr;
+  const float* gamma = nullptr;
+  int64_t slots = 0, batch_stride = 0, head_stride = 0, gamma_batch_stride = 0;
+};
+
+inline Adapter adapter_view(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& gamma) {
+  Adapter a;
+  a.keys = keys.data_ptr<float>();
+  a.values = values.data_ptr<float>();
+  a.gamma = gamma.data_ptr<float>();
+  a.slots = keys.size(2);
+  a.batch_stride = keys.size(0) > 1 ? keys.stride(0) : 0;
+  a.head_stride = keys.stride(1);
+  a.gamma_batch_stride = gamma.size(0) > 1 ? gamma.stride(0) : 0;
+  return a;
+}
+
 // Work items (batch x head, query block) ordered so that any contiguous range of them has about the
 // same causal work: query blocks go in pairs (first, last), (second, second to last), ..., and a
 // pair's cost is constant. at::parallel_for hands each thread one contiguous range.

@@ -10,6 +10,7 @@
 // One work item is one query block of one (batch, head): FlashAttention-2's online softmax over the
 // key blocks (two gemms per block), the mass as one more accumulator rescaled like the denominator,
 // then the adapter's own softmax over its M <= 64 slots (two small gemms) and the gated read-out.
+#include "attention.h"
 #include "blocks.h"
 
 #include <ATen/ops/empty.h>
@@ -17,13 +18,6 @@
 namespace causalattn_native {
 
 namespace {
-
-struct Adapter {
-  const float* keys = nullptr;
-  const float* values = nullptr;
-  const float* gamma = nullptr;
-  int64_t slots = 0, batch_stride = 0, head_stride = 0, gamma_batch_stride = 0;
-};
 
 // out rows += gamma softmax(scale Q Ka^T) Va for one query block; the first xg_tokens probabilities
 // of each row go to `xg` (row stride xg_tokens). `scores` holds rows x slots.
@@ -59,16 +53,7 @@ void forward_kernel(const Tensor& q, const Tensor& k, const Tensor& v, const std
   const int64_t offset = n_k - n_q;  // causal, bottom-right aligned: row i sees keys j <= i + offset
   const bool with_mass = cause_bits.has_value(), with_adapter = adapter_keys.has_value();
 
-  Adapter adapter;
-  if (with_adapter) {
-    adapter.keys = adapter_keys->data_ptr<float>();
-    adapter.values = adapter_values->data_ptr<float>();
-    adapter.gamma = gamma->data_ptr<float>();
-    adapter.slots = adapter_keys->size(2);
-    adapter.batch_stride = adapter_keys->size(0) > 1 ? adapter_keys->stride(0) : 0;
-    adapter.head_stride = adapter_keys->stride(1);
-    adapter.gamma_batch_stride = gamma->size(0) > 1 ? gamma->stride(0) : 0;
-  }
+  const Adapter adapter = with_adapter ? adapter_view(*adapter_keys, *adapter_values, *gamma) : Adapter{};
   const int32_t* bits = with_mass ? cause_bits->data_ptr<int32_t>() : nullptr;
   const int32_t* counts = with_mass ? cause_count->data_ptr<int32_t>() : nullptr;
   const int64_t words = with_mass ? cause_bits->size(2) : 0;
@@ -163,15 +148,7 @@ std::vector<Tensor> attention_forward(const Tensor& q, const Tensor& k, const Te
                                                             cause_count, scale,
                                    causal, xg_tokens, out, lse, mass, xg);
   };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float{}, float{}); break;
-    case at::kBFloat16:
-      low_precision_gemm<at::BFloat16>() ? run(at::BFloat16{}, at::BFloat16{}) : run(at::BFloat16{}, float{});
-      break;
-    case at::kHalf: low_precision_gemm<at::Half>() ? run(at::Half{}, at::Half{}) : run(at::Half{}, float{}); break;
-    default:
-      TORCH_CHECK(false, "causalattn_native.forward: float32, bfloat16 or float16 inputs, got ", q.scalar_type());
-  }
+  dispatch_dtype(q.scalar_type(), "forward", run);
   return {out, lse, mass, xg};
 }
 
