@@ -156,9 +156,10 @@ def test_real_model_protocol_cuts_validation_from_train_only_and_tables_what_fin
     val, rest = (set(split[k].read_text().splitlines()) for k in ("val", "train"))
     assert len(val) == 10 and not val & rest and val | rest == train_lines  # a quarter, disjoint, train3 only
     assert real_model.split_validation(stg / real_model.FILES["train"], tmp_path / "work" / "data", seed=1) == split
-    command = real_model.job_command("M", "lora-qk-long", real_model.SELECT_RUNS, split["train"], {"val": split["val"]},
-                                     0, tmp_path / "job", 1, ["--threads", "1"])
-    assert command.count("--epochs") == 1 and command[-1] == "1" and "--resume" in command
+    command = real_model.job_command("M", "lora-qk-cat-lr", real_model.SELECT_RUNS, split["train"],
+                                     {"val": split["val"]}, 0, tmp_path / "job", 1, ["--threads", "1"])
+    assert command.count("--epochs") == 1 and command[command.index("--epochs") + 1] == "1" and "--resume" in command
+    assert command[command.index("--lr") + 1] == "1e-3" and command[-2:] == ["--threads", "1"]  # recipe, then extra
     stg_files = {name: stg / file for name, file in real_model.FILES.items()}
     assert real_model.summarize(tmp_path / "work", tmp_path / "results", stg_files, split) is None
     text = (tmp_path / "results" / "selection.md").read_text()
