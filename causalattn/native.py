@@ -119,6 +119,14 @@ def unsupported_reason(q: Tensor, k: Tensor, *, key_lengths: Optional[Tensor] = 
     return None
 
 
+def takes(q: Tensor, k: Tensor, *, key_lengths: Optional[Tensor] = None, key_mask: Optional[Tensor] = None,
+          cu_seqlens: Optional[Tensor] = None, adapter: Optional[Adapter] = None) -> bool:
+    """Whether `backend="auto"` runs these inputs here: the kernel supports them and its extension is built
+    (the first such call builds it; a failed build warns once and leaves every call to the composed path)."""
+    return unsupported_reason(q, k, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens,
+                              adapter=adapter) is None and available()
+
+
 def _fp32(t: Tensor) -> Tensor:
     return t.to(torch.float32).contiguous()
 

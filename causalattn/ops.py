@@ -8,9 +8,11 @@ Shapes: see `causalattn.inputs`. Backends, each a self-contained module:
               statistics computed apart (adapter and XG over N x M, CAT mass on the supervised rows).
 * "reference" `causalattn.reference.attention_chunked` (memory-lean PyTorch, any device/dtype).
 * "native"    `causalattn.native.attention_native`: the fused C++ CPU kernel (built on first use) for CPU
-              float32 inputs without padding, packing or adapter segments; "composed" for the rest.
-* "auto"      CPU: "composed". CUDA: what `causalattn.dispatch` measured fastest for the device,
-              dtype, head dim, features and supervised-row density; "triton" where nothing was
+              fp32/bf16/fp16 inputs without padding, packing or adapter segments; "composed" for the rest.
+* "auto"      CPU: "native" where it takes the inputs and its extension builds (paired against SDPA on
+              a quiet 2-core Xeon, fwd+bwd, every feature on: 0.82-0.95x, composed 1.21-2.68x; see
+              docs/native.md), else "composed". CUDA: what `causalattn.dispatch` measured fastest for
+              the device, dtype, head dim, features and supervised-row density; "triton" where nothing was
               measured (and "composed" for float64 and for adapters of more than 8 segments,
               which the kernels do not take).
 """
@@ -21,11 +23,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from causalattn import native
 from causalattn.autocast import follows_autocast
 from causalattn.composed import attention_composed
 from causalattn.inputs import Adapter, AttentionOutput
 from causalattn.masks import CausalMask
-from causalattn.native import attention_native
 from causalattn.reference import attention_chunked
 from causalattn.triton_backend import attention_triton
 from causalattn.validation import check_inputs
@@ -49,14 +51,17 @@ def fused_kernels_take(adapter: Optional[Adapter]) -> bool:
 
 
 def resolve_backend(backend: str, q: Tensor, features: str = "none", supervised_fraction: float = 0.0,
-                    adapter: Optional[Adapter] = None) -> str:
+                    adapter: Optional[Adapter] = None, native_takes: bool = False) -> str:
     """The backend `attention` runs for `backend` and a query tensor `q`; `features` ("adapter+cat+xg",
     "none", ...) and the fraction of supervised rows choose between the fused and the composed path
-    on CUDA (see `causalattn.dispatch`)."""
+    on CUDA (see `causalattn.dispatch`); `native_takes` (`causalattn.native.takes`) says whether the
+    native CPU kernel runs these inputs."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if not q.is_cuda or q.dtype not in TRITON_DTYPES or not fused_kernels_take(adapter):
+        if not q.is_cuda:
+            return "native" if native_takes else "composed"
+        if q.dtype not in TRITON_DTYPES or not fused_kernels_take(adapter):
             return "composed"
         from causalattn.dispatch import choose_cuda_backend
 
@@ -101,11 +106,14 @@ def attention(
         supervised_fraction = supervision.supervised_rows()[1].numel() / max(1, supervision.batch_size * q.shape[2])
     else:
         supervised_fraction = 0.0
-    chosen = resolve_backend(backend, q, feature_label(adapter, supervision, xg_tokens), supervised_fraction, adapter)
+    native_takes = backend == "auto" and q.device.type == "cpu" and native.takes(
+        q, k, key_lengths=key_lengths, key_mask=key_mask, cu_seqlens=cu_seqlens, adapter=adapter)
+    chosen = resolve_backend(backend, q, feature_label(adapter, supervision, xg_tokens), supervised_fraction, adapter,
+                             native_takes)
     if chosen == "triton":
         return attention_triton(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                                 cu_seqlens=cu_seqlens, max_seqlen=max_seqlen, adapter=adapter, supervision=supervision,
                                 xg_tokens=xg_tokens, xg_pool=xg_pool)
-    run = {"reference": attention_chunked, "native": attention_native}.get(chosen, attention_composed)
+    run = {"reference": attention_chunked, "native": native.attention_native}.get(chosen, attention_composed)
     return run(q, k, v, causal=causal, scale=scale, key_lengths=key_lengths, key_mask=key_mask,
                cu_seqlens=cu_seqlens, adapter=adapter, supervision=supervision, xg_tokens=xg_tokens, xg_pool=xg_pool)

@@ -172,3 +172,28 @@ def test_an_infinite_score_gives_nan_rows_and_gradients():
     assert want_out.any() and (~want_out).any()
     assert torch.equal(got_out, want_out) and torch.equal(got_lse, want_lse)
     assert want_dq[want_out].all() and got_dq[want_out].all()
+
+
+def test_auto_runs_native_on_cpu_where_it_takes_the_inputs_and_composed_elsewhere(monkeypatch):
+    """`backend="auto"` on a CPU: the native kernel for inputs it takes, silently; the composed backend for
+    padding, packing, fp64 and a failed build (the build's one warning aside), with no warning of its own."""
+    calls = []
+    original = native.attention_native
+
+    def spy(*args, **kwargs):
+        calls.append("native")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(native, "attention_native", spy)
+    q, k, v = (torch.randn(2, 2, 40, 16) for _ in range(3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = causalattn.attention(q, k, v)
+        assert calls == ["native"]
+        causalattn.attention(q, k, v, key_lengths=torch.tensor([40, 30]))  # padding: composed, no warning
+        causalattn.attention(q.double(), k.double(), v.double())  # fp64: composed
+    assert calls == ["native"]
+    torch.testing.assert_close(got.out, causalattn.attention(q, k, v, backend="composed").out)
+    monkeypatch.setattr(native, "_library_state", {"ok": False})  # as after a failed build
+    causalattn.attention(q, k, v)
+    assert calls == ["native"]

@@ -505,7 +505,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also checkpoint every N optimizer steps inside an epoch, for long epochs: --resume then "
                             "continues mid-epoch, bit for bit (default: a checkpoint per epoch only)")
     where.add_argument("--backend", choices=BACKENDS, default=d.backend,
-                       help="attention backend (default auto: composed on CPU, the measured choice on GPUs)")
+                       help="attention backend (default auto: the native CPU kernel where it applies, else composed; "
+                            "the measured choice on GPUs)")
     where.add_argument("--device", choices=DEVICES, default=d.device, help="default: cuda when available")
     where.add_argument("--fsdp", action="store_true",
                        help="under torchrun: shard the frozen base model with FSDP2, adapters replicated "
