@@ -13,7 +13,7 @@ forward and the loss under CPU bf16 autocast, as `causalattn train --mixed-preci
     causalattn-ce         attn_implementation="causalattn" + causalattn.hf.add_adapters (the library's defaults:
                           tanh gate per head, 2 XG tokens), CE only (no supervision passed, nothing collected)
     causalattn-ce+cat     the same, CE + CAT, the mass collected from the attention backend (--backend, default
-                          "auto": the composed path on CPU, what `causalattn train` runs)
+                          "auto": on CPU the native kernel where it applies, what `causalattn train` runs)
     causalattn-ce+cat+xg  the same, CE + CAT + 0.1 XG (XG is 0 at B = 1; computed and differentiated all the same)
     peft-eager+cat        PEFT AdaptionPrompt on attn_implementation="eager" with output_attentions=True, CE + the
                           CAT loss computed the way CAT's code does: every layer's (B, H, N, N) maps, the mass
@@ -77,7 +77,7 @@ import torch
 
 from benchmarks.harness import DEFAULT_OUT, REPO_ROOT, machine_fields, upsert_rows
 from benchmarks.plot import load_pyplot, provider_style, style_axes
-from benchmarks.providers import cat_style_spans
+from benchmarks.providers import cat_style_spans, spread_rows_mask
 from benchmarks.train_step import (LEARNING_RATE, Trainee, add_peft_prompts, causalattn_trainee, failure_fields,
                                    package_version, peft_eager_cat_trainee, peft_sdpa_trainee, random_tokens,
                                    require_peft, time_steps)
@@ -120,6 +120,7 @@ class Case:
     backend: str = "auto"
     threads: Optional[int] = None
     memory_cap_gb: Optional[float] = None
+    supervised: Optional[float] = None  # fraction of rows with causes (spread evenly); None: CAT-style documents
 
 
 # ------------------------------------------------------------------------------------------ pure parts
@@ -279,8 +280,9 @@ def measure(case: Case) -> dict[str, Any]:
     load_s = time.perf_counter() - started
     vocab = trainee.model.get_input_embeddings().num_embeddings
     input_ids = random_tokens(case.batch, case.seq_len, vocab, torch.device("cpu"))
-    loss = trainee.make_loss(input_ids, CausalMask.from_spans(cat_style_spans(case.batch, case.seq_len),
-                                                              case.seq_len))
+    mask = CausalMask.from_spans(cat_style_spans(case.batch, case.seq_len), case.seq_len) if case.supervised is None \
+        else spread_rows_mask(case.batch, case.seq_len, case.supervised)
+    loss = trainee.make_loss(input_ids, mask)
     params = trainee.trainable()
     optimizer = torch.optim.AdamW(params, lr=LEARNING_RATE)
 
@@ -372,7 +374,7 @@ def run(args: argparse.Namespace, model_path: Path) -> list[dict[str, Any]]:
                 else:
                     print(f"{label}: start", flush=True)
                     case = Case(provider, str(model_path), seq_len, batch, args.steps, args.warmup, args.dtype,
-                                args.backend, args.threads, args.memory_cap_gb)
+                                args.backend, args.threads, args.memory_cap_gb, args.supervised)
                     row.update(run_worker(case, args.case_timeout_s))
                     if is_out_of_memory(row["status"]):
                         first_oom.setdefault(provider, seq_len)
@@ -432,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
                         help="fp32, or bf16: fp32 weights, the forward under CPU bf16 autocast")
     parser.add_argument("--backend", default="auto", help="causalattn's attention backend (default auto)")
+    parser.add_argument("--supervised", type=float, default=None, metavar="FRACTION",
+                        help="rows with causes, spread evenly (default: CAT-style documents, 3.1 %% of rows)")
     parser.add_argument("--threads", type=int, help="torch threads of each worker (default: torch's)")
     parser.add_argument("--memory-cap-gb", type=float, default=round(0.8 * total_memory_gb(), 1),
                         help="address-space cap of each worker (default 0.8 x RAM); 0: none")
@@ -449,6 +453,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.steps < 1 or args.warmup < 0 or args.rounds < 1:
         parser.error("--steps and --rounds must be positive, --warmup not negative")
+    if args.supervised is not None and not 0 < args.supervised <= 1:
+        parser.error(f"--supervised: expected a fraction of rows in (0, 1], got {args.supervised}")
     try:
         for n in args.seq_lens:
             batch_for(args.tokens_per_step, n)

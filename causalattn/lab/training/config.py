@@ -244,7 +244,7 @@ class TrainConfig:
         if self.backend == "triton" and not _cuda_device(self.device) and os.environ.get("TRITON_INTERPRET") != "1":
             raise ConfigError(f"--backend: triton runs on CUDA GPUs, and this job runs on the CPU (--device "
                               f"{self.device}{', no CUDA device visible' if self.device == 'auto' else ''}); use "
-                              "--backend auto/composed/reference, or TRITON_INTERPRET=1 for Triton's slow interpreter")
+                              "--backend auto/native/composed/reference, or TRITON_INTERPRET=1 for Triton's slow interpreter")
         if self.strict and self.data == STG:
             raise ConfigError("--strict: checks the annotations of a JSONL --data file; the generated STG data "
                               "has none to check (pass a JSONL --data file, or drop --strict)")
