@@ -176,7 +176,7 @@ def test_an_infinite_score_gives_nan_rows_and_gradients():
 
 def test_auto_runs_native_on_cpu_where_it_takes_the_inputs_and_composed_elsewhere(monkeypatch):
     """`backend="auto"` on a CPU: the native kernel for inputs it takes, silently; the composed backend for
-    padding, packing, fp64 and a failed build (the build's one warning aside), with no warning of its own."""
+    padding, fp64 and after a failed build, with no warning of its own."""
     calls = []
     original = native.attention_native
 
