@@ -142,3 +142,41 @@ def test_random_cause_control_keeps_the_count_and_draws_record_fields():
         assert set(causes) <= set(shortcut.record_fields(real))
         drawn_cue += any(c.startswith(shortcut.CUE) for c in causes)
     assert 0.3 < drawn_cue / len(examples) < 0.56  # 3 of 7 fields: the cue 43 % of the time
+
+
+def test_question_rows_share_the_causes_and_the_control_draws_them_once():
+    examples = shortcut.generate(50, seed=12, cat_rows="question")
+    control = with_random_causes(examples, shortcut.record_fields, seed=4)
+    for real, fake in zip(examples, control):
+        assert list(real.important) == [f"{QUESTION} Answer:", real.target]
+        assert real.important[f"{QUESTION} Answer:"] == real.important[real.target]
+        assert fake.important[f"{QUESTION} Answer:"] == fake.important[real.target]  # one random draw per example
+    # the answer-row annotation and the records are those of the default layout
+    plain = shortcut.generate(50, seed=12)
+    assert [(e.input, e.target, e.important[e.target]) for e in examples] == \
+        [(e.input, e.target, e.important[e.target]) for e in plain]
+
+
+def test_question_rows_supervise_every_row_from_the_record_end_to_the_answer():
+    from causalattn.data.batches import collate
+    from causalattn.lab.training.tiny import TinyBaseSettings, base_texts, train_tokenizer
+
+    tokenizer = train_tokenizer(base_texts(TinyBaseSettings(examples=1500)), 400, split_on_spaces_only=True)
+    example = shortcut.generate(1, seed=3, cat_rows="question")[0]
+    batch = collate([example], tokenizer)
+    ids = batch.input_ids[0].tolist()
+    rows = batch.causal_mask.to_dense()[0].any(dim=1).nonzero().flatten().tolist()
+    # from the "." after the record to the row predicting the answer's last token
+    assert tokenizer.decode([ids[rows[0]]]).strip() == "." and rows == list(range(rows[0], len(ids) - 1))
+
+
+def test_the_cue_can_sit_after_the_other_fields():
+    train, tests = shortcut.make_splits(40, 20, seed=2, cue_position="last")
+    for example in train + [e for split in tests.values() for e in split]:
+        fields = shortcut.record_fields(example)
+        assert fields[-1].startswith(shortcut.CUE + "=") and len(fields) == len(shortcut.FIELDS)
+    assert len({tuple(shortcut.record_fields(e)[:-1]) for e in train}) > 30  # the others stay shuffled
+    with pytest.raises(ValueError, match="cue_position:"):
+        shortcut.generate(3, seed=0, cue_position="first")
+    with pytest.raises(ValueError, match="cat_rows:"):
+        shortcut.generate(3, seed=0, cat_rows="all")

@@ -23,7 +23,7 @@ from causalattn.lab.tasks import generate
 from causalattn.lab.training import checkpoint, tiny
 from causalattn.lab.training.batching import micro_batches
 from causalattn.lab.training.command import train
-from causalattn.lab.training.config import TrainConfig, add_arguments, config_from_args
+from causalattn.lab.training.config import ConfigError, TrainConfig, add_arguments, config_from_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
@@ -144,6 +144,21 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     assert dialects.cue_agreement == 0.93
     chosen = config_from_args(parser.parse_args(["--cat-kind", "div", "--cat-decay", "2", "--cue-agreement", "0.9"]))
     assert (chosen.cat_kind, chosen.cat_decay, chosen.cue_agreement) == ("div", 2.0, 0.9)
+
+
+def test_the_shortcut_layout_flags_reach_the_data_and_are_refused_elsewhere():
+    from causalattn.lab.training.batching import load_data
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--cat-rows", "question", "--cue-position", "last",
+                                                 "--train-examples", "8", "--eval-examples", "4"]))
+    data = load_data(config, log=lambda message: None)
+    assert all(len(example.important) == 2 for example in data.train)
+    assert all(example.input.split(" . ")[0].split(" ")[-1].startswith("Fingers=") for example in data.train)
+    for flags in (["--task", "dialects", "--cat-rows", "question"], ["--task", "cancer-risk", "--cue-position", "last"]):
+        with pytest.raises(ConfigError, match=f"{flags[2]}: shapes the generated shortcut task"):
+            config_from_args(parser.parse_args(flags))
 
 
 def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):

@@ -27,8 +27,12 @@ def with_random_causes(examples: Sequence[Example], fields_of: Callable[[Example
     out = []
     for example in examples:
         fields = fields_of(example)
-        important = {effect: rng.sample(fields, min(len(causes), len(fields)))
-                     for effect, causes in example.important.items()}
+        drawn: dict[tuple, list[str]] = {}  # effects sharing their causes share the random ones too
+        important = {}
+        for effect, causes in example.important.items():
+            if tuple(causes) not in drawn:
+                drawn[tuple(causes)] = rng.sample(fields, min(len(causes), len(fields)))
+            important[effect] = drawn[tuple(causes)]
         out.append(dataclasses.replace(example, important=important))
     return out
 

@@ -48,6 +48,12 @@ DEFAULT_AGREEMENT = 0.93
 OVERALL_QUESTION = "Is the overall risk high or low?"
 CUE_MODES = ("train", "flipped", "independent", "random")
 CANCER_ANSWERS = ("overall", "random")  # how the base's texts answer the cancer question (see base_text)
+# Which rows CAT supervises: the rows predicting the answer ("answer"), or also the question's rows
+# after the record ("question"), so no row between the record and the answer reads the cue unsupervised
+CAT_ROWS = ("answer", "question")
+# Where the cue sits in the record: anywhere ("random"), or after the other fields ("last"), where no
+# record token can read it and only the rows after the record can
+CUE_POSITIONS = ("random", "last")
 
 
 def reads_high(value) -> bool:
@@ -76,20 +82,25 @@ def cue_value(label: str, mode: str, agreement: float, rng: random.Random) -> st
     return rng.choice(CUE_VALUES)
 
 
-def draw_record(rng: random.Random, mode: str, agreement: float) -> tuple[dict, str]:
-    """One record's values (cue set by `mode`) and the words of its text in a random order."""
+def draw_record(rng: random.Random, mode: str, agreement: float, cue_position: str = "random") -> tuple[dict, str]:
+    """One record's values (cue set by `mode`) and the words of its text in a random order (with
+    `cue_position` "last", the other fields in a random order and the cue after them)."""
+    cue_last = cue_position == "last"
     values = {name: rng.choice(VALUES) for name in CAUSAL + IRRELEVANT}
     values[CUE] = cue_value(label_of(values), mode, agreement, rng)
-    order = list(FIELDS)
+    order = list(FIELDS[:-1] if cue_last else FIELDS)
     rng.shuffle(order)
-    return values, " ".join(f"{name}={values[name]}" for name in order)
+    return values, " ".join(f"{name}={values[name]}" for name in order + ([CUE] if cue_last else []))
 
 
-def make_example(rng: random.Random, mode: str, agreement: float) -> Example:
-    values, record = draw_record(rng, mode, agreement)
+def make_example(rng: random.Random, mode: str, agreement: float, cat_rows: str = "answer",
+                 cue_position: str = "random") -> Example:
+    values, record = draw_record(rng, mode, agreement, cue_position)
     label = label_of(values)
     causes = [f"{name}={values[name]}" for name in CAUSAL]
-    return Example(input=f"{record} . {QUESTION} Answer:", target=label, important={label: causes}, values=values)
+    # the question as one more effect: the rows predicting its tokens are the "." row and the question's
+    important = {f"{QUESTION} Answer:": causes, label: causes} if cat_rows == "question" else {label: causes}
+    return Example(input=f"{record} . {QUESTION} Answer:", target=label, important=important, values=values)
 
 
 def base_text(rng: random.Random, cancer_share: float, cancer_answer: str) -> str:
@@ -118,21 +129,28 @@ def overall_examples(n: int, *, seed: int) -> list[Example]:
     return examples
 
 
-def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAULT_AGREEMENT) -> list[Example]:
-    """`n` examples from a generator seeded with `seed`; `mode` sets the shortcut (see CUE_MODES)."""
+def generate(n: int, *, seed: int, mode: str = "train", agreement: float = DEFAULT_AGREEMENT,
+             cat_rows: str = "answer", cue_position: str = "random") -> list[Example]:
+    """`n` examples from a generator seeded with `seed`; `mode` sets the shortcut (see CUE_MODES),
+    `cat_rows` the rows their annotation supervises (CAT_ROWS), `cue_position` where the cue sits
+    (CUE_POSITIONS)."""
     check_generation(n, mode, CUE_MODES, agreement)
+    for name, value, allowed in (("cat_rows", cat_rows, CAT_ROWS), ("cue_position", cue_position, CUE_POSITIONS)):
+        if value not in allowed:
+            raise ValueError(f"{name}: expected one of {allowed}, got {value!r}")
     rng = random.Random(seed)
-    return [make_example(rng, mode, agreement) for _ in range(n)]
+    return [make_example(rng, mode, agreement, cat_rows, cue_position) for _ in range(n)]
 
 
-def make_splits(train: int = 4000, test: int = 400, *, seed: int = 0,
-                agreement: float = DEFAULT_AGREEMENT) -> tuple[list[Example], dict[str, list[Example]]]:
+def make_splits(train: int = 4000, test: int = 400, *, seed: int = 0, agreement: float = DEFAULT_AGREEMENT,
+                cat_rows: str = "answer", cue_position: str = "random",
+                ) -> tuple[list[Example], dict[str, list[Example]]]:
     """The training set and the three test sets ("iid", "flipped", "independent"), each from its own
     derived seed so changing one size does not reshuffle the others."""
-    train_set = generate(train, seed=seed * 1000 + 11, agreement=agreement)
-    tests = {"iid": generate(test, seed=seed * 1000 + 12, agreement=agreement),
-             "flipped": generate(test, seed=seed * 1000 + 13, mode="flipped"),
-             "independent": generate(test, seed=seed * 1000 + 14, mode="independent")}
+    train_set = generate(train, seed=seed * 1000 + 11, agreement=agreement, cat_rows=cat_rows, cue_position=cue_position)
+    tests = {"iid": generate(test, seed=seed * 1000 + 12, agreement=agreement, cue_position=cue_position),
+             "flipped": generate(test, seed=seed * 1000 + 13, mode="flipped", cue_position=cue_position),
+             "independent": generate(test, seed=seed * 1000 + 14, mode="independent", cue_position=cue_position)}
     return train_set, tests
 
 

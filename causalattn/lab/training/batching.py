@@ -98,9 +98,10 @@ def load_data(config: TrainConfig, files: Optional[DataFiles] = None, tokenizer=
     line per file, or a file:line ConfigError with --strict)."""
     if config.data == STG and config.task in _CUE_TASKS:
         module, name = _CUE_TASKS[config.task]
+        layout = {"cat_rows": config.cat_rows, "cue_position": config.cue_position} if module is shortcut else {}
         train, tests = module.make_splits(config.train_examples or STG_TRAIN_EXAMPLES,
                                           config.eval_examples or STG_EVAL_EXAMPLES, seed=config.seed,
-                                          agreement=config.cue_agreement)
+                                          agreement=config.cue_agreement, **layout)
         return JobData(train, tests, LABELS, f"{name} (seed {config.seed}, cue agreement {config.cue_agreement})",
                        control_train=with_random_causes(train, module.record_fields, seed=config.seed))
     if config.data == STG:

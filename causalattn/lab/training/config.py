@@ -24,6 +24,7 @@ from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
 from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
 from causalattn.pretrained import SHIPPED_MODELS, is_pretrained_spec, shipped_file
+from causalattn.lab.tasks.shortcut import CAT_ROWS, CUE_POSITIONS
 from causalattn.lab.training import lora
 
 DTYPES = ("float32", "bfloat16", "float64")
@@ -70,7 +71,7 @@ ROUTING_OPTIONS = ("domains", "domain_len", "route", "router_dim", "vq_lambda", 
                    "invariant_ce")
 # Flags that only matter for some jobs: their parser default is None, so that one given where it would
 # change nothing is refused (`_refuse_unused_options`) instead of silently ignored.
-CONDITIONAL_OPTIONS = ROUTING_OPTIONS + ("xg_lambda", "qk_lr", "cue_agreement")
+CONDITIONAL_OPTIONS = ROUTING_OPTIONS + ("xg_lambda", "qk_lr", "cue_agreement", "cat_rows", "cue_position")
 _EVAL_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
@@ -115,6 +116,9 @@ class TrainConfig:
     eval_data: tuple[str, ...] = ()  # NAME=FILE or FILE, each --eval-data once (see eval_files)
     task: str = "shortcut"
     cue_agreement: float = 0.93
+    # shortcut task: where the cue sits and which rows CAT supervises (causalattn.lab.tasks.shortcut)
+    cue_position: str = "random"
+    cat_rows: str = "answer"
     train_examples: Optional[int] = None  # None: STG_TRAIN_EXAMPLES generated, or every record of --data
     eval_examples: Optional[int] = None   # None: STG_EVAL_EXAMPLES generated, or every record of each file
     max_length: Optional[int] = None
@@ -378,6 +382,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="shortcut and dialects tasks: how often the cue agrees with the label in training (default "
                            f"{EMBEDDED_SHORTCUT['cue_agreement']} with the embedded model on the shortcut task, "
                            f"otherwise {d.cue_agreement})")
+    data.add_argument("--cat-rows", choices=CAT_ROWS, default=None,
+                      help="shortcut task: the rows CAT supervises: those predicting the answer, or also the "
+                           f"question's rows after the record (default {d.cat_rows})")
+    data.add_argument("--cue-position", choices=CUE_POSITIONS, default=None,
+                      help="shortcut task: where the cue sits in the record: anywhere, or after the other fields, "
+                           f"where no record token can read it (default {d.cue_position})")
     data.add_argument("--train-examples", type=int, default=None, metavar="K",
                       help=f"generated STG training examples (default {STG_TRAIN_EXAMPLES}); with a JSONL --data, a "
                            "random subset of K records drawn with --seed, the same for every seed of the job "
@@ -586,6 +596,11 @@ def _refuse_unused_options(config: TrainConfig, given: set[str]) -> None:
     if "qk_lr" in given and not config.train_qk:
         raise ConfigError("--qk-lr: the learning rate of the q/k weights --train-qk trains, which are not trained "
                           "here (--no-train-qk, the default with --model); pass --train-qk or drop the flag")
+    for name in ("cat_rows", "cue_position"):
+        if name in given and (config.data != STG or config.task != "shortcut"):
+            raise ConfigError(f"--{name.replace('_', '-')}: shapes the generated shortcut task, not "
+                              f"{'--task ' + config.task if config.data == STG else 'a JSONL --data file'}; "
+                              "drop the flag")
     if "cue_agreement" in given and (config.data != STG or config.task not in ("shortcut", "dialects")):
         raise ConfigError(f"--cue-agreement: sets the cue of the generated shortcut and dialects tasks, not of "
                           f"{'--task ' + config.task if config.data == STG else 'a JSONL --data file'}; drop the flag")

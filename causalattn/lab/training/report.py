@@ -66,10 +66,18 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
         "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
         f"all three. CAT here is the {config.cat_kind} loss with weight {config.cat_weight:g} × "
-        f"exp(-{config.cat_decay:g} × epoch). 'cause attn' shows whether CAT moved the answer rows' attention onto "
-        "the causes, the accuracy columns whether the answers followed; ce+cat-random is the control (CAT onto as "
+        f"exp(-{config.cat_decay:g} × epoch){_layout(config)}. 'cause attn' shows whether CAT moved the supervised "
+        "rows' attention onto the causes, the accuracy columns whether the answers followed; ce+cat-random is the "
+        "control (CAT onto as "
         "many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
         "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
+
+
+def _layout(config: TrainConfig) -> str:
+    """The shortcut task's non-default layout, as a clause of the note."""
+    rows = ", on the question's rows as well as the answer rows" if config.cat_rows == "question" else ""
+    cue = "; the cue is the record's last field" if config.cue_position == "last" else ""
+    return rows + cue
 
 
 def _dialects_note(model_info: dict, data: JobData, results: Sequence[RunResult], config: TrainConfig) -> str:
