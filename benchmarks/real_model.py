@@ -264,8 +264,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     work, ledger = args.work_dir, args.work_dir / "jobs.jsonl"
     split = split_validation(stg["train"], work / "data", args.split_seed)
     work.mkdir(parents=True, exist_ok=True)
-    (args.results / "extra_flags.txt").parent.mkdir(parents=True, exist_ok=True)
-    (args.results / "extra_flags.txt").write_text(" ".join(extra) + "\n", encoding="utf-8")
+    if args.stage != "summary":  # the flags the runs train with; a summary trains nothing and keeps them
+        (args.results / "extra_flags.txt").parent.mkdir(parents=True, exist_ok=True)
+        (args.results / "extra_flags.txt").write_text(" ".join(extra) + "\n", encoding="utf-8")
     chosen = summarize(work, args.results, stg, split)
     if args.stage in ("all", "select"):
         for recipe in args.recipes.split(","):
