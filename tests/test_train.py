@@ -135,10 +135,10 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     embedded = config_from_args(parser.parse_args([]))
     assert (embedded.cat_kind, embedded.cat_decay, embedded.cat_weight, embedded.train_qk, embedded.seeds) == (
         "mass", 0.0, 1.0, True, 3)
-    assert embedded.cue_agreement == 0.97
+    assert (embedded.cue_agreement, embedded.cat_rows) == (0.97, "question")
     assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat-random"]
     cancer = config_from_args(parser.parse_args(["--task", "cancer-risk"]))
-    assert (cancer.cat_kind, cancer.cat_decay) == ("div", 1.0)  # CAT's own
+    assert (cancer.cat_kind, cancer.cat_decay, cancer.cat_rows) == ("div", 1.0, "answer")  # CAT's own
     assert [run.name for run in cancer.runs] == ["ce", "ce+cat", "ce+cat+xg", "ce+cat-random"]
     dialects = config_from_args(parser.parse_args(["--task", "dialects"]))
     assert dialects.cue_agreement == 0.93

@@ -14,7 +14,9 @@ Each example lists 7 fused `Name=value` words in random order, then the question
 
 Three test sets: "iid" (the training distribution), "flipped" (the cue always contradicts the label:
 a shortcut model scores ~0 %, a causal one keeps its accuracy) and "independent" (the cue is a coin
-flip). Every example carries the causal annotation {label: ["Smoking=s", "Weight=w", "Alcohol=a"]}.
+flip). Every example carries the causal annotation {label: ["Smoking=s", "Weight=w", "Alcohol=a"]}, and
+with `cat_rows="question"` (the default job's) the question as one more effect of the same causes, so the
+rows between the record and the answer are supervised too.
 
 The tiny base model learns this format from `base_text`: the same records, mostly with the question
 "Is the overall risk high or low?", the rest with the cancer question, both answered by the majority of

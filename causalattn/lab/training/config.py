@@ -64,6 +64,9 @@ EMBEDDED_SHORTCUT = {
     "cat_decay": 0.0,
     # a cue right on 97 % of the training examples: CE's pull towards it is strong on every base
     "cue_agreement": 0.97,
+    # CAT on the question's rows as well as the answer rows: on the validation bases a gain on every base
+    # (+9.4 points on average against +3.9 for the answer rows alone, -16 to +14) and a control without one
+    "cat_rows": "question",
 }
 
 
@@ -384,7 +387,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"otherwise {d.cue_agreement})")
     data.add_argument("--cat-rows", choices=CAT_ROWS, default=None,
                       help="shortcut task: the rows CAT supervises: those predicting the answer, or also the "
-                           f"question's rows after the record (default {d.cat_rows})")
+                           f"question's rows after the record (default {EMBEDDED_SHORTCUT['cat_rows']} with the "
+                           f"embedded model, otherwise {d.cat_rows})")
     data.add_argument("--cue-position", choices=CUE_POSITIONS, default=None,
                       help="shortcut task: where the cue sits in the record: anywhere, or after the other fields, "
                            f"where no record token can read it (default {d.cue_position})")

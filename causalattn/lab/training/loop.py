@@ -45,8 +45,8 @@ from causalattn.lab.training.distributed import DistContext, ParallelModel
 from causalattn.lab.training.evaluate import accuracy, generation_accuracy, routes_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-# Logged per step; cause_attn is the share of attention the answer-predicting rows put on the annotated
-# causes (mass averaged over layers and heads, then over supervised rows): the quantity CAT pushes up.
+# Logged per step; cause_attn is the share of attention the supervised rows (those predicting an annotated
+# effect) put on its causes (mass averaged over layers and heads, then over those rows): what CAT pushes up.
 STAT_NAMES = ("loss", "ce", "cat", "xg", "cause_attn", "mi", "vq", "tokens")
 LOGGED = STAT_NAMES[:-1]
 ADAPTER_DIR = "adapter"

@@ -258,7 +258,7 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
         spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the "
                   "seed); " if seeds > 1 else "one seed; ")
     lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
-                 "of the answer rows' attention on the annotated causes) are means over the last epoch, logged for "
+                 "of the supervised rows' attention on the annotated causes) are means over the last epoch, logged for "
                  "every run and in the loss only where the run name says so; train s is per run)")
     return "\n".join(lines + _routing_lines(summary) + base_spread_lines(summary, splits))
 
