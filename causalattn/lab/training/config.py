@@ -600,11 +600,11 @@ def _refuse_unused_options(config: TrainConfig, given: set[str]) -> None:
     if "qk_lr" in given and not config.train_qk:
         raise ConfigError("--qk-lr: the learning rate of the q/k weights --train-qk trains, which are not trained "
                           "here (--no-train-qk, the default with --model); pass --train-qk or drop the flag")
+    data = f"--task {config.task}" if config.data == STG else "a JSONL --data file"
     for name in ("cat_rows", "cue_position"):
         if name in given and (config.data != STG or config.task != "shortcut"):
-            raise ConfigError(f"--{name.replace('_', '-')}: shapes the generated shortcut task, not "
-                              f"{'--task ' + config.task if config.data == STG else 'a JSONL --data file'}; "
+            raise ConfigError(f"--{name.replace('_', '-')}: shapes the generated shortcut task, not {data}; "
                               "drop the flag")
     if "cue_agreement" in given and (config.data != STG or config.task not in ("shortcut", "dialects")):
         raise ConfigError(f"--cue-agreement: sets the cue of the generated shortcut and dialects tasks, not of "
-                          f"{'--task ' + config.task if config.data == STG else 'a JSONL --data file'}; drop the flag")
+                          f"{data}; drop the flag")

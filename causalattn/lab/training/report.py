@@ -68,8 +68,7 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"all three. CAT here is the {config.cat_kind} loss with weight {config.cat_weight:g} × "
         f"exp(-{config.cat_decay:g} × epoch){_layout(config)}. 'cause attn' shows whether CAT moved the supervised "
         "rows' attention onto the causes, the accuracy columns whether the answers followed; ce+cat-random is the "
-        "control (CAT onto as "
-        "many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
+        "control (CAT onto as many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
         "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
 
 
