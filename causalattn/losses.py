@@ -5,7 +5,8 @@ autograd brings `dL/dm`, `dL/dxg` back into their backward pass (docs/math.md §
 
 Shapes
 ------
-cat_loss     mass: (B, Hq, N) of one layer, or a sequence of them / (L, B, Hq, N) for L layers
+cat_loss     mass: (B, Hq, N) of one layer, or a sequence of them / (L, B, Hq, N) for L layers;
+             heads="mean" scores the layer/head-mean mass (B, N), heads="each" every (layer, head) mass
 xg_variance  xg:   (B, Hq, d) pooled or (B, Hq, N, d) per position, one per layer (or a sequence)
              o_proj_weight: (C, Hq * d), one for all layers or one per layer
 mutual_information  invariant, domain: (B, F) read-outs at label rows (ICLM, docs/math.md §7)
@@ -22,6 +23,10 @@ from torch import Tensor
 from causalattn.masks import CausalMask
 
 CAT_LOSS_KINDS = ("div", "div2", "nll", "hinge", "mass")
+# How the per-head masses meet the row loss: "mean" (CAT's) takes the loss of the layer/head-mean mass, so one
+# head may keep its attention elsewhere at little cost; "each" averages the loss of every (layer, head) mass,
+# so every head must attend to the causes (-log is convex: "each" >= "mean" for kind="mass").
+CAT_HEAD_REDUCTIONS = ("mean", "each")
 MI_KINDS = ("code", "textbook")
 XG_SPACES = ("output", "head")
 
@@ -72,7 +77,8 @@ def _check_mass(mass: Tensor, name: str) -> None:
 
 
 def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> tuple[Tensor, Tensor]:
-    """Per-row CAT loss `l_i` (B, N) and the valid-row mask (B, N) for the layer/head-mean mass (docs/math.md §2).
+    """Per-row CAT loss `l_i` (..., B, N) and the valid-row mask (B, N) for the layer/head-mean mass (B, N)
+    (docs/math.md §2), or for any stack of masses (..., B, N) scored one by one.
 
     a1 = m / n1 is the mean attention on a cause, a0 = (1 - m) / n0 on a visible non-cause. Rows where
     a1 / a0 >= alpha already attend enough and cost 0. `kind="mass"` is not CAT's: l = -log m on every
@@ -109,11 +115,14 @@ def cat_row_losses(mean_mass: Tensor, mask: CausalMask, *, alpha: float = 2.0, k
     return torch.where(active, row, torch.zeros_like(row)), valid
 
 
-def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
+def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind: str = "div",
+             heads: str = "mean") -> Tensor:
     """CAT Re-Attention loss: mean over valid rows of the micro-batch of the per-row loss of the mass
-    averaged over all layers and query heads (docs/math.md §2). A scalar; 0 (still differentiable) when no row
-    is valid."""
+    averaged over all layers and query heads (docs/math.md §2), or with `heads="each"` of the per-row loss
+    of every layer's every head, averaged. A scalar; 0 (still differentiable) when no row is valid."""
     _check_mask(mask)
+    if heads not in CAT_HEAD_REDUCTIONS:
+        raise ValueError(f"heads: expected one of {CAT_HEAD_REDUCTIONS}, got {heads!r}")
     stacked = _stack_layers(mass, 3, "mass")
     _check_mass(stacked, "mass")
     if stacked.shape[1] != mask.batch_size or stacked.shape[3] != mask.seq_len:
@@ -121,8 +130,13 @@ def cat_loss(mass: TensorOrLayers, mask: CausalMask, *, alpha: float = 2.0, kind
                          f"got {tuple(stacked.shape[1:])}")
     if stacked.device != mask.device:
         raise ValueError(f"mask: expected device {stacked.device} (where mass is), got {mask.device}")
-    mean_mass = stacked.to(torch.promote_types(stacked.dtype, torch.float32)).mean(dim=(0, 2))
-    rows, valid = cat_row_losses(mean_mass, mask, alpha=alpha, kind=kind)
+    stacked = stacked.to(torch.promote_types(stacked.dtype, torch.float32))
+    if heads == "mean":
+        rows, valid = cat_row_losses(stacked.mean(dim=(0, 2)), mask, alpha=alpha, kind=kind)
+    else:  # (L, B, Hq, N) -> (L * Hq, B, N): one stack entry per (layer, head), each row scored alone
+        per_head = stacked.transpose(1, 2).flatten(0, 1)
+        rows, valid = cat_row_losses(per_head, mask, alpha=alpha, kind=kind)
+        rows = rows.mean(dim=0)
     return rows.sum() / valid.sum().clamp_min(1)
 
 

@@ -146,6 +146,7 @@ def probes(tmp_path: Path, model: Path) -> list[tuple[list[str], str]]:
         (m + ["--qk-lr", "0.1", "--output-dir", out], "--qk-lr: the learning rate of the q/k weights"),
         (m + ["--task", "cancer-risk", "--cue-agreement", "0.8", "--output-dir", out], "--cue-agreement: sets the cue"),
         (m + ["--strict", "--output-dir", out], "--strict: checks the annotations of a JSONL --data file"),
+        (m + ["--cat-layers", "7", "--output-dir", out], "--cat-layers: the model has"),
         (m + ["--mixed-precision", "bf16", "--dtype", "float64", "--output-dir", out], "--mixed-precision: bf16"),
         (m + ["--save-steps", "0", "--output-dir", out], "--save-steps: expected a positive integer"),
     ]
@@ -161,7 +162,7 @@ def test_cli_probe_set(small_model, tmp_path, capsys, monkeypatch):
         assert (code, "Traceback" in captured.err) == (2, False), (argv, captured.err[-2000:])
         assert f"causalattn train: error: {said}" in captured.err, (argv, captured.err[-2000:])
     assert not (tmp_path / "out").exists()  # every probe stopped before making the job's directory
-    assert len(results) == 19
+    assert len(results) == 20
 
 
 def test_cli_probe_in_a_real_process_prints_no_traceback(tmp_path):

@@ -196,6 +196,12 @@ def test_statistics_match_independent_eager(pool, space):
     expected_cat = cat_loss([(p * dense).sum(-1) for p in probs], supervision)
     expected_xg = torch.stack([XG_READOUTS[i].var(0).mean() for i in (0, 1)]).mean()
     torch.testing.assert_close(stats.cat_loss(), expected_cat, **TIGHT)
+    masses = [(p * dense).sum(-1) for p in probs]
+    torch.testing.assert_close(stats.cat_loss(layers=[0]), cat_loss(masses[:1], supervision), **TIGHT)
+    torch.testing.assert_close(stats.cat_loss(heads="each", layers=[1]),
+                               cat_loss(masses[1:], supervision, heads="each"), **TIGHT)
+    with pytest.raises(ValueError, match=r"layers: expected indices of layers that recorded a CAT mass \(\[0, 1\]\)"):
+        stats.cat_loss(layers=[2])
     torch.testing.assert_close(stats.xg_loss(), expected_xg, **TIGHT)
     torch.testing.assert_close(stats.xg_loss(layers="last"), XG_READOUTS[1].var(0).mean(), **TIGHT)
     (expected_cat + expected_xg).backward()

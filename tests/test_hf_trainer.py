@@ -27,7 +27,7 @@ def cat_rows(count, seed=0):
     return rows
 
 
-def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, **overrides):
+def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, cat_heads="mean", **overrides):
     model = build(llama_config(), dtype=torch.float32)
     cah.add_adapters(model, adapter or cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
     cah.set_backend(model, "reference")
@@ -35,7 +35,7 @@ def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, **overrides):
                       logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
                       dataloader_num_workers=0, seed=0), **overrides}
     return cah.CausalTrainer(model=model, args=TrainingArguments(**options), train_dataset=rows or cat_rows(16),
-                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0)
+                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0, cat_heads=cat_heads)
 
 
 def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_tokenizer):
@@ -63,6 +63,20 @@ def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_toke
     cah.load_adapters(back, tmp_path / "out" / "checkpoint-4")
     for index, layer in cah.adapted_layers(back).items():
         torch.testing.assert_close(layer.gate, cah.adapted_layers(resumed.model)[index].gate)
+
+
+def test_trainer_scores_every_head_with_cat_heads_each(tmp_path, tiny_tokenizer):
+    with pytest.raises(ValueError, match="cat_heads: expected one of"):
+        trainer_for(tmp_path, tiny_tokenizer, cat_heads="max")
+    trainer = trainer_for(tmp_path, tiny_tokenizer, cat_heads="each", max_steps=2, save_steps=10)
+    batch = trainer.data_collator(cat_rows(4))
+    supervision = batch.pop(cah.SUPERVISION_KWARG)
+    with cah.collect(trainer.model) as stats, torch.no_grad():
+        trainer.model(**batch, supervision=supervision)
+    each, mean = stats.cat_loss(heads="each"), stats.cat_loss()
+    assert each.item() != pytest.approx(mean.item())  # the heads differ, so the two reductions do
+    trainer.train()
+    assert all(row["cat"] != 0 for row in trainer.state.log_history if "cat" in row)
 
 
 @pytest.mark.parametrize("route", ["vq", "oracle"])

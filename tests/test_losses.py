@@ -23,8 +23,13 @@ def supervision_problem(seed, batch=3, n=12):
     return dense, key_mask, CausalMask.from_dense(dense, key_mask)
 
 
-def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind):
-    """docs/math.md §2 row by row: m̄ = mean over layers and heads, n1/n0 over visible keys, threshold, mean over valid rows."""
+def loop_cat_loss(mass_layers, dense, key_mask, alpha, kind, heads="mean"):
+    """docs/math.md §2 row by row: m̄ = mean over layers and heads, n1/n0 over visible keys, threshold, mean over valid
+    rows; with heads="each", the row loss of every (layer, head) mass, averaged, in place of the loss of m̄."""
+    if heads == "each":
+        num_layers, _, num_heads, _ = mass_layers.shape
+        return sum(loop_cat_loss(mass_layers[l:l + 1, :, h:h + 1], dense, key_mask, alpha, kind)
+                   for l in range(num_layers) for h in range(num_heads)) / (num_layers * num_heads)
     num_layers, batch, heads, n = mass_layers.shape
     total, valid = 0.0, 0
     for b in range(batch):
@@ -70,6 +75,31 @@ def test_cat_loss_matches_row_loop(kind, alpha):
     assert as_list.item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
     one_layer = cat_loss(mass_layers[0], mask, alpha=alpha, kind=kind)
     assert one_layer.item() == pytest.approx(loop_cat_loss(mass_layers[:1], dense, key_mask, alpha, kind), rel=1e-12, abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["div", "hinge", "mass"])
+def test_cat_loss_each_head_matches_row_loop(kind):
+    dense, key_mask, mask = supervision_problem(seed=10)
+    mass_layers = torch.rand(3, 3, 4, 12, generator=generator(11), dtype=torch.float64)
+    expected = loop_cat_loss(mass_layers, dense, key_mask, 2.0, kind, heads="each")
+    assert cat_loss(mass_layers, mask, kind=kind, heads="each").item() == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    # one layer of one head: the two reductions are the same loss
+    single = mass_layers[:1, :, :1]
+    assert cat_loss(single, mask, kind=kind, heads="each").item() == pytest.approx(
+        cat_loss(single, mask, kind=kind).item(), rel=1e-12, abs=1e-12)
+
+
+def test_cat_loss_each_head_penalises_a_head_that_looks_elsewhere():
+    # The same head-mean mass, once spread evenly and once with one head off the causes: "mean" cannot tell
+    # them apart, "each" (-log is convex) costs the second more.
+    dense, _, mask = supervision_problem(seed=12)
+    even = torch.full((1, 3, 4, 12), 0.5, dtype=torch.float64)
+    one_off = even.clone()
+    one_off[:, :, 0], one_off[:, :, 1:] = 0.05, 0.65
+    assert cat_loss(even, mask, kind="mass").item() == pytest.approx(cat_loss(one_off, mask, kind="mass").item())
+    assert cat_loss(one_off, mask, kind="mass", heads="each") > cat_loss(even, mask, kind="mass", heads="each") + 0.3
+    mass = (torch.rand(2, 3, 4, 12, generator=generator(13), dtype=torch.float64) * 0.9 + 0.05).requires_grad_()
+    assert torch.autograd.gradcheck(lambda m: cat_loss(m, mask, kind="mass", heads="each"), (mass,), eps=1e-6, atol=1e-7)
 
 
 def test_cat_loss_float32_mass_matches_loop():
@@ -127,13 +157,14 @@ def test_cat_loss_without_valid_rows_is_zero_and_differentiable():
 @pytest.mark.parametrize("mass, options, message", [
     (torch.rand(2, 3, 6), {"kind": "kl"}, "kind"),
     (torch.rand(2, 3, 6), {"alpha": 0.0}, "alpha"),
+    (torch.rand(2, 3, 6), {"heads": "max"}, "heads"),
     (torch.rand(2, 3, 6), {"alpha": float("inf")}, "alpha"),
     (torch.rand(2, 3, 7), {}, "mass"),
     (torch.rand(3, 3, 6), {}, "mass"),
     (torch.rand(6), {}, "mass"),
     ([], {}, "mass"),
     ([torch.rand(2, 3, 6), torch.rand(2, 2, 6)], {}, "mass"),
-], ids=["kind", "alpha-zero", "alpha-inf", "length", "batch", "dims", "no-layers", "mixed-layers"])
+], ids=["kind", "heads", "alpha-zero", "alpha-inf", "length", "batch", "dims", "no-layers", "mixed-layers"])
 def test_cat_loss_rejects_bad_arguments(mass, options, message):
     mask = CausalMask.from_dense(torch.ones(2, 6, 6, dtype=torch.bool))
     with pytest.raises(ValueError, match=message):

@@ -23,7 +23,7 @@ from causalattn.lab.tasks import generate
 from causalattn.lab.training import checkpoint, tiny
 from causalattn.lab.training.batching import micro_batches
 from causalattn.lab.training.command import train
-from causalattn.lab.training.config import ConfigError, TrainConfig, add_arguments, config_from_args
+from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig, add_arguments, config_from_args
 
 pytestmark = pytest.mark.filterwarnings("ignore:xg_variance")
 
@@ -133,17 +133,27 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     embedded = config_from_args(parser.parse_args([]))
-    assert (embedded.cat_kind, embedded.cat_decay, embedded.cat_weight, embedded.train_qk, embedded.seeds) == (
-        "mass", 0.0, 1.0, True, 3)
-    assert (embedded.cue_agreement, embedded.cat_rows) == (0.97, "question")
+    assert (embedded.cat_kind, embedded.cat_decay, embedded.train_qk, embedded.seeds) == ("mass", 0.0, True, 3)
+    assert (embedded.cue_agreement, embedded.cat_rows, embedded.cat_heads) == (0.97, "question", "mean")
+    assert (embedded.cat_layers, embedded.cat_weight) == ((), 1.0)
     assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat-random"]
     cancer = config_from_args(parser.parse_args(["--task", "cancer-risk"]))
-    assert (cancer.cat_kind, cancer.cat_decay, cancer.cat_rows) == ("div", 1.0, "answer")  # CAT's own
+    assert (cancer.cat_kind, cancer.cat_decay, cancer.cat_rows, cancer.cat_layers, cancer.cat_weight) == (
+        "div", 1.0, "answer", (), 1.0)  # CAT's own
     assert [run.name for run in cancer.runs] == ["ce", "ce+cat", "ce+cat+xg", "ce+cat-random"]
     dialects = config_from_args(parser.parse_args(["--task", "dialects"]))
     assert dialects.cue_agreement == 0.93
-    chosen = config_from_args(parser.parse_args(["--cat-kind", "div", "--cat-decay", "2", "--cue-agreement", "0.9"]))
-    assert (chosen.cat_kind, chosen.cat_decay, chosen.cue_agreement) == ("div", 2.0, 0.9)
+    chosen = config_from_args(parser.parse_args(["--cat-kind", "div", "--cat-decay", "2", "--cue-agreement", "0.9",
+                                                 "--cat-heads", "each"]))
+    assert (chosen.cat_kind, chosen.cat_decay, chosen.cue_agreement, chosen.cat_heads) == ("div", 2.0, 0.9, "each")
+    # a job with CAT's own head mean keeps the options (and so the checkpoints) it had before the flag
+    assert "cat_heads" not in embedded.trajectory_options() and chosen.trajectory_options()["cat_heads"] == "each"
+    layers = config_from_args(parser.parse_args(["--cat-layers", "2,1", "--cat-weight", "2"]))
+    assert (layers.cat_layers, layers.cat_weight, layers.trajectory_options()["cat_layers"]) == ((1, 2), 2.0, [1, 2])
+    assert config_from_args(parser.parse_args(["--cat-layers", "all"])).cat_layers == ()
+    for bad in ("first", "0,0", "-1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--cat-layers", bad])
 
 
 def test_the_shortcut_layout_flags_reach_the_data_and_are_refused_elsewhere():
@@ -159,6 +169,15 @@ def test_the_shortcut_layout_flags_reach_the_data_and_are_refused_elsewhere():
     for flags in (["--task", "dialects", "--cat-rows", "question"], ["--task", "cancer-risk", "--cue-position", "last"]):
         with pytest.raises(ConfigError, match=f"{flags[2]}: shapes the generated shortcut task"):
             config_from_args(parser.parse_args(flags))
+
+
+def test_cat_layers_beyond_the_model_are_refused_and_chosen_layers_train(small_model, tmp_path):
+    options = dict(model=str(small_model), train_examples=8, eval_examples=4, epochs=1, batch_size=4, adapter_len=4,
+                   backend="reference", quiet=True, runs=(RunSpec.parse("ce+cat"),))
+    with pytest.raises(ConfigError, match=r"--cat-layers: the model has 2 layers \(indices 0-1\), got 2"):
+        train(TrainConfig(cat_layers=(2,), output_dir=str(tmp_path / "bad"), **options).validate())
+    report = train(TrainConfig(cat_layers=(1,), output_dir=str(tmp_path / "job"), **options).validate())
+    assert report["runs"][0]["history"][-1]["cat"] != 0  # the div loss is negative
 
 
 def test_cancer_risk_task_keeps_its_iid_and_ood_tests(small_model, tmp_path):

@@ -29,7 +29,7 @@ first forward without autograd, so the statistics could not carry gradients.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -130,13 +130,20 @@ class Statistics:
         """The CausalMask the last forward was supervised with."""
         return self._supervision
 
-    def cat_loss(self, *, alpha: float = 2.0, kind: str = "div") -> Tensor:
-        """CAT loss of the last forward: the mass averaged over all layers and query heads, then the
+    def cat_loss(self, *, alpha: float = 2.0, kind: str = "div", heads: str = "mean",
+                 layers: Optional[Sequence[int]] = None) -> Tensor:
+        """CAT loss of the last forward: the mass averaged over the layers (all, or the `layers` indices, 0 the
+        first) and query heads (or, with `heads="each"`, every such layer's every head scored alone), then the
         per-row loss averaged over valid rows (docs/math.md §2, `causalattn.cat_loss`)."""
         if not self._mass:
             raise RuntimeError("cat_loss: no CAT mass was recorded; pass supervision=<CausalMask> to model(...) "
                                "inside `with causalattn.hf.collect(model)`")
-        return cat_loss([self._mass[i] for i in sorted(self._mass)], self._supervision, alpha=alpha, kind=kind)
+        chosen = sorted(self._mass) if layers is None else list(layers)
+        missing = [i for i in chosen if i not in self._mass]
+        if missing or not chosen:
+            raise ValueError(f"layers: expected indices of layers that recorded a CAT mass ({sorted(self._mass)}), "
+                             f"got {list(layers)}")
+        return cat_loss([self._mass[i] for i in chosen], self._supervision, alpha=alpha, kind=kind, heads=heads)
 
     def xg_loss(self, *, layers: str = "adapted") -> Tensor:
         """DCA's XG variance R of the last forward (docs/math.md §3, `causalattn.xg_variance`): the unbiased

@@ -58,7 +58,7 @@ from causalattn.hf.contract import DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS
 from causalattn.hf.io import holds_adapters, load_adapters, save_adapters
 from causalattn.hf.routed import find_router, invariant_only
 from causalattn.hf.stats import collect
-from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
+from causalattn.losses import CAT_HEAD_REDUCTIONS, CAT_LOSS_KINDS, MI_KINDS
 from causalattn.masks import CausalMask
 
 LOGGED_TERMS = ("ce", "cat", "xg")
@@ -130,13 +130,13 @@ class CausalCollator:
 class CausalLossMixin:
     """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
     CE + `cat_weight` x CAT + `xg_weight` x XG (docs/math.md §2, §3); see the module docstring. `cat_alpha` /
-    `cat_kind` choose the CAT row loss, `xg_layers` the XG layers ("adapted" or "last"); routed adapters
+    `cat_kind` / `cat_heads` choose the CAT row loss and how it meets the heads, `xg_layers` the XG layers ("adapted" or "last"); routed adapters
     add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
     (docs/math.md §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
     among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",
-                 xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1, mi_weight: float = 0.01,
+                 cat_heads: str = "mean", xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1, mi_weight: float = 0.01,
                  mi_kind: str = "code", invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
         weights = {"cat_weight": cat_weight, "xg_weight": xg_weight, "vq_weight": vq_weight, "mi_weight": mi_weight,
                    "invariant_ce": invariant_ce}
@@ -145,6 +145,8 @@ class CausalLossMixin:
                 raise ValueError(f"{name}: expected a non-negative number, got {value}")
         if cat_kind not in CAT_LOSS_KINDS:
             raise ValueError(f"cat_kind: expected one of {CAT_LOSS_KINDS}, got {cat_kind!r}")
+        if cat_heads not in CAT_HEAD_REDUCTIONS:
+            raise ValueError(f"cat_heads: expected one of {CAT_HEAD_REDUCTIONS}, got {cat_heads!r}")
         if mi_kind not in MI_KINDS:
             raise ValueError(f"mi_kind: expected one of {MI_KINDS}, got {mi_kind!r}")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
@@ -157,7 +159,7 @@ class CausalLossMixin:
             raise ValueError("model: has no causalattn adapters; call causalattn.hf.add_adapters(model, ...) first")
         self.model_accepts_loss_kwargs = False  # each micro-batch's losses are means (module docstring)
         self.add_callback(SealCheckpoints())
-        self.cat_weight, self.cat_alpha, self.cat_kind = cat_weight, cat_alpha, cat_kind
+        self.cat_weight, self.cat_alpha, self.cat_kind, self.cat_heads = cat_weight, cat_alpha, cat_kind, cat_heads
         self.xg_weight, self.xg_layers = xg_weight, xg_layers
         self.vq_weight, self.mi_weight, self.mi_kind, self.invariant_ce = vq_weight, mi_weight, mi_kind, invariant_ce
         self.routed = find_router(self.model) is not None
@@ -182,7 +184,7 @@ class CausalLossMixin:
         ce = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
         terms = {"ce": ce, "cat": torch.zeros_like(ce), "xg": torch.zeros_like(ce)}
         if supervised:
-            terms["cat"] = stats.cat_loss(alpha=self.cat_alpha, kind=self.cat_kind)
+            terms["cat"] = stats.cat_loss(alpha=self.cat_alpha, kind=self.cat_kind, heads=self.cat_heads)
         if self.xg_weight > 0 and stats.xg:
             terms["xg"] = stats.xg_loss(layers=self.xg_layers)
         loss = ce + self.cat_weight * terms["cat"] + self.xg_weight * terms["xg"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from causalattn.lab.training import config as config_module
 from causalattn.lab.training import lora, tiny, workers
 from causalattn.lab.training.batching import DataFiles, JobData, load_data, read_data_files
 from causalattn.lab.training.checkpoint import checkpoint_root
-from causalattn.lab.training.config import STG, ConfigError, TrainConfig, config_from_args
+from causalattn.lab.training.config import STG, ConfigError, TrainConfig, check_cat_layers, config_from_args
 from causalattn.lab.training.distributed import DistContext, setup, teardown
 from causalattn.lab.training.loop import Job, RunResult, Trainer
 from causalattn.lab.training.report import build_report, format_table, toy_note, write_report
@@ -244,6 +245,7 @@ def train(config: TrainConfig) -> Optional[dict]:
         data = load_data(config, files, tokenizer, lambda message: None)
         _check_data(config, data, log)  # the data is checked before the output directory exists
         _check_lengths(config, data, files, tokenizer)
+        _check_cat_layers(config, bases[0].path)
         output_dir = prepare_output_dir(config, context)
         seeds = range(config.seed, config.seed + config.seeds)
         pairs = [(base, seed) for base in bases for seed in seeds]
@@ -303,6 +305,16 @@ def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) 
     elif not data.closed_answers:
         log(f"note: {len(data.candidates)} distinct training targets is not a closed answer set: accuracy is the "
             "exact match of greedily generated answers")
+
+
+def _check_cat_layers(config: TrainConfig, model: Path) -> None:
+    """--cat-layers against the layer count in the model's config.json, before the output directory exists
+    (a GGUF model has none: its layers are checked when the adapters are added)."""
+    settings = Path(model) / "config.json"
+    if config.cat_layers and settings.is_file():
+        layers = json.loads(settings.read_text(encoding="utf-8")).get("num_hidden_layers")
+        if isinstance(layers, int):
+            check_cat_layers(config.cat_layers, layers)
 
 
 def _check_lengths(config: TrainConfig, data: JobData, files: Optional[DataFiles], tokenizer) -> None:

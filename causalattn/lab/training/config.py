@@ -20,7 +20,7 @@ from typing import Optional
 import torch
 
 from causalattn.inputs import GATE_MODES, MAX_ADAPTER_TOKENS, XG_POOLS
-from causalattn.losses import CAT_LOSS_KINDS, MI_KINDS
+from causalattn.losses import CAT_HEAD_REDUCTIONS, CAT_LOSS_KINDS, MI_KINDS
 from causalattn.routing import DEFAULT_CODE_DIM, HARD_ROUTES, ROUTE_MODES
 from causalattn.ops import BACKENDS
 from causalattn.pretrained import SHIPPED_MODELS, is_pretrained_spec, shipped_file
@@ -67,6 +67,9 @@ EMBEDDED_SHORTCUT = {
     # CAT on the question's rows as well as the answer rows: on the validation bases a gain on every base
     # (+9.4 points on average against +3.9 for the answer rows alone, -16 to +14) and a control without one
     "cat_rows": "question",
+    "cat_heads": "mean",
+    "cat_layers": (),
+    "cat_weight": 1.0,
 }
 
 
@@ -140,6 +143,8 @@ class TrainConfig:
     runs: tuple[RunSpec, ...] = field(default_factory=lambda: tuple(RunSpec.parse(r) for r in DEFAULT_COMPARISON))
     cat_alpha: float = 2.0
     cat_kind: str = "div"
+    cat_heads: str = "mean"
+    cat_layers: tuple[int, ...] = ()  # () every layer; else the layer indices (0 the first) CAT supervises
     cat_decay: float = 1.0
     cat_weight: float = 1.0
     xg_lambda: float = 1.0
@@ -189,6 +194,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         # one file may be given as a plain string, as --eval-data was before it took several
         self.eval_data = (self.eval_data,) if isinstance(self.eval_data, str) else tuple(self.eval_data)
+        self.cat_layers = tuple(self.cat_layers)  # a JSON list (a checkpoint's options, a recipe) reads as a tuple
 
     def validate(self) -> "TrainConfig":
         """Check every option; returns self. Raises ConfigError naming the first bad flag."""
@@ -219,6 +225,8 @@ class TrainConfig:
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
         if not self.runs:
             raise ConfigError("--runs: expected at least one run")
+        if any(not isinstance(i, int) or i < 0 for i in self.cat_layers) or len(set(self.cat_layers)) != len(self.cat_layers):
+            raise ConfigError(f"--cat-layers: expected distinct non-negative layer indices, got {list(self.cat_layers)}")
         try:
             lora.check_options(self.lora_rank, self.lora_targets, self.lora_lr, self.train_qk)
         except ValueError as error:
@@ -313,6 +321,10 @@ class TrainConfig:
         values["eval_data"] = list(self.eval_data)  # as the JSON of a checkpoint reads it back
         for name in ("output_dir", "resume", "threads", "quiet", "save_steps", "workers"):
             values.pop(name)
+        values["cat_layers"] = list(self.cat_layers)  # as the JSON of a checkpoint reads it back
+        for name, every in (("cat_heads", "mean"), ("cat_layers", [])):
+            if values[name] == every:  # checkpoints from before the option continue
+                values.pop(name)
         if not self.routed:  # jobs without routed runs keep the options (and checkpoints) they had before
             for name in ROUTING_OPTIONS:
                 values.pop(name)
@@ -320,6 +332,13 @@ class TrainConfig:
             for name in lora.LORA_OPTIONS:
                 values.pop(name)
         return values
+
+
+def check_cat_layers(cat_layers: tuple[int, ...], layers: int) -> None:
+    """A ConfigError when --cat-layers names a layer the model (with `layers` layers) does not have."""
+    if cat_layers and max(cat_layers) >= layers:
+        raise ConfigError(f"--cat-layers: the model has {layers} layers (indices 0-{layers - 1}), got "
+                          f"{','.join(map(str, cat_layers))}")
 
 
 def _cuda_device(device: str) -> bool:
@@ -436,12 +455,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     losses.add_argument("--cat-kind", choices=CAT_LOSS_KINDS, default=None,
                         help=f"CAT row loss (default {EMBEDDED_SHORTCUT['cat_kind']} with the embedded model on "
                              f"generated shortcut data, otherwise {d.cat_kind}, CAT's)")
+    losses.add_argument("--cat-heads", choices=CAT_HEAD_REDUCTIONS, default=None,
+                        help="score the mass averaged over layers and heads (mean, CAT's) or every layer's every head "
+                             f"alone, so that no head keeps reading elsewhere (each) (default "
+                             f"{EMBEDDED_SHORTCUT['cat_heads']} with the embedded model on generated "
+                             f"shortcut data, otherwise {d.cat_heads})")
+    losses.add_argument("--cat-layers", type=layer_list, default=None, metavar="LIST",
+                        help="comma-separated indices of the layers (0 the first) whose attention CAT supervises, or "
+                             f"'all' (default {_layers_text(EMBEDDED_SHORTCUT['cat_layers'])} with the embedded model "
+                             "on generated shortcut data, otherwise all)")
     losses.add_argument("--cat-decay", type=float, default=None, metavar="RATE",
                         help=f"CAT weight exp(-RATE * epoch), epochs counted from 0 (default "
                              f"{EMBEDDED_SHORTCUT['cat_decay']:g} "
                              f"with the embedded model on generated shortcut data, otherwise {d.cat_decay:g}, CAT's)")
-    losses.add_argument("--cat-weight", type=float, default=d.cat_weight, metavar="W",
-                        help=f"CAT loss weight before the decay (default {d.cat_weight:g})")
+    losses.add_argument("--cat-weight", type=float, default=None, metavar="W",
+                        help=f"CAT loss weight before the decay (default {EMBEDDED_SHORTCUT['cat_weight']:g} with the "
+                             f"embedded model on generated shortcut data, otherwise {d.cat_weight:g})")
     losses.add_argument("--xg", action=argparse.BooleanOptionalAction, default=None,
                         help="add the XG variance regulariser (default on; a single run)")
     losses.add_argument("--xg-lambda", type=float, default=None, help=f"XG weight (default {d.xg_lambda})")
@@ -551,6 +580,23 @@ def add_data_format_arguments(parser: argparse.ArgumentParser) -> None:
                        help="stop at the first annotated (effect, cause) pair that cannot supervise attention (text "
                             "not found, or the cause not before the effect), with its file:line; by default such "
                             "pairs are skipped and counted, as CAT's own loader skips them")
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """--cat-layers: 'all' -> () (every layer), '0,1' -> (0, 1)."""
+    if text.strip().lower() == "all":
+        return ()
+    try:
+        layers = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as 0,1; got {text!r}") from None
+    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+        raise argparse.ArgumentTypeError(f"expected distinct non-negative layer indices, got {text!r}")
+    return tuple(sorted(layers))
+
+
+def _layers_text(layers: tuple[int, ...]) -> str:
+    return ",".join(map(str, layers)) if layers else "all"
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

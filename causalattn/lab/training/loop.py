@@ -39,14 +39,15 @@ from causalattn.routing import normalized_mutual_information, route_distribution
 from causalattn.lab.training import checkpoint as ckpt
 from causalattn.lab.training import lora
 from causalattn.lab.training.batching import JobData, epoch_order, global_batch_size, micro_batches, steps_per_epoch
-from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig
+from causalattn.lab.training.config import ConfigError, RunSpec, TrainConfig, check_cat_layers
 from causalattn.lab.training.progress import ProgressLines
 from causalattn.lab.training.distributed import DistContext, ParallelModel
 from causalattn.lab.training.evaluate import accuracy, generation_accuracy, routes_of
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 # Logged per step; cause_attn is the share of attention the supervised rows (those predicting an annotated
-# effect) put on its causes (mass averaged over layers and heads, then over those rows): what CAT pushes up.
+# effect) put on its causes (mass averaged over the layers CAT supervises and the heads, then over those rows):
+# what CAT pushes up.
 STAT_NAMES = ("loss", "ce", "cat", "xg", "cause_attn", "mi", "vq", "tokens")
 LOGGED = STAT_NAMES[:-1]
 ADAPTER_DIR = "adapter"
@@ -126,6 +127,7 @@ def add_job_adapters(model: nn.Module, config: TrainConfig, routed: bool = False
     layers = len(cah.attention_modules(model))
     if config.adapter_layers is not None and config.adapter_layers > layers:
         raise ConfigError(f"--adapter-layers: the model has {layers} layers, got {config.adapter_layers}")
+    check_cat_layers(config.cat_layers, layers)
     routing = dict(domains=config.domains, domain_length=config.domain_len, route=config.route,
                    router_dim=config.router_dim) if routed else {}
     summary = cah.add_adapters(model, cah.AdapterConfig(
@@ -208,7 +210,8 @@ class Trainer:
             out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           labels=batch.labels, supervision=batch.causal_mask, use_cache=False,
                                           **routing)
-            cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind)
+            cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind,
+                                 heads=self.config.cat_heads, layers=self.config.cat_layers or None)
             xg = stats.xg_loss() if self.monitor_xg else torch.zeros((), device=self.context.device)
             zero = torch.zeros((), device=self.context.device)
             mi = stats.mi_loss(kind=self.config.mi_kind) if self.spec.routed and stats.readouts else zero
@@ -220,7 +223,7 @@ class Trainer:
                 loss = loss + self.config.xg_lambda * xg
             if self.spec.routed:
                 loss = loss + self.config.vq_lambda * vq + self.config.mi_lambda * mi
-            cause_attention = self._cause_attention(stats)
+            cause_attention = self._cause_attention(stats, self.config.cat_layers)
             route = stats.route.index.detach().cpu() if self.spec.routed else None
             if self.spec.routed and self.config.invariant_ce:
                 # ICLM's CE(invariant), after this forward's statistics are read (the next forward records
@@ -241,8 +244,9 @@ class Trainer:
         return torch.stack([t.detach().double() for t in values]).cpu()
 
     @staticmethod
-    def _cause_attention(stats: cah.Statistics) -> Tensor:
-        mass = torch.stack(list(stats.mass.values())).float().mean(dim=(0, 2))  # (B, N)
+    def _cause_attention(stats: cah.Statistics, layers: tuple[int, ...]) -> Tensor:
+        recorded = stats.mass
+        mass = torch.stack([recorded[i] for i in (layers or sorted(recorded))]).float().mean(dim=(0, 2))  # (B, N)
         valid = stats.supervision.valid_rows()
         return (mass * valid).sum() / valid.sum().clamp_min(1)
 
