@@ -5,6 +5,10 @@ data seeds the job does not report, then prints each base x seed's final accurac
 
     python -m benchmarks.recipe_search --base-seeds 501,502 --seeds 100,101 \
         --base '{"examples": 32000}' --train '{"cat_kind": "mass"}' --out results.jsonl
+
+`--probe-cue` (shortcut task) also scores each run, and the base before training, on the flipped test with
+the cue word dropped and with it made to agree (`causalattn.lab.tasks.shortcut.probe_cue`): how well the
+model reads the causes alone, the ceiling of its flipped accuracy.
 """
 from __future__ import annotations
 
@@ -28,9 +32,13 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default="ce,ce+cat,ce+cat-random")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--probe-cue", action="store_true",
+                        help="also score the flipped test without the cue and with an agreeing cue (shortcut task)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="keep the built bases here, so that recipes differing only in training reuse them")
     args = parser.parse_args(argv)
+    if args.probe_cue and json.loads(args.train).get("task", "shortcut") != "shortcut":
+        parser.error("--probe-cue: probes the shortcut task's cue; --train sets another task")
     torch.set_num_threads(1)
 
     from transformers.utils import logging as hf_logging
@@ -39,7 +47,9 @@ def main(argv=None) -> int:
     from causalattn.lab.training.batching import load_data
     from causalattn.lab.training.command import load_tokenizer
     from causalattn.lab.training.config import RunSpec, TrainConfig
+    from causalattn.lab.tasks import shortcut
     from causalattn.lab.training.distributed import setup
+    from causalattn.lab.training.evaluate import accuracy
     from causalattn.lab.training.loop import Job, Trainer
 
     hf_logging.disable_progress_bar()
@@ -62,15 +72,25 @@ def main(argv=None) -> int:
             data = load_data(config, None, tokenizer, lambda m: None)
             out = runs_root / f"b{base_seed}-s{seed}"
             job = Job(config, path, tokenizer, data, context, out, lambda m: None, out)
+            probes = {f"flipped_{probe.replace('-', '_')}": [shortcut.probe_cue(e, probe) for e in data.evals["flipped"]]
+                      for probe in shortcut.CUE_PROBES} if args.probe_cue else {}
+
+            def probed(model) -> dict:
+                return {name: accuracy(model, tokenizer, examples, data.candidates, context=context,
+                                       batch_size=config.eval_batch_size) for name, examples in probes.items()}
+
             row = {"label": args.label, "base": base_overrides, "train": train_overrides, "base_seed": base_seed,
                    "seed": seed, "base_seconds": built}
+            before_probes: dict = {}
             for spec in config.runs:
                 start = time.perf_counter()
-                result, _ = Trainer(job, spec).run()
+                result, model = Trainer(job, spec).run(
+                    before_training=None if before_probes or not probes else lambda m: before_probes.update(probed(m)))
                 row[spec.name] = {**result.final_accuracy(),
                                   "cause_attn": result.history[-1]["cause_attn"],
-                                  "seconds": time.perf_counter() - start}
-                row["before"] = {r["split"]: r["accuracy"] for r in result.accuracy if r["epoch"] == 0}
+                                  "seconds": time.perf_counter() - start, **probed(model)}
+                row["before"] = {**{r["split"]: r["accuracy"] for r in result.accuracy if r["epoch"] == 0},
+                                 **before_probes}
             with open(args.out, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)

@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from causalattn.data.records import Example
 from causalattn.lab.tasks import shortcut
 from causalattn.lab.tasks.controls import with_random_causes
 from causalattn.lab.tasks.stg import LABELS, QUESTION
@@ -180,3 +181,23 @@ def test_the_cue_can_sit_after_the_other_fields():
         shortcut.generate(3, seed=0, cue_position="first")
     with pytest.raises(ValueError, match="cat_rows:"):
         shortcut.generate(3, seed=0, cat_rows="all")
+
+
+def test_cue_probes_drop_the_cue_or_make_it_agree_and_keep_the_rest():
+    flipped = shortcut.generate(30, seed=5, mode="flipped")
+    for example in flipped:
+        fields = shortcut.record_fields(example)
+        without = shortcut.probe_cue(example, "without-cue")
+        assert shortcut.record_fields(without) == [f for f in fields if not f.startswith(shortcut.CUE + "=")]
+        agrees = shortcut.probe_cue(example, "cue-agrees")
+        cue = [f for f in shortcut.record_fields(agrees) if f.startswith(shortcut.CUE + "=")]
+        assert cue == [f"{shortcut.CUE}={shortcut.CUE_VALUES[LABELS.index(example.target)]}"]
+        for probed in (without, agrees):
+            assert (probed.target, probed.important) == (example.target, example.important)
+            assert probed.input.endswith(f" . {QUESTION} Answer:")
+        assert not any(shortcut.reads_high(v) == (example.target == LABELS[0])  # flipped: the cue disagreed
+                       for k, v in example.values.items() if k == shortcut.CUE)
+    with pytest.raises(ValueError, match="probe: expected one of"):
+        shortcut.probe_cue(flipped[0], "no-cue")
+    with pytest.raises(ValueError, match="example: expected a shortcut record"):
+        shortcut.probe_cue(Example(input="Smoking=4 Weight=2 . q", target=LABELS[0], important={}, values={}), "without-cue")

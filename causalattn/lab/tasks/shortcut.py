@@ -34,6 +34,7 @@ across positions, where a lower layer could route the cue through the name token
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 
 from causalattn.data.records import Example
@@ -154,6 +155,28 @@ def make_splits(train: int = 4000, test: int = 400, *, seed: int = 0, agreement:
              "flipped": generate(test, seed=seed * 1000 + 13, mode="flipped", cue_position=cue_position),
              "independent": generate(test, seed=seed * 1000 + 14, mode="independent", cue_position=cue_position)}
     return train_set, tests
+
+
+# Probes of where a model's answer comes from, applied to a test example: "without-cue" drops the cue word
+# (what the model reads from the other fields alone: the most a run could score on flipped if it ignored
+# the cue), "cue-agrees" sets it to agree with the label (how far the model follows a right cue)
+CUE_PROBES = ("without-cue", "cue-agrees")
+
+
+def probe_cue(example: Example, probe: str) -> Example:
+    """`example` with its cue word dropped or made to agree with its label (see CUE_PROBES)."""
+    if probe not in CUE_PROBES:
+        raise ValueError(f"probe: expected one of {CUE_PROBES}, got {probe!r}")
+    record, sep, question = example.input.partition(" . ")
+    fields = record.split(" ")
+    cue = [i for i, word in enumerate(fields) if word.startswith(f"{CUE}=")]
+    if len(cue) != 1 or not sep:
+        raise ValueError(f"example: expected a shortcut record with one {CUE}= word, got {example.input!r}")
+    if probe == "without-cue":
+        del fields[cue[0]]
+    else:
+        fields[cue[0]] = f"{CUE}={CUE_VALUES[LABELS.index(example.target)]}"
+    return dataclasses.replace(example, input=" ".join(fields) + sep + question)
 
 
 def record_fields(example: Example) -> list[str]:
