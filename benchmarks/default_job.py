@@ -12,6 +12,8 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 METRICS = ("acc_iid", "acc_flipped", "acc_independent", "cause_attn")
+# options a report leaves out when they have their every-layer, head-mean defaults (older reports lack them)
+DEFAULTS = {"cat_heads": "mean", "cat_layers": []}
 
 
 def compact(report: dict, label: str) -> dict:
@@ -22,9 +24,10 @@ def compact(report: dict, label: str) -> dict:
     keep = ("seed", "reading_accuracy", "weights_sha256", "build_seconds", "base_lm_loss")
     config = report["config"]
     return {"label": label, "wall_seconds": report["wall_seconds"], "environment": report["environment"],
-            "options": {k: config[k] for k in ("runs", "seed", "seeds", "bases", "base_seed", "base_threads",
-                                               "base_onednn", "cat_kind", "cat_decay", "cat_weight",
-                                               "cue_agreement", "train_examples", "eval_examples", "epochs")},
+            "options": {k: config.get(k, DEFAULTS.get(k)) for k in (
+                "runs", "seed", "seeds", "bases", "base_seed", "base_threads", "base_onednn", "cat_kind", "cat_decay",
+                "cat_weight", "cat_rows", "cat_heads", "cat_layers", "cue_agreement", "train_examples",
+                "eval_examples", "epochs")},
             "bases": [{k: base.get(k) for k in keep} | {"reading_by_round": base.get("reading_by_round")}
                       for base in bases],
             "error_over": "base means (each the mean over its seeds)" if len(bases) > 1 else "seeds",

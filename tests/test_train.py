@@ -135,7 +135,7 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     embedded = config_from_args(parser.parse_args([]))
     assert (embedded.cat_kind, embedded.cat_decay, embedded.train_qk, embedded.seeds) == ("mass", 0.0, True, 3)
     assert (embedded.cue_agreement, embedded.cat_rows, embedded.cat_heads) == (0.97, "question", "mean")
-    assert (embedded.cat_layers, embedded.cat_weight) == ((), 1.0)
+    assert (embedded.cat_layers, embedded.cat_weight) == ((0,), 3.0)
     assert [run.name for run in embedded.runs] == ["ce", "ce+cat", "ce+cat-random"]
     cancer = config_from_args(parser.parse_args(["--task", "cancer-risk"]))
     assert (cancer.cat_kind, cancer.cat_decay, cancer.cat_rows, cancer.cat_layers, cancer.cat_weight) == (
