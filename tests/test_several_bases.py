@@ -107,6 +107,14 @@ def test_build_conditions_are_part_of_the_base_and_restored(tmp_path):
     assert sum("step" in line for line in lines) == 4
 
 
+def test_the_shortcut_base_recipe_and_the_build_switches():
+    shortcut = tiny.settings_for("shortcut", seed=7, threads=2)
+    assert (shortcut.lr, shortcut.examples, shortcut.seed, shortcut.threads) == (1e-3, 32000, 7, 2)
+    other = tiny.settings_for("cancer-risk")
+    assert (other.lr, other.examples) == (tiny.TinyBaseSettings.lr, tiny.TinyBaseSettings.examples)
+    assert tiny.settings_for("shortcut", lr=3e-3).lr == 3e-3  # an explicit setting wins
+
+
 # ------------------------------------------------------------------------------ the job
 def test_a_job_on_two_bases_reports_each_and_pools_them(small_bases, tmp_path, capsys):
     out = tmp_path / "job"
