@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     path = tiny.ensure_tiny_base(settings, Path(tempfile.mkdtemp()), show_progress=False, log=lambda m: None)
     record = tiny.read_record(path)
     env = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR") if k in os.environ}
-    print(json.dumps({"steps": args.steps or "whole build", "seed": args.seed, "threads": args.threads, "onednn": not args.no_onednn,
-                      "env": env, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    print(json.dumps({"steps": args.steps or "whole build", "seed": args.seed, "threads": args.threads,
+                      "onednn": not args.no_onednn, "env": env, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                       "weights_sha256": record["weights_sha256"], "final_lm_loss": record["final_lm_loss"]}))
     return 0
 

@@ -151,9 +151,11 @@ def test_the_embedded_shortcut_job_keeps_the_cat_loss_at_full_weight():
     layers = config_from_args(parser.parse_args(["--cat-layers", "2,1", "--cat-weight", "2"]))
     assert (layers.cat_layers, layers.cat_weight, layers.trajectory_options()["cat_layers"]) == ((1, 2), 2.0, [1, 2])
     assert config_from_args(parser.parse_args(["--cat-layers", "all"])).cat_layers == ()
-    for bad in ("first", "0,0", "-1"):
-        with pytest.raises(SystemExit):
-            parser.parse_args(["--cat-layers", bad])
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cat-layers", "first"])
+    for bad in ("0,0", "-1"):
+        with pytest.raises(ConfigError, match="--cat-layers: expected distinct non-negative layer indices"):
+            config_from_args(parser.parse_args(["--cat-layers", bad]))
 
 
 def test_the_shortcut_layout_flags_reach_the_data_and_are_refused_elsewhere():

@@ -135,15 +135,18 @@ class Statistics:
         """CAT loss of the last forward: the mass averaged over the layers (all, or the `layers` indices, 0 the
         first) and query heads (or, with `heads="each"`, every such layer's every head scored alone), then the
         per-row loss averaged over valid rows (docs/math.md §2, `causalattn.cat_loss`)."""
+        return cat_loss(self.layer_masses(layers), self._supervision, alpha=alpha, kind=kind, heads=heads)
+
+    def layer_masses(self, layers: Optional[Sequence[int]] = None) -> list[Tensor]:
+        """The CAT masses (B, Hq, N) of every recorded layer in order, or of the `layers` indices (0 the first)."""
         if not self._mass:
             raise RuntimeError("cat_loss: no CAT mass was recorded; pass supervision=<CausalMask> to model(...) "
                                "inside `with causalattn.hf.collect(model)`")
         chosen = sorted(self._mass) if layers is None else list(layers)
-        missing = [i for i in chosen if i not in self._mass]
-        if missing or not chosen:
+        if not chosen or any(i not in self._mass for i in chosen):
             raise ValueError(f"layers: expected indices of layers that recorded a CAT mass ({sorted(self._mass)}), "
-                             f"got {list(layers)}")
-        return cat_loss([self._mass[i] for i in chosen], self._supervision, alpha=alpha, kind=kind, heads=heads)
+                             f"got {chosen}")
+        return [self._mass[i] for i in chosen]
 
     def xg_loss(self, *, layers: str = "adapted") -> Tensor:
         """DCA's XG variance R of the last forward (docs/math.md §3, `causalattn.xg_variance`): the unbiased

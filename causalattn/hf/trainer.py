@@ -130,14 +130,14 @@ class CausalCollator:
 class CausalLossMixin:
     """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
     CE + `cat_weight` x CAT + `xg_weight` x XG (docs/math.md §2, §3); see the module docstring. `cat_alpha` /
-    `cat_kind` / `cat_heads` choose the CAT row loss and how it meets the heads, `xg_layers` the XG layers ("adapted" or "last"); routed adapters
-    add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
+    `cat_kind` choose the CAT row loss, `cat_heads` whether it scores the head mean or every head alone,
+    `xg_layers` the XG layers ("adapted" or "last"); routed adapters add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
     (docs/math.md §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
     among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",
-                 cat_heads: str = "mean", xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1, mi_weight: float = 0.01,
-                 mi_kind: str = "code", invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
+                 cat_heads: str = "mean", xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1,
+                 mi_weight: float = 0.01, mi_kind: str = "code", invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
         weights = {"cat_weight": cat_weight, "xg_weight": xg_weight, "vq_weight": vq_weight, "mi_weight": mi_weight,
                    "invariant_ce": invariant_ce}
         for name, value in weights.items():

@@ -229,8 +229,9 @@ class TrainConfig:
                 raise ConfigError(f"{flag}: expected a non-negative number, got {value}")
         if not self.runs:
             raise ConfigError("--runs: expected at least one run")
-        if any(not isinstance(i, int) or i < 0 for i in self.cat_layers) or len(set(self.cat_layers)) != len(self.cat_layers):
-            raise ConfigError(f"--cat-layers: expected distinct non-negative layer indices, got {list(self.cat_layers)}")
+        layers = self.cat_layers
+        if any(not isinstance(i, int) or i < 0 for i in layers) or len(set(layers)) != len(layers):
+            raise ConfigError(f"--cat-layers: expected distinct non-negative layer indices, got {list(layers)}")
         try:
             lora.check_options(self.lora_rank, self.lora_targets, self.lora_lr, self.train_qk)
         except ValueError as error:
@@ -590,13 +591,11 @@ def layer_list(text: str) -> tuple[int, ...]:
     """--cat-layers: 'all' -> () (every layer), '0,1' -> (0, 1)."""
     if text.strip().lower() == "all":
         return ()
-    try:
-        layers = tuple(int(part) for part in text.split(","))
+    try:  # which indices are allowed is TrainConfig.validate's (and the model's) to say
+        return tuple(sorted(int(part) for part in text.split(",")))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as 0,1; got {text!r}") from None
-    if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative layer indices, got {text!r}")
-    return tuple(sorted(layers))
+        raise argparse.ArgumentTypeError(f"expected 'all' or comma-separated layer indices such as 0,1; "
+                                         f"got {text!r}") from None
 
 
 def _layers_text(layers: tuple[int, ...]) -> str:

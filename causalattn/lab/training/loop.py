@@ -223,7 +223,7 @@ class Trainer:
                 loss = loss + self.config.xg_lambda * xg
             if self.spec.routed:
                 loss = loss + self.config.vq_lambda * vq + self.config.mi_lambda * mi
-            cause_attention = self._cause_attention(stats, self.config.cat_layers)
+            cause_attention = self._cause_attention(stats, self.config.cat_layers or None)
             route = stats.route.index.detach().cpu() if self.spec.routed else None
             if self.spec.routed and self.config.invariant_ce:
                 # ICLM's CE(invariant), after this forward's statistics are read (the next forward records
@@ -244,9 +244,8 @@ class Trainer:
         return torch.stack([t.detach().double() for t in values]).cpu()
 
     @staticmethod
-    def _cause_attention(stats: cah.Statistics, layers: tuple[int, ...]) -> Tensor:
-        recorded = stats.mass
-        mass = torch.stack([recorded[i] for i in (layers or sorted(recorded))]).float().mean(dim=(0, 2))  # (B, N)
+    def _cause_attention(stats: cah.Statistics, layers: Optional[tuple[int, ...]]) -> Tensor:
+        mass = torch.stack(stats.layer_masses(layers)).float().mean(dim=(0, 2))  # (B, N)
         valid = stats.supervision.valid_rows()
         return (mass * valid).sum() / valid.sum().clamp_min(1)
 

@@ -65,14 +65,15 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"{config.cue_agreement:.0%} of examples; the causes (Smoking, Weight, Alcohol: the label is their majority) "
         f"decide it always. A run that reads the cue scores about {config.cue_agreement:.0%} on iid, near 0 on flipped "
         "(the cue always contradicts the label) and 50% on independent; a run that reads the causes scores alike on "
-        f"all three. CAT here is the {config.cat_kind} loss{_heads(config)} with weight {config.cat_weight:g} × "
+        f"all three. CAT here is the {config.cat_kind} loss{_cat_scope(config)} with weight {config.cat_weight:g} × "
         f"exp(-{config.cat_decay:g} × epoch){_layout(config)}. 'cause attn' shows whether CAT moved the supervised "
         "rows' attention onto the causes, the accuracy columns whether the answers followed; ce+cat-random is the "
         "control (CAT onto as many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
         "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
 
 
-def _heads(config: TrainConfig) -> str:
+def _cat_scope(config: TrainConfig) -> str:
+    """Which layers and heads CAT scores, as a clause of the note."""
     layers = f"layer {config.cat_layers[0]}" if len(config.cat_layers) == 1 else (
         f"layers {','.join(map(str, config.cat_layers))}" if config.cat_layers else "every layer")
     return f" of {layers}'s every head" if config.cat_heads == "each" else f" on {layers}"
@@ -263,8 +264,8 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
         spread = (f"mean ± standard error over {seeds} seeds (data, adapter init and order all change with the "
                   "seed); " if seeds > 1 else "one seed; ")
     lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
-                 "of the supervised rows' attention on the annotated causes, in the layers CAT supervises) are means over the last epoch, logged for "
-                 "every run and in the loss only where the run name says so; train s is per run)")
+                 "of the supervised rows' attention on the annotated causes, in the layers CAT supervises) are means "
+                 "over the last epoch, logged for every run and in the loss only where the run name says so; train s is per run)")
     return "\n".join(lines + _routing_lines(summary) + base_spread_lines(summary, splits))
 
 
