@@ -27,7 +27,7 @@ def cat_rows(count, seed=0):
     return rows
 
 
-def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, cat_heads="mean", **overrides):
+def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, cat_heads="mean", cat_layers=None, **overrides):
     model = build(llama_config(), dtype=torch.float32)
     cah.add_adapters(model, adapter or cah.AdapterConfig(length=4, layers=2, xg_tokens=2))
     cah.set_backend(model, "reference")
@@ -35,7 +35,8 @@ def trainer_for(tmp_path, tokenizer, adapter=None, rows=None, cat_heads="mean", 
                       logging_steps=1, per_device_train_batch_size=4, learning_rate=5e-2, report_to=[],
                       dataloader_num_workers=0, seed=0), **overrides}
     return cah.CausalTrainer(model=model, args=TrainingArguments(**options), train_dataset=rows or cat_rows(16),
-                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0, cat_heads=cat_heads)
+                             processing_class=tokenizer, cat_weight=1.0, xg_weight=1.0, cat_heads=cat_heads,
+                             cat_layers=cat_layers)
 
 
 def test_trainer_trains_ce_cat_xg_in_bf16_and_saves_adapters(tmp_path, tiny_tokenizer):
@@ -77,6 +78,22 @@ def test_trainer_scores_every_head_with_cat_heads_each(tmp_path, tiny_tokenizer)
     assert each.item() != pytest.approx(mean.item())  # the heads differ, so the two reductions do
     trainer.train()
     assert all(row["cat"] != 0 for row in trainer.state.log_history if "cat" in row)
+
+
+def test_trainer_supervises_only_the_cat_layers(tmp_path, tiny_tokenizer):
+    for bad in ([], [0, 9], [-1], [0.5]):
+        with pytest.raises(ValueError, match=r"cat_layers: expected layer indices of the model's 2 layers \(0-1\)"):
+            trainer_for(tmp_path, tiny_tokenizer, cat_layers=bad)
+    trainer = trainer_for(tmp_path, tiny_tokenizer, cat_layers=[1, 1], max_steps=1, save_steps=10)
+    assert trainer.cat_layers == (1,)
+    batch = trainer.data_collator(cat_rows(4))
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+        with cah.collect(trainer.model) as stats:
+            ce = trainer.model(**batch).loss
+    only_top = stats.cat_loss(layers=[1])
+    assert only_top.item() != pytest.approx(stats.cat_loss().item())  # the layers differ, so the selections do
+    torch.testing.assert_close(loss, ce + only_top + stats.xg_loss(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("route", ["vq", "oracle"])

@@ -54,7 +54,8 @@ from causalattn.data.batches import check_max_length, collate
 from causalattn.data.jsonl import DataFile, loads_record, parse_record
 from causalattn.data.records import Example
 from causalattn.hf.adapter import adapted_layers
-from causalattn.hf.contract import DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, SUPERVISION_KWARG
+from causalattn.hf.contract import (DOMAINS_KWARG, LABEL_ROWS_KWARG, ROUTE_TOKENS_KWARG, SUPERVISION_KWARG,
+                                    attention_modules)
 from causalattn.hf.io import holds_adapters, load_adapters, save_adapters
 from causalattn.hf.routed import find_router, invariant_only
 from causalattn.hf.stats import collect
@@ -131,13 +132,15 @@ class CausalLossMixin:
     """What turns a `transformers.Trainer` (or a subclass such as TRL's SFTTrainer) into one training
     CE + `cat_weight` x CAT + `xg_weight` x XG (docs/math.md §2, §3); see the module docstring. `cat_alpha` /
     `cat_kind` choose the CAT row loss, `cat_heads` whether it scores the head mean or every head alone,
-    `xg_layers` the XG layers ("adapted" or "last"); routed adapters add `vq_weight` x VQ + `mi_weight` x MI (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone)
-    (docs/math.md §7). Without a `data_collator` a `CausalCollator` of `processing_class` is used. Put it first
-    among the bases."""
+    `cat_layers` which layers' attention it supervises (model layer indices, 0 the first; all by default),
+    `xg_layers` the XG layers ("adapted" or "last"); routed adapters add `vq_weight` x VQ + `mi_weight` x MI
+    (`mi_kind`) + `invariant_ce` x CE(invariant prompts alone) (docs/math.md §7). Without a `data_collator` a
+    `CausalCollator` of `processing_class` is used. Put it first among the bases."""
 
     def __init__(self, *args, cat_weight: float = 1.0, cat_alpha: float = 2.0, cat_kind: str = "div",
-                 cat_heads: str = "mean", xg_weight: float = 0.0, xg_layers: str = "adapted", vq_weight: float = 0.1,
-                 mi_weight: float = 0.01, mi_kind: str = "code", invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
+                 cat_heads: str = "mean", cat_layers: Optional[Sequence[int]] = None, xg_weight: float = 0.0,
+                 xg_layers: str = "adapted", vq_weight: float = 0.1, mi_weight: float = 0.01, mi_kind: str = "code",
+                 invariant_ce: float = 0.0, max_length: Optional[int] = None, **kwargs):
         weights = {"cat_weight": cat_weight, "xg_weight": xg_weight, "vq_weight": vq_weight, "mi_weight": mi_weight,
                    "invariant_ce": invariant_ce}
         for name, value in weights.items():
@@ -157,6 +160,7 @@ class CausalLossMixin:
         super().__init__(*args, **kwargs)
         if not adapted_layers(self.model):
             raise ValueError("model: has no causalattn adapters; call causalattn.hf.add_adapters(model, ...) first")
+        self.cat_layers = _checked_layers(cat_layers, len(attention_modules(self.model)))
         self.model_accepts_loss_kwargs = False  # each micro-batch's losses are means (module docstring)
         self.add_callback(SealCheckpoints())
         self.cat_weight, self.cat_alpha, self.cat_kind, self.cat_heads = cat_weight, cat_alpha, cat_kind, cat_heads
@@ -184,7 +188,8 @@ class CausalLossMixin:
         ce = outputs["loss"] if isinstance(outputs, Mapping) else outputs[0]
         terms = {"ce": ce, "cat": torch.zeros_like(ce), "xg": torch.zeros_like(ce)}
         if supervised:
-            terms["cat"] = stats.cat_loss(alpha=self.cat_alpha, kind=self.cat_kind, heads=self.cat_heads)
+            terms["cat"] = stats.cat_loss(alpha=self.cat_alpha, kind=self.cat_kind, heads=self.cat_heads,
+                                           layers=self.cat_layers)
         if self.xg_weight > 0 and stats.xg:
             terms["xg"] = stats.xg_loss(layers=self.xg_layers)
         loss = ce + self.cat_weight * terms["cat"] + self.xg_weight * terms["xg"]
@@ -252,6 +257,18 @@ class SealCheckpoints(TrainerCallback):
         if state.is_world_process_zero and folder.is_dir():
             seal(folder)
         return control
+
+
+def _checked_layers(cat_layers: Optional[Sequence[int]], layers: int) -> Optional[tuple[int, ...]]:
+    """`cat_layers` as a sorted tuple of distinct layer indices (None: every layer), or a ValueError naming
+    what the model (with `layers` attention layers) has; the first training step would fail otherwise."""
+    if cat_layers is None:
+        return None
+    chosen = tuple(cat_layers)
+    if not chosen or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < layers for i in chosen):
+        raise ValueError(f"cat_layers: expected layer indices of the model's {layers} layers (0-{layers - 1}), "
+                         f"got {list(chosen)}")
+    return tuple(sorted(set(chosen)))
 
 
 def resume_point(output_dir: str, resume_from_checkpoint: Union[str, bool, None]) -> Union[str, bool, None]:
