@@ -355,6 +355,19 @@ def test_two_gloo_processes_match_one_process_with_grad_accum(small_model, tmp_p
         torch.testing.assert_close(w2[key], w1[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_two_gloo_processes_that_fail_after_joining_exit_without_waiting(small_model, tmp_path):
+    """A job that fails once the process group exists (here --cat-layers against the model) ends every
+    process with the error at once: after an error no rank waits for the others before leaving."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "causalattn.lab.cli", "train", "--model", str(small_model), *FAST, "--cat-layers", "9",
+               "--output-dir", str(tmp_path / "out")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "--cat-layers: the model has" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ bad options
 @pytest.mark.parametrize("options, flag", [
     (["--batch-size", "0"], "--batch-size"),

@@ -239,53 +239,62 @@ def train(config: TrainConfig) -> Optional[dict]:
         # one training step took 0.19 s with 1 thread and 3.8 s with 2 (threads waiting on each other).
         torch.set_num_threads(1)
     try:
-        log: Callable[[str], None] = workers.log_line if context.is_main else (lambda message: None)
-        bases = resolve_bases(config, context, log)
-        tokenizer = load_tokenizer(bases[0].path)
-        data = load_data(config, files, tokenizer, lambda message: None)
-        _check_data(config, data, log)  # the data is checked before the output directory exists
-        _check_lengths(config, data, files, tokenizer)
-        _check_cat_layers(config, bases[0].path)
-        output_dir = prepare_output_dir(config, context)
-        seeds = range(config.seed, config.seed + config.seeds)
-        pairs = [(base, seed) for base in bases for seed in seeds]
-        units = [Unit(base, seed, first=index == 0) for index, (base, seed) in enumerate(pairs)]
-        parallel = config.workers > 1 and len(units) > 1 and not context.distributed
-        log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) x "
-            f"{config.seeds} seed(s) x {len(bases)} base(s) on {data.source.split(' (')[0]}; "
-            f"{config.workers if parallel else context.world_size} process(es) on {context.device}; "
-            f"output in {output_dir}")
-        if config.lora_rank:
-            log(f"causalattn train: {lora.describe(config.lora_rank, config.lora_targets)}")
-        if parallel:
-            outcomes = workers.map_units(run_unit, [(config, unit, output_dir, files) for unit in units],
-                                         config.workers)
-        else:
-            outcomes = [run_unit(config, unit, output_dir, files, context) for unit in units]
-        if not context.is_main:
-            return None
-        results = [result for outcome in outcomes for result in outcome.results]
-        plotter = Plotter(output_dir, True)
-        for outcome in outcomes:
-            plotter.files.update(outcome.plot_files)
-            plotter.notes += outcome.plot_notes
-        plotter.curves(results)
-        model_info = bases[0].info if len(bases) == 1 else {
-            "embedded": True, "parameters": bases[0].info["parameters"], "bases": [base.info for base in bases]}
-        note = toy_note(model_info, data, results, config) if model_info["embedded"] and config.data == STG else None
-        report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
-                              device=str(context.device), wall_seconds=time.perf_counter() - start,
-                              plots={"files": plotter.files, "notes": plotter.notes}, note=note)
-        try:
-            path = write_report(output_dir, report)
-        except OSError as error:
-            raise ConfigError(f"--output-dir: could not write the report in {output_dir} "
-                              f"({error.strerror or error}); the runs' checkpoints and adapters are written: make "
-                              "room and rerun with --resume") from None
-        print(_summary(report, results, data, path, note, plotter.notes), flush=True)
-        return report
-    finally:
-        teardown(context)
+        report = _run_job(config, files, context, start)
+    except BaseException:
+        teardown(context, completed=False)
+        raise
+    teardown(context, completed=True)
+    return report
+
+
+def _run_job(config: TrainConfig, files: Optional[DataFiles], context: DistContext, start: float) -> Optional[dict]:
+    """`train` once its process group is set up: the bases, the data and its checks, every unit, then (rank 0)
+    the report."""
+    log: Callable[[str], None] = workers.log_line if context.is_main else (lambda message: None)
+    bases = resolve_bases(config, context, log)
+    tokenizer = load_tokenizer(bases[0].path)
+    data = load_data(config, files, tokenizer, lambda message: None)
+    _check_data(config, data, log)  # the data is checked before the output directory exists
+    _check_lengths(config, data, files, tokenizer)
+    _check_cat_layers(config, bases[0].path)
+    output_dir = prepare_output_dir(config, context)
+    seeds = range(config.seed, config.seed + config.seeds)
+    pairs = [(base, seed) for base in bases for seed in seeds]
+    units = [Unit(base, seed, first=index == 0) for index, (base, seed) in enumerate(pairs)]
+    parallel = config.workers > 1 and len(units) > 1 and not context.distributed
+    log(f"causalattn train: {len(config.runs)} run(s) ({', '.join(r.name for r in config.runs)}) x "
+        f"{config.seeds} seed(s) x {len(bases)} base(s) on {data.source.split(' (')[0]}; "
+        f"{config.workers if parallel else context.world_size} process(es) on {context.device}; "
+        f"output in {output_dir}")
+    if config.lora_rank:
+        log(f"causalattn train: {lora.describe(config.lora_rank, config.lora_targets)}")
+    if parallel:
+        outcomes = workers.map_units(run_unit, [(config, unit, output_dir, files) for unit in units],
+                                     config.workers)
+    else:
+        outcomes = [run_unit(config, unit, output_dir, files, context) for unit in units]
+    if not context.is_main:
+        return None
+    results = [result for outcome in outcomes for result in outcome.results]
+    plotter = Plotter(output_dir, True)
+    for outcome in outcomes:
+        plotter.files.update(outcome.plot_files)
+        plotter.notes += outcome.plot_notes
+    plotter.curves(results)
+    model_info = bases[0].info if len(bases) == 1 else {
+        "embedded": True, "parameters": bases[0].info["parameters"], "bases": [base.info for base in bases]}
+    note = toy_note(model_info, data, results, config) if model_info["embedded"] and config.data == STG else None
+    report = build_report(config, data, results, model_info=model_info, world_size=context.world_size,
+                          device=str(context.device), wall_seconds=time.perf_counter() - start,
+                          plots={"files": plotter.files, "notes": plotter.notes}, note=note)
+    try:
+        path = write_report(output_dir, report)
+    except OSError as error:
+        raise ConfigError(f"--output-dir: could not write the report in {output_dir} "
+                          f"({error.strerror or error}); the runs' checkpoints and adapters are written: make "
+                          "room and rerun with --resume") from None
+    print(_summary(report, results, data, path, note, plotter.notes), flush=True)
+    return report
 
 
 def _check_data(config: TrainConfig, data: JobData, log: Callable[[str], None]) -> None:

@@ -101,8 +101,13 @@ def setup(device_choice: str) -> DistContext:
     return DistContext(rank, world_size, local_rank, device)
 
 
-def teardown(context: DistContext) -> None:
+def teardown(context: DistContext, *, completed: bool) -> None:
+    """Leave the process group. After a completed job every rank first waits for the others (rank 0 ends
+    later, writing the report), so that none tears its connections down while another still works; after
+    an error none waits, since the others may never come."""
     if context.distributed and dist.is_initialized():
+        if completed:
+            dist.barrier()
         dist.destroy_process_group()
 
 
