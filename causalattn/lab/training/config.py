@@ -71,7 +71,8 @@ EMBEDDED_SHORTCUT = {
     # CAT on the first layer only, at weight 3: there the record tokens are still their own words, so
     # attention on a cause reads that cause; higher up a token's state mixes the record before it. On the
     # validation bases +23.3 points on flipped (+7 to +38) against +9.4 on every layer at weight 1,
-    # iid -2.5 against -3.5 (docs/default-job.md)
+    # iid -2.5 against -3.5. Kept on the new base (fifth round): layers 0-1 gained more on average (+34.5
+    # against +22.0 over 10 units) but +4 on one base in five, against +11 or more here (docs/default-job.md)
     "cat_layers": (0,),
     "cat_weight": 3.0,
 }
