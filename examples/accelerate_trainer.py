@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> cah.CausalTrainer:
     trainer.save_model(args.output)  # the adapters only (every process takes part; the main one writes)
     if trainer.accelerator.is_main_process:
         (Path(args.output) / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    # Leave the process group together: a process tearing its connections down while another still writes
+    # can abort at exit after a finished run.
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     return trainer
 
 
