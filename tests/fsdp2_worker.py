@@ -20,10 +20,10 @@ def main(output: str) -> None:
         cah.save_adapters(model, output, state_dict=full)
     dist.barrier()  # both ranks tear gloo down together: none closes its pairs while the other still works
     dist.destroy_process_group()
-    # Leave without the interpreter's teardown: once in CI a rank aborted there after all its work was done
-    # ("terminate called without an active exception": most likely a gloo thread still running while the
-    # static destructors ran), which 30 local runs under a competing load never repeated. Everything the
-    # test reads is written and closed above; an error before this line still fails the launch.
+    # Leave without the interpreter's teardown: once in CI a rank aborted with "terminate called without an
+    # active exception", the mark of a C++ thread (here most likely gloo's) still running while the static
+    # destructors run at exit; 30 local runs under a competing load never repeated it. Everything the test
+    # reads is written and closed above; an error before this line still fails the launch.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
