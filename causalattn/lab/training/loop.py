@@ -210,8 +210,9 @@ class Trainer:
             out = parallel.forward_module(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                           labels=batch.labels, supervision=batch.causal_mask, use_cache=False,
                                           **routing)
+            cat_layers = self.config.cat_layers or None  # the config's () is every layer
             cat = stats.cat_loss(alpha=self.config.cat_alpha, kind=self.config.cat_kind,
-                                 heads=self.config.cat_heads, layers=self.config.cat_layers or None)
+                                 heads=self.config.cat_heads, layers=cat_layers)
             xg = stats.xg_loss() if self.monitor_xg else torch.zeros((), device=self.context.device)
             zero = torch.zeros((), device=self.context.device)
             mi = stats.mi_loss(kind=self.config.mi_kind) if self.spec.routed and stats.readouts else zero
@@ -223,7 +224,7 @@ class Trainer:
                 loss = loss + self.config.xg_lambda * xg
             if self.spec.routed:
                 loss = loss + self.config.vq_lambda * vq + self.config.mi_lambda * mi
-            cause_attention = self._cause_attention(stats, self.config.cat_layers or None)
+            cause_attention = self._cause_attention(stats, cat_layers)
             route = stats.route.index.detach().cpu() if self.spec.routed else None
             if self.spec.routed and self.config.invariant_ce:
                 # ICLM's CE(invariant), after this forward's statistics are read (the next forward records

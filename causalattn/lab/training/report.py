@@ -68,8 +68,9 @@ def toy_note(model_info: dict, data: JobData, results: Sequence[RunResult], conf
         f"all three. CAT here is the {config.cat_kind} loss{_cat_scope(config)} with weight {config.cat_weight:g} × "
         f"exp(-{config.cat_decay:g} × epoch){_layout(config)}. 'cause attn' shows whether CAT moved the supervised "
         "rows' attention onto the causes, the accuracy columns whether the answers followed; ce+cat-random is the "
-        "control (CAT onto as many random fields). A difference counts when the ±2 standard-error intervals do not overlap. It does not "
-        "reproduce the CAT or DCA papers' results on real LLMs (use --model with a real checkpoint for that).")
+        "control (CAT onto as many random fields). A difference counts when the ±2 standard-error intervals do "
+        "not overlap. It does not reproduce the CAT or DCA papers' results on real LLMs (use --model with a real "
+        "checkpoint for that).")
 
 
 def _cat_scope(config: TrainConfig) -> str:
@@ -265,7 +266,8 @@ def format_table(results: Sequence[RunResult], data: JobData) -> str:
                   "seed); " if seeds > 1 else "one seed; ")
     lines.append(f"({spread}accuracy on {sizes} examples per seed; CE, CAT, XG variance and cause attn (the share "
                  "of the supervised rows' attention on the annotated causes, in the layers CAT supervises) are means "
-                 "over the last epoch, logged for every run and in the loss only where the run name says so; train s is per run)")
+                 "over the last epoch, logged for every run and in the loss only where the run name says so; "
+                 "train s is per run)")
     return "\n".join(lines + _routing_lines(summary) + base_spread_lines(summary, splits))
 
 
